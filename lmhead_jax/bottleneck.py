@@ -1,0 +1,125 @@
+"""How much of the logit gradient G survives the LM head: destroyed ratio and visible cosine.
+
+G = ∂ℒ/∂Z (rows g_t = (p_t − e_y)/N) is what the loss asks of the logits; the backbone only
+receives G W. Π = W (WᵀW)⁺ Wᵀ projects onto range(W); G Π is visible, G (I − Π) destroyed.
+‖g_t Π‖ is computed from b_t = g_t W alone, through the SVD of W's small triangular factor, so
+no V×V matrix is ever formed:
+
+  W = Q R (Householder QR, V×D → D×D),  R = U S Vᵀ,  ‖g Π‖ = ‖b V S⁻¹‖ over kept σ.
+
+Singular values below σ_max · max(V, D) · ε_float32 count as zero (numpy's matrix_rank rule):
+a rank-r factorized head computed in float32 has spurious σ near σ_max · ε, far below that.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from lmhead_jax import checks
+from lmhead_jax.loss import cross_entropy, valid_mask
+
+
+@struct.dataclass
+class BottleneckStats:
+  """Scalars of one batch. Norms are Frobenius norms of N×V (G) or N×D (G W) matrices."""
+
+  loss: jax.Array
+  full_norm: jax.Array  # ‖G‖
+  backbone_norm: jax.Array  # ‖G W‖
+  visible_norm: jax.Array  # ‖G Π‖
+  destroyed_ratio: jax.Array  # ‖G (I − Π)‖ / ‖G‖
+  visible_cosine: jax.Array  # ‖G Π‖ / ‖G‖ = cos(G, G Π)
+  token_destroyed_ratio: jax.Array  # mean_t ‖(I − Π) g_t‖ / ‖g_t‖
+
+  def metrics(self, prefix: str = "bottleneck/") -> dict[str, jax.Array]:
+    """The diagnostics as a flat dict (loss excluded)."""
+    names = ("destroyed_ratio", "visible_cosine", "full_norm", "visible_norm",
+             "backbone_norm", "token_destroyed_ratio")
+    return {prefix + k: getattr(self, k) for k in names}
+
+
+def range_map(w_VxD: jax.Array) -> jax.Array:
+  """M[D, k] with ‖b M‖ = ‖g Π‖ for b = g W; columns of dropped directions are zero."""
+  w = w_VxD.astype(jnp.float32)
+  r = jnp.linalg.qr(w, mode="r")  # [min(V, D), D]
+  _, s, vt = jnp.linalg.svd(r, full_matrices=False)
+  tol = s[0] * max(w.shape) * jnp.finfo(jnp.float32).eps
+  inv = jnp.where(s > tol, 1.0 / jnp.where(s > tol, s, 1.0), 0.0)
+  return vt.T * inv[None, :]
+
+
+def summarize(loss, g_sq_N, b_NxD, vis_sq_N, mask_N) -> BottleneckStats:
+  """Stats from per-token ‖g_t‖², the backbone gradient rows b_t = g_t W, and ‖g_t Π‖²."""
+  full_sq = jnp.sum(g_sq_N)
+  vis_sq = jnp.sum(vis_sq_N)
+  safe = lambda x: jnp.where(x > 0, x, 1.0)
+  destroyed = jnp.sqrt(jnp.clip(1.0 - vis_sq / safe(full_sq), 0.0, 1.0))
+  per_token = jnp.sqrt(jnp.clip(1.0 - vis_sq_N / safe(g_sq_N), 0.0, 1.0))
+  n = jnp.maximum(jnp.sum(mask_N), 1.0)
+  return BottleneckStats(
+      loss=loss,
+      full_norm=jnp.sqrt(full_sq),
+      backbone_norm=jnp.sqrt(jnp.sum(jnp.square(b_NxD.astype(jnp.float32)))),
+      visible_norm=jnp.sqrt(vis_sq),
+      destroyed_ratio=destroyed,
+      visible_cosine=jnp.sqrt(jnp.clip(vis_sq / safe(full_sq), 0.0, 1.0)),
+      token_destroyed_ratio=jnp.sum(per_token * mask_N) / n,
+  )
+
+
+def visible_sq(b_NxD: jax.Array, m_DxK: jax.Array) -> jax.Array:
+  """Per-token ‖g_t Π‖² from b_t = g_t W and the range map of W."""
+  c = jnp.matmul(b_NxD.astype(jnp.float32), m_DxK, precision=jax.lax.Precision.HIGHEST)
+  return jnp.sum(c * c, axis=-1)
+
+
+def _flatten(h, targets, mask, d_expected=None):
+  """Validates shapes and flattens to h[N, D], targets[N], mask[N]."""
+  h = jnp.asarray(h)
+  if h.ndim < 1:
+    raise ValueError(f"h must be [..., D], got shape {h.shape}")
+  if d_expected is not None and h.shape[-1] != d_expected:
+    raise ValueError(f"head matrix has D={d_expected} but h has shape {h.shape} (D={h.shape[-1]})")
+  targets = jnp.asarray(targets)
+  if targets.shape != h.shape[:-1]:
+    raise ValueError(f"targets shape {targets.shape} does not match h shape {h.shape}[:-1]")
+  mask = valid_mask(targets, mask)
+  d = h.shape[-1]
+  return h.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
+
+
+def linear_head_stats(h, w, targets, mask=None) -> BottleneckStats:
+  """Bottleneck stats of a linear head z = h Wᵀ (W[V, D], any rank) on a batch h[..., D]."""
+  w = jnp.asarray(w)
+  if w.ndim != 2:
+    raise ValueError(f"w must be a [V, D] matrix, got shape {w.shape}")
+  h, targets, mask = _flatten(h, targets, mask, w.shape[1])
+  checks.token_ids(targets, w.shape[0], "targets")
+  w32 = w.astype(jnp.float32)
+  z = jnp.matmul(h.astype(jnp.float32), w32.T, precision=jax.lax.Precision.HIGHEST)
+  loss, g = jax.value_and_grad(cross_entropy)(z, targets, mask)
+  b = jnp.matmul(g, w32, precision=jax.lax.Precision.HIGHEST)
+  return summarize(loss, jnp.sum(g * g, -1), b, visible_sq(b, range_map(w32)), mask)
+
+
+def head_stats(head_fn: Callable[[jax.Array], jax.Array], h, targets, mask=None, *,
+               linear_in_h: bool = True) -> BottleneckStats:
+  """Bottleneck stats of any head z = head_fn(h) through `jax.vjp`.
+
+  G is the vjp of the mean CE at z; the backbone gradient is the head's vjp of G. The projector
+  is onto the range of the head's Jacobian ∂z/∂h: one V×D matrix when the head is linear in h
+  (taken at the first token), else one per token (costs a V×D Jacobian per token).
+  """
+  h, targets, mask = _flatten(h, targets, mask)
+  z, head_vjp = jax.vjp(head_fn, h)
+  checks.token_ids(targets, z.shape[-1], "targets")
+  loss, g = jax.value_and_grad(cross_entropy)(z, targets, mask)
+  (b,) = head_vjp(g)
+  jac = jax.jacfwd(lambda x: head_fn(x[None])[0])
+  if linear_in_h:
+    vis = visible_sq(b, range_map(jac(h[0])))
+  else:
+    vis = jax.lax.map(lambda hb: visible_sq(hb[1][None], range_map(jac(hb[0])))[0], (h, b))
+  return summarize(loss, jnp.sum(jnp.square(g), -1), b, vis, mask)

@@ -1,0 +1,28 @@
+"""Input checks that name the offending shapes and values.
+
+Range checks on ids run only on concrete (eager) arrays. Under `jax.jit` the ids are tracers,
+so no check is possible without a host sync: out-of-range ids are then clamped by the gather
+(`jnp.take`) and give wrong but finite numbers. Validate data before it reaches a jitted step
+(the data pipelines do).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def token_ids(ids, vocab_size: int, name: str):
+  """Checks an id array: integer dtype always, values in [0, vocab_size) when concrete."""
+  ids = jnp.asarray(ids) if not isinstance(ids, jax.Array) else ids
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
+  if is_concrete(ids) and ids.size:
+    lo, hi = int(np.min(ids)), int(np.max(ids))
+    if lo < 0 or hi >= vocab_size:
+      bad = lo if lo < 0 else hi
+      raise ValueError(f"{name} contains id {bad} outside [0, {vocab_size})")
+  return ids

@@ -1,0 +1,147 @@
+"""Typed, validated views of the experiment ConfigDict: ModelConfig and HeadConfig."""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+FAMILIES = ("llama", "qwen3", "olmo2", "gpt2", "gpt_neox")
+HEAD_KINDS = ("linear", "tied", "factorized")
+
+
+def _from_mapping(cls, cfg):
+  """Builds a frozen dataclass from a dataclass, dict or ConfigDict, ignoring unknown keys."""
+  if isinstance(cfg, cls):
+    return cfg
+  if not isinstance(cfg, Mapping) and not hasattr(cfg, "to_dict"):
+    raise TypeError(f"expected a {cls.__name__}, dict or ConfigDict, got {type(cfg).__name__}")
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  names = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder trunk hyper-parameters. Family flags select GPT-2/NeoX/OLMo-2/Qwen3 variants."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int | None = None  # None: same as n_heads
+  d_ff: int | None = None  # None: 4 * d_model
+  head_dim: int | None = None  # None: d_model // n_heads
+  family: str = "llama"
+  tie_embeddings: bool = False
+  dtype: str = "float32"  # compute dtype; parameters stay float32
+  max_seq_len: int = 2048
+  rope_theta: float = 500_000.0
+  norm_eps: float = 1e-5
+  remat: bool = False
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.family not in FAMILIES:
+      raise ValueError(f"model.family={self.family!r} is not one of {FAMILIES}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"model.dtype={self.dtype!r} is not one of {tuple(DTYPES)}")
+    if self.head_dim is None and self.d_model % self.n_heads:
+      raise ValueError(
+          f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+    if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+      raise ValueError(
+          f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}")
+    if self.hd % 2:
+      raise ValueError(f"head_dim={self.hd} must be even for rotary embeddings")
+
+  @classmethod
+  def of(cls, cfg: Any) -> "ModelConfig":
+    return _from_mapping(cls, cfg)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_heads if self.n_kv_heads is None else int(self.n_kv_heads)
+
+  @property
+  def ff(self) -> int:
+    return 4 * self.d_model if self.d_ff is None else int(self.d_ff)
+
+  @property
+  def hd(self) -> int:
+    return self.d_model // self.n_heads if self.head_dim is None else int(self.head_dim)
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+  """LM head: kind (linear / tied / factorized), rank for factorized, chunk_size for the loss."""
+
+  vocab_size: int
+  d_model: int
+  kind: str = "linear"
+  rank: int | None = None
+  chunk_size: int | None = None  # tokens per chunk in the fused loss; None = dense
+
+  def __post_init__(self):
+    if self.kind not in HEAD_KINDS:
+      raise ValueError(f"head.kind={self.kind!r} is not one of {HEAD_KINDS}")
+    if self.kind == "factorized":
+      if self.rank is None or not 0 < int(self.rank) <= self.d_model:
+        raise ValueError(
+            f"head.rank={self.rank} must satisfy 0 < rank <= d_model={self.d_model}")
+    if self.chunk_size is not None and int(self.chunk_size) <= 0:
+      raise ValueError(f"head.chunk_size={self.chunk_size} must be positive or None")
+
+  @classmethod
+  def of(cls, cfg: Any, model: ModelConfig | None = None) -> "HeadConfig":
+    """From a head mapping plus the model config that fixes V, D and tying."""
+    if isinstance(cfg, cls):
+      return cfg
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    if model is not None:
+      d.setdefault("vocab_size", model.vocab_size)
+      d.setdefault("d_model", model.d_model)
+      if model.tie_embeddings:
+        if d.get("kind", "tied") not in ("tied", "linear"):
+          raise ValueError(
+              f"model.tie_embeddings=True conflicts with head.kind={d['kind']!r}")
+        d["kind"] = "tied"
+      elif d.get("kind") == "tied":
+        raise ValueError("head.kind='tied' needs model.tie_embeddings=True")
+    return _from_mapping(cls, d)
+
+
+def base_config():
+  """Every key the training experiments share, with defaults; experiments override presets."""
+  import ml_collections
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,
+      head_dim=ml_collections.FieldReference(None, field_type=int),
+      family="llama", tie_embeddings=False, dtype="float32", max_seq_len=2048,
+      rope_theta=500_000.0, norm_eps=1e-5, remat=False))
+  c.head = ml_collections.ConfigDict(dict(
+      kind="linear", rank=ml_collections.FieldReference(None, field_type=int),
+      chunk_size=ml_collections.FieldReference(None, field_type=int)))
+  c.data = ml_collections.ConfigDict(dict(
+      kind="spamlang", seq_len=32, path="", eval_path="", shuffle=True, exclude_first=True,
+      bos_id=0, window_mode="random"))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=100, batch_size=32, log_every=10, eval_every=0, eval_batches=4,
+      bottleneck_every=1, grad_accum=1))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-3, schedule="constant", warmup_steps=0,
+      end_lr_fraction=0.0, weight_decay=0.0, decay_embeddings=False, b1=0.9, b2=0.95,
+      eps=1e-8, momentum=0.9, nesterov=False, clip_norm=0.0))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=3))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return c

@@ -1,0 +1,64 @@
+"""LM heads as pure functions: specs/init, logits(head_params, h, cfg) and matrix(head_params).
+
+| kind       | params                    | logits            | W (V×D) |
+|------------|---------------------------|-------------------|---------|
+| linear     | w_VxD                     | h Wᵀ              | W       |
+| tied       | (the input embedding)     | h Eᵀ              | E       |
+| factorized | a_VxR, b_RxD              | A (B h)           | A B     |
+
+Initialization keeps the initial logits' scale independent of D and r: with h at unit RMS
+(final norm), W ~ N(0, 1/D) gives Var(z) = 1; for the factorized head B ~ N(0, 1/D) keeps B h at
+unit RMS and A ~ N(0, 1/r) gives Var(z) = 1 again, whatever r. Logits are float32: the matmul
+runs in h's dtype with float32 accumulation.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from lmhead_jax.config import HeadConfig
+from lmhead_jax.params import ParamSpec, materialize
+
+
+def specs(cfg: HeadConfig) -> dict:
+  """Head parameter specs; empty for the tied head, whose matrix is the input embedding."""
+  v, d = cfg.vocab_size, cfg.d_model
+  if cfg.kind == "linear":
+    return {"w_VxD": ParamSpec((v, d), ("vocab", "embed"), std=d**-0.5)}
+  if cfg.kind == "factorized":
+    r = int(cfg.rank)
+    return {"a_VxR": ParamSpec((v, r), ("vocab", "rank"), std=r**-0.5),
+            "b_RxD": ParamSpec((r, d), ("rank", "embed"), std=d**-0.5)}
+  return {}
+
+
+def init(key: jax.Array, cfg: HeadConfig) -> dict:
+  return materialize(key, specs(cfg))
+
+
+def params_of(model_params: dict, cfg: HeadConfig) -> dict:
+  """The head's parameters inside a full model tree (the embedding, for a tied head)."""
+  if cfg.kind == "tied":
+    return {"w_VxD": model_params["embed"]["w_VxD"]}
+  return model_params["head"]
+
+
+def _project(x, w, contract: str):
+  return jnp.einsum(contract, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def logits(head_params: dict, h: jax.Array, cfg: HeadConfig) -> jax.Array:
+  """z[..., V] in float32."""
+  if h.shape[-1] != cfg.d_model:
+    raise ValueError(f"h has D={h.shape[-1]} but the head expects d_model={cfg.d_model}")
+  if cfg.kind == "factorized":
+    u = _project(h, head_params["b_RxD"], "...d,rd->...r").astype(h.dtype)
+    return _project(u, head_params["a_VxR"], "...r,vr->...v")
+  return _project(h, head_params["w_VxD"], "...d,vd->...v")
+
+
+def matrix(head_params: dict) -> jax.Array:
+  """The effective head matrix W[V, D] (float32)."""
+  if "a_VxR" in head_params:
+    return jnp.matmul(head_params["a_VxR"], head_params["b_RxD"],
+                      precision=jax.lax.Precision.HIGHEST)
+  return head_params["w_VxD"].astype(jnp.float32)
