@@ -1,0 +1,185 @@
+"""TrainState and the jit-sharded train/eval steps that also measure the head's bottleneck.
+
+One forward pass: h = trunk(params, x); z = head(params, h). `jax.vjp` through the head gives,
+from the same computation, the loss, the logit gradient G, what the head passes back to the trunk
+(G W) and the parameter gradient. The bottleneck metrics are read off G, G W and W.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from lmhead_jax import bottleneck, heads, model, sharding
+from lmhead_jax.config import HeadConfig, ModelConfig
+from lmhead_jax.loss import accuracy, cross_entropy
+from lmhead_jax.optim import make_optimizer
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+def configs(cfg) -> tuple[ModelConfig, HeadConfig]:
+  c = ModelConfig.of(cfg.model)
+  return c, HeadConfig.of(cfg.head, c)
+
+
+def validate(cfg, mesh) -> None:
+  """Config checks that need the mesh; errors name the values."""
+  c, _ = configs(cfg)
+  dp = sharding.data_parallel_size(mesh)
+  b, k = int(cfg.train.batch_size), int(cfg.train.grad_accum)
+  if k < 1 or b % k:
+    raise ValueError(f"train.batch_size={b} is not divisible by train.grad_accum={k}")
+  if (b // k) % dp:
+    raise ValueError(f"train.batch_size={b} (per micro-batch {b // k}) is not divisible by the "
+                     f"data-parallel size {dp} (mesh data×fsdp)")
+  if cfg.data.seq_len > c.max_seq_len:
+    raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={c.max_seq_len}")
+
+
+def _loss_parts(params, batch, c: ModelConfig, hc: HeadConfig, with_bottleneck: bool):
+  """Loss, parameter gradient, accuracy and (optionally) bottleneck stats of one micro-batch."""
+  inputs, targets, mask = batch["inputs"], batch["targets"], batch["mask"]
+  h, trunk_vjp = jax.vjp(lambda p: model.hidden(p, inputs, c), params)
+  z, head_vjp = jax.vjp(lambda p, h: heads.logits(heads.params_of(p, hc), h, hc), params, h)
+  loss, g = jax.value_and_grad(cross_entropy)(z, targets, mask)
+  head_grads, d_h = head_vjp(g)
+  (trunk_grads,) = trunk_vjp(d_h)
+  grads = jax.tree.map(jnp.add, trunk_grads, head_grads)
+  out = {"loss": loss, "accuracy": accuracy(z, targets, mask), "n": jnp.sum(mask)}
+  if with_bottleneck:
+    b = d_h.reshape(-1, d_h.shape[-1]).astype(jnp.float32)
+    vis = bottleneck.visible_sq(b, bottleneck.range_map(heads.matrix(heads.params_of(params, hc))))
+    out["stats"] = bottleneck.summarize(loss, jnp.sum(g * g, -1).reshape(-1), b, vis,
+                                        mask.reshape(-1).astype(jnp.float32))
+  return out, grads
+
+
+def _combine(outs, n_total):
+  """Merges stacked per-micro-batch outputs into the big batch's (G scales with 1/n)."""
+  w = outs["n"] / jnp.maximum(n_total, 1.0)
+  merged = {"loss": jnp.sum(w * outs["loss"]), "accuracy": jnp.sum(w * outs["accuracy"])}
+  if "stats" in outs:
+    s = outs["stats"]
+    sq = lambda x: jnp.sum(jnp.square(w * x))
+    full, vis, back = sq(s.full_norm), sq(s.visible_norm), sq(s.backbone_norm)
+    safe = jnp.where(full > 0, full, 1.0)
+    merged["stats"] = bottleneck.BottleneckStats(
+        loss=merged["loss"], full_norm=jnp.sqrt(full), backbone_norm=jnp.sqrt(back),
+        visible_norm=jnp.sqrt(vis),
+        destroyed_ratio=jnp.sqrt(jnp.clip(1.0 - vis / safe, 0.0, 1.0)),
+        visible_cosine=jnp.sqrt(jnp.clip(vis / safe, 0.0, 1.0)),
+        token_destroyed_ratio=jnp.sum(w * s.token_destroyed_ratio))
+  return merged
+
+
+def loss_and_grads(params, batch, cfg, with_bottleneck: bool = True):
+  """Mean-CE loss and gradient over the whole batch, accumulated over `train.grad_accum`."""
+  c, hc = configs(cfg)
+  k = int(cfg.train.grad_accum)
+  if k == 1:
+    return _loss_parts(params, batch, c, hc, with_bottleneck)
+  # Micro-batch i takes rows i, i+k, ...: each device keeps its own rows.
+  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), batch)
+
+  def body(acc, mb):
+    out, grads = _loss_parts(params, mb, c, hc, with_bottleneck)
+    return jax.tree.map(lambda a, g: a + g * out["n"], acc, grads), out
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grad_sum, outs = jax.lax.scan(body, zeros, micro)
+  n_total = jnp.sum(outs["n"])
+  grads = jax.tree.map(lambda g: g / jnp.maximum(n_total, 1.0), grad_sum)
+  merged = _combine(outs, n_total)
+  merged["n"] = n_total
+  return merged, grads
+
+
+def init_state(key, cfg, mesh) -> tuple[TrainState, TrainState]:
+  """A TrainState born sharded on `mesh`, and the tree of its shardings."""
+  c, hc = configs(cfg)
+  tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, model.param_axes(c, hc))
+
+  def make(key):
+    k_params, k_rng = jax.random.split(key)
+    params = model.init(k_params, c, hc)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=k_rng)
+
+  shardings = state_shardings(cfg, mesh)
+  return jax.jit(make, out_shardings=shardings)(key), shardings
+
+
+def state_shardings(cfg, mesh):
+  """Shardings of every TrainState leaf; optimizer moments follow their parameter."""
+  c, hc = configs(cfg)
+  tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, model.param_axes(c, hc))
+  axes = model.param_axes(c, hc)
+  abstract = jax.eval_shape(lambda k: model.init(k, c, hc), jax.random.key(0))
+  p_sh = sharding.param_shardings(abstract, axes, mesh)
+  opt_abstract = jax.eval_shape(tx.init, abstract)
+  rep = sharding.replicated(mesh)
+  # optax states hold copies of the param tree (mu, nu, trace): match them by structure.
+  p_def = jax.tree.structure(abstract)
+  opt_sh = jax.tree.map(
+      lambda sub: p_sh if jax.tree.structure(sub) == p_def else jax.tree.map(lambda _: rep, sub),
+      opt_abstract, is_leaf=lambda x: jax.tree.structure(x) == p_def)
+  return TrainState(step=rep, params=p_sh, opt_state=opt_sh,
+                    rng=sharding.replicated(mesh))
+
+
+def make_train_step(cfg, mesh, *, with_bottleneck: bool = True):
+  """step(state, batch) -> (state, metrics), jitted with explicit shardings; state donated."""
+  validate(cfg, mesh)
+  c, hc = configs(cfg)
+  tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, model.param_axes(c, hc))
+  clip = float(cfg.optimizer.clip_norm)
+
+  def step(state: TrainState, batch):
+    out, grads = loss_and_grads(state.params, batch, cfg, with_bottleneck)
+    grad_norm = optax.tree.norm(grads)
+    if clip > 0:
+      grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip / (grad_norm + 1e-12)), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(out["loss"]) & jnp.isfinite(grad_norm)
+    # A non-finite step leaves the state untouched; the loop sees `nonfinite` and stops.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+    metrics = {
+        "loss": out["loss"], "accuracy": out["accuracy"], "grad_norm": grad_norm,
+        "clipped_grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
+        "update_norm": optax.tree.norm(updates), "learning_rate": schedule(state.step),
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
+    }
+    if with_bottleneck:
+      metrics.update(out["stats"].metrics())
+    return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+  state_sh = state_shardings(cfg, mesh)
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in ("inputs", "targets", "mask")}
+  return jax.jit(step, in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(cfg, mesh):
+  """eval_step(params, batch) -> {'loss', 'accuracy', 'n'}, with the train step's shardings."""
+  c, hc = configs(cfg)
+
+  def evaluate(params, batch):
+    h = model.hidden(params, batch["inputs"], c)
+    z = heads.logits(heads.params_of(params, hc), h, hc)
+    return {"loss": cross_entropy(z, batch["targets"], batch["mask"]),
+            "accuracy": accuracy(z, batch["targets"], batch["mask"]),
+            "n": jnp.sum(batch["mask"]).astype(jnp.float32)}
+
+  p_sh = state_shardings(cfg, mesh).params
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in ("inputs", "targets", "mask")}
+  return jax.jit(evaluate, in_shardings=(p_sh, batch_sh), out_shardings=sharding.replicated(mesh))

@@ -1,0 +1,162 @@
+"""The train step on one device: gradients, bottleneck metrics, accumulation, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from lmhead_jax import bottleneck, heads, model, sharding, train
+from lmhead_jax.loss import cross_entropy
+
+
+def one_device_mesh():
+  return sharding.make_mesh(devices=jax.devices()[:1])
+
+
+def random_batch(cfg, seed=0, masked=True):
+  rng = np.random.default_rng(seed)
+  shape = (cfg.train.batch_size, cfg.data.seq_len)
+  mask = (rng.random(shape) > 0.3) if masked else np.ones(shape)
+  return {"inputs": rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32),
+          "targets": rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32),
+          "mask": mask.astype(np.float32)}
+
+
+def plain_loss(params, batch, cfg):
+  c, hc = train.configs(cfg)
+  h = model.hidden(params, batch["inputs"], c)
+  return cross_entropy(heads.logits(heads.params_of(params, hc), h, hc), batch["targets"],
+                       batch["mask"])
+
+
+def sgd_lr1(cfg):
+  cfg.optimizer.update(name="sgd", learning_rate=1.0, momentum=0.0, clip_norm=0.0,
+                       weight_decay=0.0)
+  return cfg
+
+
+def copy(tree):
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+@pytest.mark.parametrize("kind", ["linear", "tied", "factorized"])
+def test_step_gradient_equals_jax_grad(kind):
+  cfg = sgd_lr1(tiny_config(tie_embeddings=kind == "tied"))
+  cfg.head.kind, cfg.head.rank = kind, 8
+  mesh = one_device_mesh()
+  state, _ = train.init_state(jax.random.key(0), cfg, mesh)
+  params = copy(state.params)
+  batch = random_batch(cfg)
+  new_state, _ = train.make_train_step(cfg, mesh)(state, batch)
+  expected = jax.grad(plain_loss)(params, batch, cfg)
+  got = jax.tree.map(lambda a, b: a - b, params, copy(new_state.params))
+  for (path, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got)):
+    np.testing.assert_allclose(g, e, rtol=2e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("kind", ["linear", "factorized"])
+def test_step_bottleneck_equals_linear_head_stats(kind):
+  cfg = tiny_config()
+  cfg.head.kind, cfg.head.rank = kind, 8
+  mesh = one_device_mesh()
+  state, _ = train.init_state(jax.random.key(1), cfg, mesh)
+  params = copy(state.params)
+  batch = random_batch(cfg)
+  _, metrics = train.make_train_step(cfg, mesh)(state, batch)
+  c, hc = train.configs(cfg)
+  h = model.hidden(params, batch["inputs"], c)
+  ref = bottleneck.linear_head_stats(h, heads.matrix(heads.params_of(params, hc)),
+                                     batch["targets"], batch["mask"])
+  for name, value in ref.metrics().items():
+    np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(metrics["loss"], ref.loss, rtol=1e-6)
+  if kind == "factorized":  # rank-8 head: far more is destroyed than with D=32
+    assert metrics["bottleneck/destroyed_ratio"] > np.sqrt(1 - 32 / 256)
+
+
+def test_grad_accumulation_equals_big_batch():
+  cfg = tiny_config()
+  state, _ = train.init_state(jax.random.key(2), cfg, one_device_mesh())
+  batch = random_batch(cfg, seed=3)
+  results = []
+  for k in (1, 4):
+    cfg.train.grad_accum = k
+    results.append(jax.jit(lambda p, b: train.loss_and_grads(p, b, cfg))(state.params, batch))
+  (out1, g1), (out4, g4) = results
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+  np.testing.assert_allclose(out4["loss"], out1["loss"], rtol=1e-6)
+  np.testing.assert_allclose(out4["accuracy"], out1["accuracy"], rtol=1e-6)
+  for name, value in out1["stats"].metrics().items():
+    np.testing.assert_allclose(out4["stats"].metrics()[name], value, rtol=1e-5, err_msg=name)
+
+
+def test_bottleneck_off_has_no_extra_outputs():
+  cfg = tiny_config()
+  mesh = one_device_mesh()
+  state, _ = train.init_state(jax.random.key(0), cfg, mesh)
+  batch = random_batch(cfg)
+  on = train.make_train_step(cfg, mesh, with_bottleneck=True)
+  off = train.make_train_step(cfg, mesh, with_bottleneck=False)
+  hlo_on = on.lower(state, batch).as_text()
+  hlo_off = off.lower(state, batch).as_text()
+  _, m_off = off(state, batch)
+  assert not any(k.startswith("bottleneck/") for k in m_off)
+  # The range map of W (LAPACK QR + SVD on CPU) is only in the metric step's program.
+  for kernel in ("geqrf", "gesdd"):
+    assert kernel in hlo_on and kernel not in hlo_off
+
+
+def test_nonfinite_is_reported_and_state_kept():
+  cfg = tiny_config()
+  mesh = one_device_mesh()
+  state, _ = train.init_state(jax.random.key(0), cfg, mesh)
+  params = copy(state.params)
+  params["final_norm"]["scale"][0] = np.nan
+  state = state.replace(params=jax.device_put(params, train.state_shardings(cfg, mesh).params))
+  new_state, metrics = train.make_train_step(cfg, mesh)(state, random_batch(cfg))
+  assert metrics["nonfinite"] == 1.0
+  np.testing.assert_array_equal(new_state.params["embed"]["w_VxD"], params["embed"]["w_VxD"])
+
+
+def test_eval_step_matches_plain_loss():
+  cfg = tiny_config()
+  mesh = one_device_mesh()
+  state, _ = train.init_state(jax.random.key(0), cfg, mesh)
+  batch = random_batch(cfg)
+  out = train.make_eval_step(cfg, mesh)(state.params, batch)
+  np.testing.assert_allclose(out["loss"], plain_loss(state.params, batch, cfg), rtol=1e-6)
+
+
+def test_bad_input_errors_name_values():
+  with pytest.raises(ValueError, match="3 devices but 1"):
+    sharding.mesh_shape(3, 1, 1, 1)
+  with pytest.raises(ValueError, match="does not divide the 8 devices"):
+    sharding.mesh_shape(-1, 3, 1, 8)
+  cfg = tiny_config()
+  mesh = one_device_mesh()
+  cfg.train.batch_size, cfg.train.grad_accum = 10, 4
+  with pytest.raises(ValueError, match="batch_size=10 is not divisible by train.grad_accum=4"):
+    train.make_train_step(cfg, mesh)
+  cfg = tiny_config()
+  cfg.data.seq_len = 100
+  with pytest.raises(ValueError, match="seq_len=100 exceeds model.max_seq_len=64"):
+    train.make_train_step(cfg, mesh)
+  cfg = tiny_config()
+  cfg.optimizer.name = "lion"
+  with pytest.raises(ValueError, match="'lion'"):
+    train.make_train_step(cfg, mesh)
+  cfg = tiny_config()
+  cfg.optimizer.schedule = "step"
+  with pytest.raises(ValueError, match="'step'"):
+    train.make_train_step(cfg, mesh)
+
+
+def test_schedule_warmup_then_cosine():
+  cfg = tiny_config()
+  cfg.optimizer.update(learning_rate=1.0, warmup_steps=10, schedule="cosine", end_lr_fraction=0.1)
+  from lmhead_jax.optim import make_schedule
+  s = make_schedule(cfg.optimizer, 110)
+  np.testing.assert_allclose([s(0), s(5), s(10), s(60), s(110)],
+                             [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1], rtol=1e-5, atol=1e-7)
