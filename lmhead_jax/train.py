@@ -21,7 +21,7 @@ class TrainState:
   step: jax.Array
   params: dict
   opt_state: optax.OptState
-  rng: jax.Array
+  rng: jax.Array  # raw uint32 key data, so checkpoints hold a plain array
 
 
 def configs(cfg) -> tuple[ModelConfig, HeadConfig]:
@@ -110,7 +110,7 @@ def init_state(key, cfg, mesh) -> tuple[TrainState, TrainState]:
     k_params, k_rng = jax.random.split(key)
     params = model.init(k_params, c, hc)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=k_rng)
+                      rng=jax.random.key_data(k_rng))
 
   shardings = state_shardings(cfg, mesh)
   return jax.jit(make, out_shardings=shardings)(key), shardings

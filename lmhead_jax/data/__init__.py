@@ -1,0 +1,11 @@
+"""Grain data pipelines: SpamLang and token-file sources, batching, per-process sharding.
+
+The tokenizer CLI is `python -m lmhead_jax.data.prepare`.
+"""
+
+from lmhead_jax.data.pipeline import global_batch, make_dataset, make_source
+from lmhead_jax.data.spamlang import SpamLangSource
+from lmhead_jax.data.tokens import TokenFileSource, read_index, write_token_dir
+
+__all__ = ["SpamLangSource", "TokenFileSource", "global_batch", "make_dataset", "make_source",
+           "read_index", "write_token_dir"]

@@ -1,0 +1,156 @@
+"""Token directories: flat binary shards of token ids plus `index.json`, served as windows.
+
+Layout of a token directory::
+
+  index.json        {"dtype": "uint16" | "uint32", "vocab_size": V, "num_tokens": N,
+                     "tokenizer": str, "shards": [{"path": "shard_00000.bin", "num_tokens": n}, ...]}
+  shard_00000.bin   n little-endian ids, no header; shards concatenate into one stream
+
+`TokenFileSource` serves non-overlapping windows of W = seq_len + 1 consecutive tokens
+(windows may cross shard boundaries) as `inputs = w[:-1]`, `targets = w[1:]`, `mask = 1`.
+- "sequential": window k starts at k * W; there are N // W windows and fewer than W tokens
+  are left over at the end.
+- "random": the window grid is shifted by a random offset drawn from the seed, in
+  [0, N - n * W] with n = max(N // W - 1, 1) windows, so different seeds cut the stream
+  at different places. Windows never overlap; the pipeline shuffles their order each epoch.
+"""
+
+import json
+import os
+
+import numpy as np
+
+DTYPES = ("uint16", "uint32")
+INDEX = "index.json"
+SCAN_CHUNK = 1 << 24  # tokens per chunk of the load-time id scan
+
+
+def _dtype_for(vocab_size: int, dtype: str | None) -> str:
+  dtype = dtype or ("uint16" if vocab_size <= 1 << 16 else "uint32")
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}")
+  if vocab_size - 1 > np.iinfo(dtype).max:
+    raise ValueError(f"dtype={dtype} cannot hold ids of vocab_size={vocab_size}")
+  return dtype
+
+
+def write_token_dir(out_dir, ids, *, vocab_size: int, tokenizer: str, dtype: str | None = None,
+                    shard_tokens: int = 1 << 28) -> dict:
+  """Writes an iterable of id arrays into `out_dir` as shards of `shard_tokens` ids; returns the index."""
+  dtype = _dtype_for(vocab_size, dtype)
+  os.makedirs(out_dir, exist_ok=True)
+  shards, f = [], None
+  for k, chunk in enumerate(ids):
+    chunk = np.asarray(chunk).ravel()
+    if chunk.size and (chunk.min() < 0 or chunk.max() >= vocab_size):
+      bad = chunk.min() if chunk.min() < 0 else chunk.max()
+      raise ValueError(f"array {k} written to {out_dir} has id {bad} outside "
+                       f"[0, vocab_size={vocab_size})")
+    chunk = chunk.astype(dtype)
+    while chunk.size:
+      if f is None or shards[-1]["num_tokens"] == shard_tokens:
+        if f:
+          f.close()
+        shards.append({"path": f"shard_{len(shards):05d}.bin", "num_tokens": 0})
+        f = open(os.path.join(out_dir, shards[-1]["path"]), "wb")
+      n = min(chunk.size, shard_tokens - shards[-1]["num_tokens"])
+      chunk[:n].tofile(f)
+      shards[-1]["num_tokens"] += n
+      chunk = chunk[n:]
+  if f:
+    f.close()
+  index = {"dtype": dtype, "vocab_size": int(vocab_size),
+           "num_tokens": sum(s["num_tokens"] for s in shards), "tokenizer": tokenizer,
+           "shards": shards}
+  tmp = os.path.join(out_dir, INDEX + ".tmp")
+  with open(tmp, "w") as fi:
+    json.dump(index, fi, indent=1)
+  os.replace(tmp, os.path.join(out_dir, INDEX))
+  return index
+
+
+def read_index(path) -> dict:
+  """Reads and validates `path/index.json`; errors name the file."""
+  index_path = os.path.join(path, INDEX)
+  if not os.path.isfile(index_path):
+    raise FileNotFoundError(f"token index {index_path} does not exist")
+  try:
+    with open(index_path) as f:
+      index = json.load(f)
+    dtype, vocab_size, shards = index["dtype"], int(index["vocab_size"]), index["shards"]
+    counts = [int(s["num_tokens"]) for s in shards]
+    paths = [s["path"] for s in shards]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{index_path} is malformed: {e!r}") from e
+  if dtype not in DTYPES:
+    raise ValueError(f"{index_path}: dtype={dtype!r} is not one of {DTYPES}")
+  if vocab_size < 1 or vocab_size - 1 > np.iinfo(dtype).max:
+    raise ValueError(f"{index_path}: vocab_size={vocab_size} does not fit dtype={dtype}")
+  if sum(counts) != index.get("num_tokens"):
+    raise ValueError(f"{index_path}: num_tokens={index.get('num_tokens')} but the shards "
+                     f"hold {sum(counts)}")
+  for p, n in zip(paths, counts):
+    shard = os.path.join(path, p)
+    if not os.path.isfile(shard):
+      raise FileNotFoundError(f"token shard {shard} (listed in {index_path}) does not exist")
+    size, want = os.path.getsize(shard), n * np.dtype(dtype).itemsize
+    if size != want:
+      raise ValueError(f"token shard {shard} has {size} bytes, {index_path} says {n} "
+                       f"{dtype} tokens ({want} bytes): truncated or wrong dtype")
+  return index
+
+
+class TokenFileSource:
+  """Random-access source of windows from a token directory (see the module docstring)."""
+
+  def __init__(self, path, seq_len: int, *, mode: str = "random", seed: int = 0,
+               check_ids: bool = True):
+    if mode not in ("random", "sequential"):
+      raise ValueError(f"mode={mode!r} is not 'random' or 'sequential'")
+    self.path, self.seq_len, self.index = str(path), seq_len, read_index(path)
+    self.vocab_size = self.index["vocab_size"]
+    self.shards = [np.memmap(os.path.join(path, s["path"]), self.index["dtype"], "r",
+                             shape=(s["num_tokens"],))
+                   for s in self.index["shards"] if s["num_tokens"]]
+    self.starts = np.cumsum([0] + [s.size for s in self.shards])
+    if check_ids:
+      self._scan_ids()
+    n_tok, w = int(self.starts[-1]), seq_len + 1
+    if n_tok < w:
+      raise ValueError(f"{self.path} holds {n_tok} tokens, fewer than seq_len + 1 = {w}")
+    self.num_windows, self.offset = n_tok // w, 0
+    if mode == "random":
+      self.num_windows = max(n_tok // w - 1, 1)
+      self.offset = int(np.random.default_rng(seed).integers(n_tok - self.num_windows * w + 1))
+
+  def _scan_ids(self):
+    for shard in self.shards:
+      for i in range(0, shard.size, SCAN_CHUNK):
+        top = int(shard[i:i + SCAN_CHUNK].max())
+        if top >= self.vocab_size:
+          raise ValueError(f"token shard {shard.filename} contains id {top} >= vocab_size="
+                           f"{self.vocab_size} of {os.path.join(self.path, INDEX)}")
+
+  def check_compatible(self, model_vocab_size: int):
+    """Errors unless every id of this directory is a valid id of a model with this vocab."""
+    if self.vocab_size > model_vocab_size:
+      raise ValueError(f"{os.path.join(self.path, INDEX)} has vocab_size={self.vocab_size} "
+                       f"({self.index['dtype']}), more than the model's {model_vocab_size}")
+
+  def read(self, start: int, n: int) -> np.ndarray:
+    """Tokens [start, start + n) of the concatenated stream, as int32."""
+    out, s = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+    while n:
+      piece = self.shards[s][start - self.starts[s]:][:n]
+      out.append(piece)
+      start, n, s = start + piece.size, n - piece.size, s + 1
+    return np.concatenate(out).astype(np.int32)
+
+  def __len__(self) -> int:
+    return self.num_windows
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    if not 0 <= i < self.num_windows:
+      raise IndexError(f"window {i} out of range [0, {self.num_windows}) for {self.path}")
+    w = self.read(self.offset + i * (self.seq_len + 1), self.seq_len + 1)
+    return {"inputs": w[:-1], "targets": w[1:], "mask": np.ones(self.seq_len, np.float32)}

@@ -1,0 +1,136 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lmhead_jax.data.tokens import TokenFileSource, read_index, write_token_dir
+
+
+def _stream(n, vocab, seed=0):
+  return np.random.default_rng(seed).integers(0, vocab, n)
+
+
+def _write(path, stream, vocab, shard_tokens=97, pieces=5, **kw):
+  return write_token_dir(path, np.array_split(stream, pieces), vocab_size=vocab,
+                         tokenizer="test", shard_tokens=shard_tokens, **kw)
+
+
+def _windows(src):
+  return np.concatenate([np.r_[r["inputs"], r["targets"][-1]] for r in map(src.__getitem__,
+                                                                             range(len(src)))])
+
+
+@pytest.mark.parametrize("vocab,dtype", [(300, "uint16"), (65536, "uint16"), (70_000, "uint32")])
+def test_write_layout_and_dtype(tmp_path, vocab, dtype):
+  stream = _stream(1000, vocab)
+  stream[3] = vocab - 1
+  index = _write(tmp_path, stream, vocab)
+  assert json.loads((tmp_path / "index.json").read_text()) == index
+  assert index["dtype"] == dtype and index["num_tokens"] == 1000 and index["vocab_size"] == vocab
+  assert [s["num_tokens"] for s in index["shards"]] == [97] * 10 + [30]
+  raw = np.concatenate([np.fromfile(tmp_path / s["path"], dtype) for s in index["shards"]])
+  np.testing.assert_array_equal(raw, stream)
+  assert read_index(tmp_path) == index
+
+
+def test_sequential_windows_cover_the_stream_without_overlap(tmp_path):
+  stream = _stream(1000, 500)
+  _write(tmp_path, stream, 500)
+  src = TokenFileSource(tmp_path, seq_len=15, mode="sequential")  # W = 16 crosses shard ends
+  assert len(src) == 1000 // 16
+  np.testing.assert_array_equal(_windows(src), stream[:len(src) * 16])
+  assert 1000 - len(src) * 16 < 16
+  rec = src[5]
+  np.testing.assert_array_equal(rec["inputs"], stream[80:95])
+  np.testing.assert_array_equal(rec["targets"], stream[81:96])
+  np.testing.assert_array_equal(rec["mask"], np.ones(15, np.float32))
+  assert (rec["inputs"].dtype, rec["targets"].dtype) == (np.int32, np.int32)
+  with pytest.raises(IndexError):
+    src[len(src)]
+
+
+def test_random_windows_shift_the_grid_by_seed(tmp_path):
+  stream = _stream(1003, 500)
+  _write(tmp_path, stream, 500)
+  offsets = set()
+  for seed in range(8):
+    src = TokenFileSource(tmp_path, seq_len=9, mode="random", seed=seed)
+    assert len(src) == 1003 // 10 - 1
+    i = np.flatnonzero([np.array_equal(_windows(src), stream[o:o + len(src) * 10])
+                        for o in range(1003 - len(src) * 10 + 1)])
+    assert len(i) == 1  # windows are consecutive and non-overlapping from one offset
+    offsets.add(int(i[0]))
+    assert TokenFileSource(tmp_path, seq_len=9, mode="random", seed=seed).offset == i[0]
+  assert len(offsets) > 3
+
+
+def _corrupt(tmp_path, edit):
+  _write(tmp_path, _stream(200, 100), 100, shard_tokens=50)
+  index = json.loads((tmp_path / "index.json").read_text())
+  edit(index)
+  (tmp_path / "index.json").write_text(json.dumps(index))
+
+
+def _set(key, value):
+  return lambda index: index.__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit,err,name,match", [
+    (_set("dtype", "int8"), ValueError, "index.json", "dtype='int8'"),
+    (_set("dtype", "float32"), ValueError, "index.json", "dtype='float32'"),
+    (_set("vocab_size", 70_000), ValueError, "index.json", "does not fit dtype=uint16"),
+    (_set("num_tokens", 201), ValueError, "index.json", "num_tokens=201"),
+    (lambda ix: ix["shards"][2].__setitem__("path", "nope.bin"), FileNotFoundError, "nope.bin",
+     "does not exist"),
+    (lambda ix: ix.pop("shards"), ValueError, "index.json", "malformed"),
+])
+def test_bad_index(tmp_path, edit, err, name, match):
+  _corrupt(tmp_path, edit)
+  with pytest.raises(err, match=match) as e:
+    TokenFileSource(tmp_path, 4)
+  assert os.path.join(str(tmp_path), name) in str(e.value)
+
+
+def test_missing_index(tmp_path):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / "index.json")):
+    TokenFileSource(tmp_path, 4)
+
+
+def test_truncated_shard(tmp_path):
+  _write(tmp_path, _stream(200, 100), 100, shard_tokens=50)
+  shard = tmp_path / "shard_00002.bin"
+  shard.write_bytes(shard.read_bytes()[:-2])
+  with pytest.raises(ValueError, match=f"{shard} has 98 bytes.*truncated"):
+    TokenFileSource(tmp_path, 4)
+
+
+def test_ids_beyond_vocab_at_load_and_write(tmp_path):
+  stream = _stream(200, 100).astype(np.uint16)
+  _write(tmp_path, stream, 100, shard_tokens=50)
+  stream[123] = 100
+  stream[100:150].tofile(tmp_path / "shard_00002.bin")
+  with pytest.raises(ValueError, match=f"{tmp_path / 'shard_00002.bin'} contains id 100"):
+    TokenFileSource(tmp_path, 4)
+  TokenFileSource(tmp_path, 4, check_ids=False)  # the scan is what catches it
+  with pytest.raises(ValueError, match=f"array 3 written to {tmp_path / 'w'} has id 100"):
+    _write(tmp_path / "w", stream, 100)
+  with pytest.raises(ValueError, match="has id -1"):
+    write_token_dir(tmp_path / "w", [[0, -1]], vocab_size=5, tokenizer="t")
+  with pytest.raises(ValueError, match="uint16 cannot hold ids of vocab_size=70000"):
+    write_token_dir(tmp_path / "w", [[0]], vocab_size=70_000, tokenizer="t", dtype="uint16")
+
+
+def test_model_compatibility(tmp_path):
+  _write(tmp_path, _stream(200, 100), 100)
+  src = TokenFileSource(tmp_path, 4)
+  src.check_compatible(100)
+  src.check_compatible(128)  # a padded model vocab can embed every id
+  with pytest.raises(ValueError, match=f"{tmp_path / 'index.json'} has vocab_size=100"):
+    src.check_compatible(99)
+
+
+def test_too_short(tmp_path):
+  _write(tmp_path, _stream(8, 100), 100)
+  with pytest.raises(ValueError, match="8 tokens, fewer than seq_len"):
+    TokenFileSource(tmp_path, 8)
