@@ -2,6 +2,8 @@
 
 import logging
 import os
+import sys
+import threading
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -24,19 +26,32 @@ def multi_process() -> bool:
 
 
 def start_distributed() -> None:
-  """`jax.distributed.initialize` before any other JAX call; a missing peer fails fast."""
+  """`jax.distributed.initialize` before any other JAX call; a missing peer fails fast.
+
+  JAX aborts the process from C++ when peers never arrive, so a watchdog exits first with a
+  message that says what is missing.
+  """
   import jax
   if not multi_process():
     return
-  try:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-                               initialization_timeout=_INIT_TIMEOUT.value)
-  except Exception as e:
-    raise SystemExit(
-        f"multi-process start-up failed: not all {_NUM_PROCESSES.value or 'expected'} processes "
-        f"joined {_COORDINATOR.value or 'the coordinator'} within {_INIT_TIMEOUT.value}s "
-        f"({type(e).__name__}: {e})") from e
+  timeout = _INIT_TIMEOUT.value
+  expected = _NUM_PROCESSES.value or "all"
+
+  def give_up():
+    sys.stderr.write(f"multi-process start-up failed: not all {expected} processes joined "
+                     f"{_COORDINATOR.value or 'the coordinator'} within {timeout}s; start every "
+                     f"process (same --coordinator_address and --num_processes, distinct "
+                     f"--process_id)\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+  watchdog = threading.Timer(timeout, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                             initialization_timeout=timeout + 60)
+  watchdog.cancel()
 
 
 def main(run_fn) -> None:

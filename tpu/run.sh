@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2016 # the remote commands' $ expands on the workers
+# Usage: tpu/run.sh [options] EXPERIMENT PRESET WORKDIR [overrides...]
+#        tpu/run.sh [options] --stop
+#
+# Starts, on every worker of the slice at once and detached,
+#   python -m experiments.EXPERIMENT --config=experiments/EXPERIMENT.py:PRESET \
+#     --workdir=WORKDIR [overrides...]
+# in ~/lmhead_jax (see tpu/setup.sh), logging to ~/lmhead_logs/RUN.log on each worker, then checks
+# that it is still running on every worker after --wait seconds. WORKDIR is normally gs://bucket/path;
+# starting again with the same WORKDIR resumes from its latest checkpoint. Overrides are passed as
+# they are, e.g. --config.train.steps=1000.
+#
+#   --name, --zone, --project   the slice (env LMHEAD_TPU_NAME, LMHEAD_TPU_ZONE, LMHEAD_TPU_PROJECT)
+#   --run NAME          name of the logs (default EXPERIMENT-PRESET-YYYYmmdd-HHMMSS)
+#   --wait SECONDS      how long a run must survive to count as started (env LMHEAD_WAIT; default 30)
+#   --stop              stop every run that run.sh started on the slice (SIGTERM to each)
+#   --dry-run           print the gcloud commands, run nothing
+#   -h, --help          this help
+#
+# EXPERIMENT must name a file experiments/EXPERIMENT.py of this checkout (env LMHEAD_EXPERIMENTS_DIR
+# points elsewhere).
+
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "$0")/common.sh"
+
+RUN=''
+WAIT=${LMHEAD_WAIT:-30}
+STOP=0
+OPTIONS+=([run]=RUN [wait]=WAIT)
+SWITCHES+=([stop]=STOP)
+parse_args "$@"
+set -- "${ARGS[@]}"
+
+if (( STOP )); then
+  (( $# == 0 )) || die "--stop takes no arguments, got: $*"
+  on_workers all "stopping failed" 'for f in lmhead_logs/*.pid; do
+    [ -e "$f" ] && kill -- "-$(cat "$f")" 2>/dev/null &&
+      echo "lmhead: stopped $(basename "$f" .pid) on $(hostname)";
+  done; true'
+  exit 0
+fi
+
+(( $# >= 3 )) || die "expected EXPERIMENT PRESET WORKDIR [overrides...], got $# argument(s) (see --help)"
+experiment=$1 preset=$2 workdir=$3
+shift 3
+experiments=${LMHEAD_EXPERIMENTS_DIR:-$ROOT/experiments}
+if [[ ! $experiment =~ ^[A-Za-z_][A-Za-z0-9_]*$ || ! -f $experiments/$experiment.py ]]; then
+  known=()
+  for f in "$experiments"/*.py; do
+    [[ $f == */__init__.py || ! -f $f ]] || known+=("$(basename "$f" .py)")
+  done
+  die "unknown experiment '$experiment': no file $experiments/$experiment.py (known: ${known[*]:-none})"
+fi
+[[ $preset =~ ^[A-Za-z0-9_.-]+$ ]] || die "bad PRESET '$preset': use letters, digits, '_', '.', '-'"
+[[ -n $workdir ]] || die "empty WORKDIR"
+[[ $workdir == gs://* ]] || warn "WORKDIR '$workdir' is not on GCS: each worker writes its own copy"
+RUN=${RUN:-$experiment-$preset-$(date +%Y%m%d-%H%M%S)}
+[[ $RUN =~ ^[A-Za-z0-9_.-]+$ ]] || die "bad --run '$RUN': use letters, digits, '_', '.', '-'"
+[[ $WAIT =~ ^[0-9]+$ ]] || die "bad --wait '$WAIT': a number of seconds"
+
+python=$(shquote .venv/bin/python -m "experiments.$experiment" \
+  "--config=experiments/$experiment.py:$preset" "--workdir=$workdir" "$@")
+run_or_print "${SSH[@]}" --worker=all --command true  # SSH warm-up: gcloud makes and pushes the keys
+on_workers all "could not launch $RUN" "r=$RUN; "'mkdir -p lmhead_logs && cd lmhead_jax && {
+  PYTHONUNBUFFERED=1 setsid nohup '"$python"' >> "../lmhead_logs/$r.log" 2>&1 < /dev/null &
+  echo $! > "../lmhead_logs/$r.pid"; }'
+on_workers all "run $RUN did not start" "r=$RUN; sleep $WAIT; "'cd lmhead_logs;
+  if ps -o stat= -p "$(cat "$r.pid")" | grep -q "^[^Z]"; then
+    echo "lmhead: $r running on $(hostname)";
+  else
+    echo "lmhead: $r is not running on $(hostname); the end of ~/lmhead_logs/$r.log:";
+    tail -n 20 "$r.log"; exit 1;
+  fi'
+(( DRY_RUN )) || echo "lmhead: $RUN started on every worker; see tpu/logs.sh --run $RUN --follow" >&2
