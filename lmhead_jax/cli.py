@@ -8,21 +8,26 @@ import threading
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/<name>.py[:preset]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local or gs://).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0, for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 120,
-                                     "Seconds to wait for every process to join.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Flags of an experiment run; defined on first use so that importing stays side-effect free."""
+  if "workdir" in FLAGS:
+    return
+  config_flags.DEFINE_config_file("config", None, "experiments/<name>.py[:preset]",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory (local or gs://).")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+  flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.DEFINE_integer("distributed_timeout", 120, "Seconds to wait for every process to join.")
 
 
 def multi_process() -> bool:
   """Explicit flags, or a Cloud TPU slice with several workers."""
   workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return bool(_COORDINATOR.value) or (_NUM_PROCESSES.value or 1) > 1 or "," in workers
+  return bool(FLAGS.coordinator_address) or (FLAGS.num_processes or 1) > 1 or "," in workers
 
 
 def start_distributed() -> None:
@@ -34,12 +39,12 @@ def start_distributed() -> None:
   import jax
   if not multi_process():
     return
-  timeout = _INIT_TIMEOUT.value
-  expected = _NUM_PROCESSES.value or "all"
+  timeout = FLAGS.distributed_timeout
+  expected = FLAGS.num_processes or "all"
 
   def give_up():
     sys.stderr.write(f"multi-process start-up failed: not all {expected} processes joined "
-                     f"{_COORDINATOR.value or 'the coordinator'} within {timeout}s; start every "
+                     f"{FLAGS.coordinator_address or 'the coordinator'} within {timeout}s; start every "
                      f"process (same --coordinator_address and --num_processes, distinct "
                      f"--process_id)\n")
     sys.stderr.flush()
@@ -48,8 +53,8 @@ def start_distributed() -> None:
   watchdog = threading.Timer(timeout, give_up)
   watchdog.daemon = True
   watchdog.start()
-  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
                              initialization_timeout=timeout + 60)
   watchdog.cancel()
 
@@ -59,11 +64,11 @@ def main(run_fn) -> None:
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    flags.mark_flags_as_required(["config", "workdir"])
     logging.getLogger().setLevel(logging.WARNING)  # orbax and grain are chatty at INFO
     logging.getLogger("lmhead_jax").setLevel(logging.INFO)
     start_distributed()
-    run_fn(_CONFIG.value, _WORKDIR.value)
+    run_fn(FLAGS.config, FLAGS.workdir)
 
+  define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(_main)

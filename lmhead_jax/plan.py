@@ -1,0 +1,179 @@
+"""Paper-scale plans checked offline: parameters, FLOPs, per-device memory and step time on a slice.
+
+  python -m lmhead_jax.plan --config=experiments/rank_sweep.py:paper --slice=v5p-64 [--mfu=0.4]
+      [--tokens=11e9] [--compile] [--config.mesh.fsdp=-1 ...]
+
+Parameter and optimizer bytes come from `jax.eval_shape` of the real init and optimizer, divided
+by each leaf's real sharding on the slice's mesh. Activations are an estimate (formula in
+`activation_bytes`). With --compile, the train step is lowered and compiled for fake CPU devices
+shaped like the slice, and XLA's own per-device memory and FLOP counts are reported beside.
+"""
+
+import dataclasses
+import math
+import types
+
+import jax
+
+from lmhead_jax import costs, model, sharding
+from lmhead_jax.config import HeadConfig, ModelConfig
+from lmhead_jax.optim import make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  tensorcores: int  # per chip; the slice name counts TensorCores for v4 and v5p
+  hbm_bytes: float
+  peak_bf16_flops: float
+
+
+CHIPS = {
+    "v4": Chip(2, 32e9, 275e12),
+    "v5p": Chip(2, 95e9, 459e12),
+    "v5e": Chip(1, 16e9, 197e12),
+    "v6e": Chip(1, 32e9, 918e12),
+}
+
+
+def parse_slice(name: str) -> tuple[str, Chip, int]:
+  """'v5p-64' -> ('v5p', chip, devices); one JAX device per chip."""
+  kind, _, n = name.replace("v5litepod", "v5e").partition("-")
+  if kind not in CHIPS or not n.isdigit():
+    raise ValueError(f"unknown slice {name!r}: expected <{'|'.join(CHIPS)}>-<cores>, e.g. v5p-64")
+  chip = CHIPS[kind]
+  if int(n) % chip.tensorcores:
+    raise ValueError(f"slice {name!r}: {n} is not a multiple of {chip.tensorcores} cores per chip")
+  return kind, chip, int(n) // chip.tensorcores
+
+
+def _sharded_bytes(shapes, axes, mesh_shape: dict) -> float:
+  fake_mesh = types.SimpleNamespace(shape=mesh_shape)
+  total = 0.0
+  for s, a in zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+    spec = sharding.spec_for(s.shape, a, fake_mesh)
+    split = math.prod(mesh_shape[ax] for ax in spec if ax is not None)
+    total += math.prod(s.shape) * s.dtype.itemsize / split
+  return total
+
+
+def activation_bytes(cfg, tokens_per_device: int) -> float:
+  """Estimated live activations per device for one micro-batch.
+
+  Without remat, each layer keeps ≈ 4D + 2(H+K)·hd + H·S + 3F values per token (norm inputs,
+  q/k/v/o, attention probabilities, MLP gate/up/activation); with remat only its input (D).
+  The head adds 3 float32 V-vectors per token (logits, softmax, G), or per chunk token.
+  """
+  c = ModelConfig.of(cfg.model)
+  hc = HeadConfig.of(cfg.head, c)
+  act = 2 if c.dtype == "bfloat16" else 4
+  s = int(cfg.data.seq_len)
+  per_layer = (4 * c.d_model + 2 * (c.n_heads + c.kv_heads) * c.hd + c.n_heads * s + 3 * c.ff)
+  layers = c.n_layers * c.d_model + per_layer if c.remat else c.n_layers * per_layer
+  head_tokens = min(hc.chunk_size, tokens_per_device) if hc.chunk_size else tokens_per_device
+  return tokens_per_device * layers * act + 3 * 4 * c.vocab_size * head_tokens
+
+
+def plan(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = None) -> dict:
+  """One row of the plan table for `cfg` on `slice_name`."""
+  _, chip, devices = parse_slice(slice_name)
+  dims = sharding.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+  mesh_shape = dict(zip(sharding.MESH_AXES, dims))
+  c = ModelConfig.of(cfg.model)
+  hc = HeadConfig.of(cfg.head, c)
+  axes = model.param_axes(c, hc)
+  shapes = jax.eval_shape(lambda k: model.init(k, c, hc), jax.random.key(0))
+  tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, axes)
+  like_params = lambda x: jax.tree.structure(x) == jax.tree.structure(shapes)
+  moments = jax.tree.leaves(jax.eval_shape(tx.init, shapes), is_leaf=like_params)
+  n_moments = sum(map(like_params, moments))  # AdamW: mu and nu; SGD: the momentum trace
+  params_b = _sharded_bytes(shapes, axes, mesh_shape)
+  dp = mesh_shape["data"] * mesh_shape["fsdp"]
+  micro_batch = int(cfg.train.batch_size) // int(cfg.train.grad_accum)
+  tokens_per_device = micro_batch * int(cfg.data.seq_len) // dp
+  flops = costs.model_flops_per_token(cfg)
+  step_tokens = int(cfg.train.batch_size) * int(cfg.data.seq_len)
+  step_s = flops * step_tokens / (devices * chip.peak_bf16_flops * mfu)
+  total_tokens = float(tokens if tokens is not None else cfg.train.steps * step_tokens)
+  row = {
+      "slice": slice_name, "devices": devices,
+      "mesh": "x".join(f"{k}={v}" for k, v in mesh_shape.items()),
+      "params": costs.param_counts(cfg)["total"], "flops_per_token": flops,
+      "params_gb": params_b / 1e9, "grads_gb": params_b / 1e9,
+      "opt_state_gb": n_moments * params_b / 1e9,
+      "activations_gb": activation_bytes(cfg, tokens_per_device) / 1e9,
+      "hbm_gb": chip.hbm_bytes / 1e9, "step_s": step_s, "mfu": mfu,
+      "tokens": total_tokens,
+      "chip_hours": total_tokens * flops / (chip.peak_bf16_flops * mfu) / 3600,
+  }
+  row["total_gb"] = sum(row[k] for k in ("params_gb", "grads_gb", "opt_state_gb",
+                                         "activations_gb"))
+  row["fits"] = row["total_gb"] < row["hbm_gb"]
+  return row
+
+
+def compiled_memory(cfg) -> dict:
+  """Per-device bytes and FLOPs that XLA reports for the train step on the current devices."""
+  from lmhead_jax import train
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  state_sh = train.state_shardings(cfg, mesh)
+  c = ModelConfig.of(cfg.model)
+  hc = HeadConfig.of(cfg.head, c)
+  tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, model.param_axes(c, hc))
+
+  def make():
+    params = model.init(jax.random.key(0), c, hc)
+    return train.TrainState(step=jax.numpy.zeros((), "int32"), params=params,
+                            opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0)))
+
+  shapes = jax.eval_shape(make)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, state_sh)
+  b = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), "int32",
+                           sharding=sharding.batch_sharding(mesh))
+  batch = {"inputs": b, "targets": b, "mask": jax.ShapeDtypeStruct(b.shape, "float32",
+                                                                 sharding=b.sharding)}
+  lowered = train.make_train_step(cfg, mesh).lower(abstract, batch)
+  compiled = lowered.compile()
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return {"argument_gb": mem.argument_size_in_bytes / 1e9, "temp_gb": mem.temp_size_in_bytes / 1e9,
+          "output_gb": mem.output_size_in_bytes / 1e9, "xla_flops": float(cost.get("flops", 0.0))}
+
+
+COLUMNS = ("run", "params", "flops_per_token", "mesh", "params_gb", "opt_state_gb",
+           "activations_gb", "total_gb", "hbm_gb", "fits", "step_s", "chip_hours")
+
+
+def format_table(rows: list[dict]) -> str:
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.3g}"
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+  cols = [c for c in COLUMNS if any(c in r for r in rows)]
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  cfg = flags.FLAGS.config
+  rows = [dict(run="run", **plan(cfg, _SLICE.value, _MFU.value, _TOKENS.value))]
+  if _COMPILE.value:
+    rows[0].update(compiled_memory(cfg))
+  print(format_table(rows))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "experiments/<name>.py[:preset]")
+  _SLICE = flags.DEFINE_string("slice", "v5p-64", "TPU slice, e.g. v5p-64, v6e-64, v4-32.")
+  _MFU = flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilization for the step time.")
+  _TOKENS = flags.DEFINE_float("tokens", None, "Training tokens per run (default: steps × batch).")
+  _COMPILE = flags.DEFINE_bool("compile", False, "Also compile on fake CPU devices (slow).")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
