@@ -1,9 +1,10 @@
 """Input checks that name the offending shapes and values.
 
 Range checks on ids run only on concrete (eager) arrays. Under `jax.jit` the ids are tracers,
-so no check is possible without a host sync: out-of-range ids are then clamped by the gather
-(`jnp.take`) and give wrong but finite numbers. Validate data before it reaches a jitted step
-(the data pipelines do).
+so no check is possible without a host sync, and JAX's gathers decide: an id ≥ V or < −V reads
+NaN (`jnp.take` fill mode), so the loss turns NaN (G's row for that token then lacks its −e_y);
+an id in [−V, 0) wraps around like numpy indexing and is silently read as V + id. Validate data
+before it reaches a jitted step (the data pipelines do).
 """
 
 import jax

@@ -8,8 +8,9 @@
 
 Initialization keeps the initial logits' scale independent of D and r: with h at unit RMS
 (final norm), W ~ N(0, 1/D) gives Var(z) = 1; for the factorized head B ~ N(0, 1/D) keeps B h at
-unit RMS and A ~ N(0, 1/r) gives Var(z) = 1 again, whatever r. Logits are float32: the matmul
-runs in h's dtype with float32 accumulation.
+unit RMS and A ~ N(0, 1/r) gives Var(z) = 1 again, whatever r. The tied head gets the same from
+the trunk's N(0, 1/D) embedding. Logits are float32: the matmuls run in h's dtype with float32
+accumulation (the factorized head rounds B h to h's dtype in between).
 """
 
 import jax
