@@ -22,7 +22,8 @@ def token_ids(ids, vocab_size: int, name: str):
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
   if is_concrete(ids) and ids.size:
-    lo, hi = int(np.min(ids)), int(np.max(ids))
+    host = np.asarray(ids)  # np.min(ids) would dispatch to a traced jnp.min under jit
+    lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi >= vocab_size:
       bad = lo if lo < 0 else hi
       raise ValueError(f"{name} contains id {bad} outside [0, {vocab_size})")

@@ -10,6 +10,25 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FAMILIES = ("llama", "qwen3", "olmo2", "gpt2", "gpt_neox")
 HEAD_KINDS = ("linear", "tied", "factorized")
 
+# Architecture flags each family sets unless the config gives them (None = family default).
+_LLAMA = dict(norm="rms", bias=False, mlp_act="swiglu", pos="rope", rotary_pct=1.0,
+              parallel_residual=False, norm_position="pre", qk_norm="none")
+FAMILY_FLAGS = {
+    "llama": _LLAMA,
+    "qwen3": _LLAMA | dict(qk_norm="head"),
+    "olmo2": _LLAMA | dict(norm_position="post", qk_norm="full"),
+    "gpt2": _LLAMA | dict(norm="layer", bias=True, mlp_act="gelu_tanh", pos="learned"),
+    "gpt_neox": _LLAMA | dict(norm="layer", bias=True, mlp_act="gelu", rotary_pct=0.25,
+                              parallel_residual=True),
+}
+FLAG_CHOICES = {
+    "norm": ("rms", "layer"),
+    "mlp_act": ("swiglu", "gelu_tanh", "gelu"),
+    "pos": ("rope", "learned"),
+    "norm_position": ("pre", "post"),
+    "qk_norm": ("none", "full", "head"),
+}
+
 
 def _from_mapping(cls, cfg):
   """Builds a frozen dataclass from a dataclass, dict or ConfigDict, ignoring unknown keys."""
@@ -24,7 +43,11 @@ def _from_mapping(cls, cfg):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Decoder trunk hyper-parameters. Family flags select GPT-2/NeoX/OLMo-2/Qwen3 variants."""
+  """Decoder trunk hyper-parameters. Family flags select GPT-2/NeoX/OLMo-2/Qwen3 variants.
+
+  The flags after `remat` default to None, which `family` fills in (FAMILY_FLAGS); set one to
+  override it. `dataclasses.replace(cfg, family=...)` keeps the old family's resolved flags.
+  """
 
   vocab_size: int
   d_model: int
@@ -40,13 +63,39 @@ class ModelConfig:
   rope_theta: float = 500_000.0
   norm_eps: float = 1e-5
   remat: bool = False
+  norm: str | None = None  # 'rms' | 'layer' (LayerNorm with bias)
+  bias: bool | None = None  # biases on the attention and MLP projections
+  mlp_act: str | None = None  # 'swiglu' (gated SiLU) | 'gelu_tanh' | 'gelu' (non-gated)
+  pos: str | None = None  # 'rope' | 'learned' (absolute, max_seq_len rows)
+  rotary_pct: float | None = None  # fraction of head_dim that RoPE rotates
+  parallel_residual: bool | None = None  # x + attn(norm1 x) + mlp(norm2 x)
+  norm_position: str | None = None  # 'pre': x + f(norm x); 'post': x + norm(f x)
+  qk_norm: str | None = None  # RMSNorm on q and k: 'none' | 'full' (all heads) | 'head'
+  # llama3 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_len)
+  rope_scaling: tuple[float, float, float, int] | None = None
 
   def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"model.family={self.family!r} is not one of {FAMILIES}")
+    for name, value in FAMILY_FLAGS[self.family].items():
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, value)
+    for name, choices in FLAG_CHOICES.items():
+      if getattr(self, name) not in choices:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {choices}")
+    if self.parallel_residual and self.norm_position == "post":
+      raise ValueError("model.parallel_residual=True needs model.norm_position='pre'")
+    if not 0.0 < float(self.rotary_pct) <= 1.0:
+      raise ValueError(f"model.rotary_pct={self.rotary_pct} must be in (0, 1]")
+    if self.rope_scaling is not None:
+      if len(self.rope_scaling) != 4:
+        raise ValueError(
+            f"model.rope_scaling={self.rope_scaling} must be (factor, low_freq_factor, "
+            "high_freq_factor, original_max_len)")
+      object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
-    if self.family not in FAMILIES:
-      raise ValueError(f"model.family={self.family!r} is not one of {FAMILIES}")
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype={self.dtype!r} is not one of {tuple(DTYPES)}")
     if self.head_dim is None and self.d_model % self.n_heads:
@@ -55,8 +104,9 @@ class ModelConfig:
     if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
       raise ValueError(
           f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}")
-    if self.hd % 2:
-      raise ValueError(f"head_dim={self.hd} must be even for rotary embeddings")
+    if self.pos == "rope" and self.rotary_dim % 2:
+      raise ValueError(f"head_dim={self.hd} must be even for rotary embeddings "
+                       f"(rotary_pct={self.rotary_pct} rotates {self.rotary_dim} dims)")
 
   @classmethod
   def of(cls, cfg: Any) -> "ModelConfig":
@@ -73,6 +123,11 @@ class ModelConfig:
   @property
   def hd(self) -> int:
     return self.d_model // self.n_heads if self.head_dim is None else int(self.head_dim)
+
+  @property
+  def rotary_dim(self) -> int:
+    """Leading dims of each head that RoPE rotates (HF: int(head_dim * rotary_pct))."""
+    return int(self.hd * self.rotary_pct)
 
   @property
   def compute_dtype(self):

@@ -1,0 +1,268 @@
+"""Hugging Face checkpoint import: load_checkpoint(path) -> (ModelConfig, params).
+
+Reads a local directory (config.json plus model.safetensors, or shards listed in
+model.safetensors.index.json) of a GPT-2, GPT-NeoX/Pythia, Llama-3, OLMo-2 or Qwen3 model into the
+`lmhead_jax.model` tree, one shard at a time. Each family is a table from our parameter paths to
+HF tensor names and layouts; one loader serves them all. Untied models get `params['head']` (the
+`linear` head kind); tied ones share the embedding (`head_config(cfg)` says which).
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+
+from lmhead_jax import model
+from lmhead_jax.config import DTYPES, HeadConfig, ModelConfig
+from lmhead_jax.params import is_spec
+
+SUPPORTED = ("gpt2", "gpt_neox", "llama", "olmo2", "qwen3")
+_PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox."}  # others: "model."
+_ALIASES = {"embed_out.weight": "lm_head.weight"}  # Pythia's head, as newer transformers names it
+# config.json values our trunk cannot express (checked only when the key is present).
+_REQUIRED = {
+    "gpt2": {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+             "add_cross_attention": False},
+    "gpt_neox": {"attention_bias": True},
+    "llama": {"attention_bias": False, "mlp_bias": False},
+    "olmo2": {"attention_bias": False},
+    "qwen3": {"attention_bias": False, "use_sliding_window": False},
+}
+_GELUS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+          "gelu_fast": "gelu_tanh"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Src:
+  """Where one of our parameters lives in a HF checkpoint and how it is laid out there."""
+
+  name: str  # HF tensor name without the base-model prefix; '{i}' is the layer index
+  layout: str = "same"  # 'same' | 'vec' (1-D) | 'linear' ([out, in]) | 'conv1d' ([in, out])
+  n_in: int = 1  # linear/conv1d: how many of our leading dims form the input axis
+  # q/k/v fused in one tensor: (shape of its output axis, axis of the part in it, part index)
+  fused: tuple[tuple[int, ...], int, int] | None = None
+
+  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape the HF tensor must have to give our parameter `shape`."""
+    if self.layout == "same":
+      return tuple(shape)
+    n_in = 0 if self.layout == "vec" else self.n_in
+    d_in = math.prod(shape[:n_in])
+    d_out = math.prod(self.fused[0] if self.fused else shape[n_in:])
+    return {"vec": (d_out,), "linear": (d_out, d_in), "conv1d": (d_in, d_out)}[self.layout]
+
+  def convert(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if self.layout == "linear":
+      x = x.T  # [in, out], as conv1d
+    if self.fused:
+      out_shape, axis, part = self.fused
+      x = x.reshape(*x.shape[:-1], *out_shape).take(part, axis=x.ndim - 1 + axis)
+    return x.reshape(shape)
+
+
+def _norm(ours: str, name: str) -> dict:
+  return {f"{ours}/scale": Src(f"{name}.weight", "vec"), f"{ours}/bias": Src(f"{name}.bias", "vec")}
+
+
+def _proj(ours: str, name: str, layout: str, n_in: int = 1, fused=None) -> dict:
+  """A projection's weight and its bias (our 'wq' -> 'bq', 'w_up' -> 'b_up', as model._dense)."""
+  group, w = ours.rsplit("/", 1)
+  return {ours: Src(f"{name}.weight", layout, n_in, fused),
+          f"{group}/b{w[1:]}": Src(f"{name}.bias", "vec", fused=fused)}
+
+
+def _table(family: str, c: ModelConfig) -> dict[str, Src]:
+  """Our parameter path ('layers/attn/wq') -> Src. Entries a config lacks are never looked up."""
+  qkv = ("layers/attn/wq", "layers/attn/wk", "layers/attn/wv")
+  if family == "gpt2":
+    t = {"embed/w_VxD": Src("wte.weight"), "pos_embed/w_PxD": Src("wpe.weight"),
+         **_norm("final_norm", "ln_f"), **_norm("layers/attn_norm", "h.{i}.ln_1"),
+         **_norm("layers/mlp_norm", "h.{i}.ln_2"),
+         **_proj("layers/attn/wo", "h.{i}.attn.c_proj", "conv1d", n_in=2),
+         **_proj("layers/mlp/w_up", "h.{i}.mlp.c_fc", "conv1d"),
+         **_proj("layers/mlp/w_down", "h.{i}.mlp.c_proj", "conv1d")}
+    for part, ours in enumerate(qkv):  # [q | k | v] along the output axis
+      t |= _proj(ours, "h.{i}.attn.c_attn", "conv1d", fused=((3, c.n_heads * c.hd), 0, part))
+    return t
+  layer = "layers.{i}."
+  if family == "gpt_neox":
+    t = {"embed/w_VxD": Src("embed_in.weight"), "head/w_VxD": Src("lm_head.weight"),
+         **_norm("final_norm", "final_layer_norm"),
+         **_norm("layers/attn_norm", layer + "input_layernorm"),
+         **_norm("layers/mlp_norm", layer + "post_attention_layernorm"),
+         **_proj("layers/attn/wo", layer + "attention.dense", "linear", n_in=2),
+         **_proj("layers/mlp/w_up", layer + "mlp.dense_h_to_4h", "linear"),
+         **_proj("layers/mlp/w_down", layer + "mlp.dense_4h_to_h", "linear")}
+    for part, ours in enumerate(qkv):  # per head [q | k | v]
+      t |= _proj(ours, layer + "attention.query_key_value", "linear",
+                 fused=((c.n_heads, 3, c.hd), 1, part))
+    return t
+  # llama, qwen3, olmo2. OLMo-2's two norms follow the sublayers, under other names.
+  post = c.norm_position == "post"
+  t = {"embed/w_VxD": Src("embed_tokens.weight"), "head/w_VxD": Src("lm_head.weight"),
+       **_norm("final_norm", "norm"),
+       **_norm("layers/attn_norm",
+               layer + ("post_attention_layernorm" if post else "input_layernorm")),
+       **_norm("layers/mlp_norm",
+               layer + ("post_feedforward_layernorm" if post else "post_attention_layernorm")),
+       **_norm("layers/attn/q_norm", layer + "self_attn.q_norm"),
+       **_norm("layers/attn/k_norm", layer + "self_attn.k_norm"),
+       **_proj("layers/attn/wo", layer + "self_attn.o_proj", "linear", n_in=2)}
+  for ours, name in zip(qkv, ("q_proj", "k_proj", "v_proj")):
+    t |= _proj(ours, layer + "self_attn." + name, "linear")
+  for w in ("gate", "up", "down"):
+    t |= _proj(f"layers/mlp/w_{w}", f"{layer}mlp.{w}_proj", "linear")
+  return t
+
+
+_UNSET = object()
+
+
+def _get(hf: dict, *keys, default=_UNSET):
+  """The first of `keys` set in config.json, else `default` (an error if none is given)."""
+  for k in keys:
+    if hf.get(k) is not None:
+      return hf[k]
+  if default is _UNSET:
+    raise ValueError(f"config.json sets none of {keys}")
+  return default
+
+
+def _model_config(hf: dict, dtype: str) -> ModelConfig:
+  """ModelConfig of a HF config.json (the family's flags come from ModelConfig defaults)."""
+  family = hf.get("model_type")
+  if family not in SUPPORTED:
+    raise ValueError(f"model_type={family!r} is not supported; supported: {SUPPORTED}")
+  for key, want in _REQUIRED[family].items():
+    if key in hf and bool(hf[key]) != want:
+      raise ValueError(f"{key}={hf[key]!r} is not supported for model_type={family!r}")
+  act = _get(hf, "hidden_act", "activation_function")
+  if family in ("gpt2", "gpt_neox"):
+    if act not in _GELUS:
+      raise ValueError(f"activation {act!r} is not supported for {family}; use one of "
+                       f"{tuple(_GELUS)}")
+    mlp_act = _GELUS[act]
+  elif act != "silu":
+    raise ValueError(f"hidden_act={act!r} is not supported for {family} (gated MLP needs 'silu')")
+  else:
+    mlp_act = "swiglu"
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ("default", "llama3"):
+    raise ValueError(f"rope_type={rope_type!r} is not supported (only 'default' and 'llama3')")
+  scaling = None
+  if rope_type == "llama3":
+    scaling = (float(rope["factor"]), float(rope["low_freq_factor"]),
+               float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+  return ModelConfig(
+      family=family,
+      vocab_size=_get(hf, "vocab_size"),
+      d_model=_get(hf, "hidden_size", "n_embd"),
+      n_layers=_get(hf, "num_hidden_layers", "n_layer"),
+      n_heads=_get(hf, "num_attention_heads", "n_head"),
+      n_kv_heads=_get(hf, "num_key_value_heads", default=None),
+      d_ff=_get(hf, "intermediate_size", "n_inner", default=None),
+      head_dim=_get(hf, "head_dim", default=None),
+      tie_embeddings=bool(_get(hf, "tie_word_embeddings", default=family == "gpt2")),
+      dtype=dtype,
+      max_seq_len=_get(hf, "max_position_embeddings", "n_positions"),
+      rope_theta=float(_get(rope, "rope_theta", default=_get(
+          hf, "rope_theta", "rotary_emb_base", default=10_000.0))),
+      norm_eps=float(_get(hf, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")),
+      mlp_act=mlp_act,
+      rotary_pct=_get(rope, "partial_rotary_factor",
+                      default=_get(hf, "rotary_pct", "partial_rotary_factor", default=None)),
+      parallel_residual=hf.get("use_parallel_residual"),
+      rope_scaling=scaling)
+
+
+def _read_json(file: pathlib.Path) -> dict:
+  if not file.is_file():
+    raise FileNotFoundError(f"{file} does not exist")
+  with open(file) as f:
+    return json.load(f)
+
+
+def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
+  """model.safetensors, or the shards that model.safetensors.index.json lists."""
+  index = path / "model.safetensors.index.json"
+  if index.is_file():
+    files = [path / f for f in sorted(set(_read_json(index)["weight_map"].values()))]
+  elif (path / "model.safetensors").is_file():
+    files = [path / "model.safetensors"]
+  else:
+    raise FileNotFoundError(
+        f"{path} has neither model.safetensors nor model.safetensors.index.json")
+  for f in files:
+    if not f.is_file():
+      raise FileNotFoundError(f"{f} (listed in {index.name}) does not exist")
+  return files
+
+
+def _path(key_path) -> str:
+  return "/".join(k.key for k in key_path)
+
+
+def head_config(cfg: ModelConfig) -> HeadConfig:
+  """The head of a loaded checkpoint: 'tied' if it shares the embedding, else 'linear'."""
+  return HeadConfig.of({"kind": "linear"}, cfg)
+
+
+def load_checkpoint(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
+  """(cfg, params) of a local HF checkpoint; params (and compute) in `dtype`.
+
+  All names and shapes are checked from the safetensors headers before any data is read; then
+  the shards are read one at a time into host arrays, which go to the default device at the end.
+  """
+  from safetensors import safe_open
+
+  path = pathlib.Path(path)
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r} is not one of {tuple(DTYPES)}")
+  hf = _read_json(path / "config.json")
+  try:
+    c = _model_config(hf, dtype)
+  except ValueError as e:
+    raise ValueError(f"{path / 'config.json'}: {e}") from None
+  prefix = _PREFIX.get(c.family, "model.")
+  where = {}  # HF name without prefix -> (file, name in file, shape)
+  for file in _weight_files(path):
+    with safe_open(file, "np") as f:
+      for name in f.keys():
+        short = name.removeprefix(prefix)
+        where[_ALIASES.get(short, short)] = (file, name, tuple(f.get_slice(name).get_shape()))
+
+  table, specs = _table(c.family, c), model.specs(c, head_config(c))
+  jobs = {}  # file -> [(our path, layer or None, name, Src, our shape)]
+  out = {}
+  for key_path, spec in jax.tree_util.tree_leaves_with_path(specs, is_leaf=is_spec):
+    ours = _path(key_path)
+    src = table[ours]
+    stacked = ours.startswith("layers/")
+    shape = spec.shape[1:] if stacked else spec.shape
+    out[ours] = np.empty(spec.shape, np.dtype(DTYPES[dtype]))
+    for i in range(c.n_layers) if stacked else [None]:
+      name = src.name.format(i=i)
+      if name not in where:
+        raise ValueError(f"{path}: tensor {name!r} (for {ours}; names compared without the "
+                         f"{prefix!r} prefix) is missing from the checkpoint")
+      file, full_name, got = where[name]
+      if got != src.hf_shape(shape):
+        raise ValueError(f"{file}: tensor {full_name} has shape {got}, expected "
+                         f"{src.hf_shape(shape)} (for {ours} of shape {shape})")
+      jobs.setdefault(file, []).append((ours, i, full_name, src, shape))
+
+  for file, file_jobs in jobs.items():
+    with safe_open(file, "np") as f:
+      for ours, i, name, src, shape in file_jobs:
+        x = src.convert(f.get_tensor(name), shape)
+        if i is None:
+          out[ours][...] = x
+        else:
+          out[ours][i] = x
+  params = jax.tree_util.tree_map_with_path(
+      lambda kp, _: jax.device_put(out.pop(_path(kp))), specs, is_leaf=is_spec)
+  return c, params

@@ -1,0 +1,204 @@
+"""HF import parity against references recorded with the real `transformers` library.
+
+The fixtures (tiny random models plus reference.npz) come from scripts/make_hf_fixtures.py; the
+tests need neither torch nor transformers.
+"""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from lmhead_jax import heads, hf, model
+from lmhead_jax.params import is_spec
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
+TIED = {"gpt2": True, "gpt_neox": False, "llama": False, "olmo2": False, "qwen3": True}
+
+
+def _outputs(path, dtype="float32", **overrides):
+  """(cfg, params, reference, hidden, logits) of the checkpoint at `path` on its reference ids."""
+  cfg, params = hf.load_checkpoint(path, dtype)
+  cfg = dataclasses.replace(cfg, **overrides)
+  ref = np.load(pathlib.Path(path) / "reference.npz")
+  head_cfg = hf.head_config(cfg)
+  h = model.hidden(params, ref["tokens"], cfg)
+  z = heads.logits(heads.params_of(params, head_cfg), h, head_cfg)
+  return cfg, params, ref, np.asarray(h, np.float32), np.asarray(z)
+
+
+def _shapes(tree) -> dict:
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_spec)
+  return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in leaves}
+
+
+def _copy(family, tmp_path) -> pathlib.Path:
+  dst = tmp_path / family
+  shutil.copytree(FIXTURES / family, dst)
+  return dst
+
+
+def _edit_json(file, **changes):
+  """Sets keys of a JSON file; a value of None deletes the key."""
+  d = json.loads(file.read_text())
+  for k, v in changes.items():
+    if v is None:
+      d.pop(k, None)
+    else:
+      d[k] = v
+  file.write_text(json.dumps(d))
+
+
+def _edit_tensors(file, fn):
+  """Rewrites a safetensors file with fn(dict of tensors) -> dict of tensors."""
+  save_file(fn(load_file(file)), file, metadata={"format": "pt"})
+
+
+def test_fixtures_come_from_transformers():
+  for family in hf.SUPPORTED:
+    ref = np.load(FIXTURES / family / "reference.npz")
+    assert str(ref["transformers_version"])[0].isdigit(), family
+    assert ref["logits"].dtype == np.float32 and ref["tokens"].shape == ref["hidden"].shape[:2]
+  assert len(list((FIXTURES / "llama").glob("model-*-of-*.safetensors"))) > 1  # sharded
+
+
+@pytest.mark.parametrize("family", hf.SUPPORTED)
+def test_parity_float32(family):
+  cfg, params, ref, h, z = _outputs(FIXTURES / family)
+  assert cfg.family == family and cfg.tie_embeddings == TIED[family]
+  assert ("head" in params) != TIED[family]
+  assert hf.head_config(cfg).kind == ("tied" if TIED[family] else "linear")
+  assert _shapes(params) == _shapes(model.specs(cfg, hf.head_config(cfg)))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  np.testing.assert_allclose(h, ref["hidden"], rtol=0, atol=1e-4)
+  np.testing.assert_allclose(z, ref["logits"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", hf.SUPPORTED)
+def test_bfloat16_load(family):
+  cfg, params, ref, h, z = _outputs(FIXTURES / family, "bfloat16")
+  assert cfg.dtype == "bfloat16"
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+  assert z.dtype == np.float32
+  rel = np.linalg.norm(z - ref["logits"]) / np.linalg.norm(ref["logits"])
+  assert rel < 0.03, rel
+  assert np.mean(z.argmax(-1) == ref["logits"].argmax(-1)) > 0.9
+
+
+def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
+  """Most released checkpoints are stored in bf16: loading upcasts them exactly."""
+  path = _copy("qwen3", tmp_path)
+  _edit_tensors(path / "model.safetensors",
+                lambda t: {k: v.astype(jnp.bfloat16) for k, v in t.items()})
+  cfg, params, ref, _, z = _outputs(path)
+  stored = load_file(path / "model.safetensors")["model.embed_tokens.weight"]
+  np.testing.assert_array_equal(params["embed"]["w_VxD"], stored.astype(np.float32))
+  assert cfg.dtype == "float32" and params["embed"]["w_VxD"].dtype == jnp.float32
+  rel = np.linalg.norm(z - ref["logits"]) / np.linalg.norm(ref["logits"])
+  assert 1e-5 < rel < 0.03, rel
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("llama", dict(rope_scaling=None)),
+    ("gpt_neox", dict(rotary_pct=1.0)),
+    ("gpt_neox", dict(parallel_residual=False)),
+    ("gpt2", dict(mlp_act="gelu")),
+    ("olmo2", dict(norm_position="pre")),
+])
+def test_fixtures_exercise_the_family_flags(family, overrides):
+  """Without the family's feature the logits miss the reference by > 5x the parity tolerance."""
+  *_, ref, _, z = _outputs(FIXTURES / family, **overrides)
+  assert np.abs(z - ref["logits"]).max() > 5e-4
+
+
+def _v4_neox_config(path):  # Pythia on the hub: rotary_pct / rotary_emb_base, no rope_parameters
+  _edit_json(path / "config.json", rope_parameters=None, rotary_pct=0.25, rotary_emb_base=10000)
+
+
+def _v4_llama_config(path):  # Llama-3.1 on the hub: rope_theta plus rope_scaling
+  rope = json.loads((path / "config.json").read_text())["rope_parameters"]
+  _edit_json(path / "config.json", rope_parameters=None, rope_theta=rope.pop("rope_theta"),
+             rope_scaling=rope)
+
+
+def _unprefixed(path):  # GPT-2 on the hub stores 'h.0...' rather than 'transformer.h.0...'
+  _edit_tensors(path / "model.safetensors",
+                lambda t: {k.removeprefix("transformer."): v for k, v in t.items()})
+
+
+def _lm_head_name(path):  # GPT-NeoX head saved as lm_head.weight instead of embed_out.weight
+  _edit_tensors(path / "model.safetensors",
+                lambda t: {k.replace("embed_out.", "lm_head."): v for k, v in t.items()})
+
+
+@pytest.mark.parametrize("family, edit", [
+    ("gpt_neox", _v4_neox_config), ("llama", _v4_llama_config), ("gpt2", _unprefixed),
+    ("gpt_neox", _lm_head_name)])
+def test_parity_of_other_checkpoint_spellings(family, edit, tmp_path):
+  path = _copy(family, tmp_path)
+  edit(path)
+  *_, ref, _, z = _outputs(path)
+  np.testing.assert_allclose(z, ref["logits"], rtol=0, atol=1e-4)
+
+
+def test_unknown_model_type(tmp_path):
+  path = _copy("llama", tmp_path)
+  _edit_json(path / "config.json", model_type="mamba")
+  with pytest.raises(ValueError, match=r"'mamba'.*supported.*gpt2.*gpt_neox.*llama.*olmo2.*qwen3"):
+    hf.load_checkpoint(path)
+
+
+def test_unsupported_config_value(tmp_path):
+  path = _copy("qwen3", tmp_path)
+  _edit_json(path / "config.json", use_sliding_window=True)
+  with pytest.raises(ValueError, match="use_sliding_window=True"):
+    hf.load_checkpoint(path)
+
+
+def test_missing_tensor(tmp_path):
+  path = _copy("olmo2", tmp_path)
+  name = "model.layers.1.self_attn.q_norm.weight"
+  _edit_tensors(path / "model.safetensors", lambda t: {k: v for k, v in t.items() if k != name})
+  with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.q_norm\.weight.*missing"):
+    hf.load_checkpoint(path)
+
+
+def test_missing_untied_head(tmp_path):
+  path = _copy("llama", tmp_path)
+  (shard,) = [f for f in path.glob("model-*.safetensors") if "lm_head.weight" in load_file(f)]
+  _edit_tensors(shard, lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"})
+  with pytest.raises(ValueError, match=r"lm_head\.weight.*missing"):
+    hf.load_checkpoint(path)
+
+
+def test_mismatched_shape(tmp_path):
+  path = _copy("gpt2", tmp_path)
+  name = "transformer.h.0.attn.c_attn.weight"
+  _edit_tensors(path / "model.safetensors", lambda t: t | {name: t[name][:, :-1].copy()})
+  with pytest.raises(ValueError, match=rf"{name}.*\(32, 95\).*\(32, 96\)"):
+    hf.load_checkpoint(path)
+
+
+def test_missing_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / "config.json")):
+    hf.load_checkpoint(tmp_path)
+  path = _copy("olmo2", tmp_path)
+  (path / "model.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    hf.load_checkpoint(path)
+  path = _copy("llama", tmp_path)
+  shard = sorted(path.glob("model-*.safetensors"))[1]
+  shard.unlink()
+  with pytest.raises(FileNotFoundError, match=shard.name):
+    hf.load_checkpoint(path)
+
+
+def test_bad_dtype():
+  with pytest.raises(ValueError, match="float16"):
+    hf.load_checkpoint(FIXTURES / "gpt2", "float16")
