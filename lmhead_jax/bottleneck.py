@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from lmhead_jax import checks
-from lmhead_jax.loss import cross_entropy, valid_mask
+from lmhead_jax.loss import cross_entropy, fused_head_loss, valid_mask
 
 
 @struct.dataclass
@@ -98,17 +98,28 @@ def flatten_batch(h, targets, mask=None, d_expected=None):
   return h.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
 
 
-def linear_head_stats(h, w, targets, mask=None) -> BottleneckStats:
-  """Bottleneck stats of a linear head z = h Wᵀ (W[V, D], any rank) on a batch h[..., D]."""
+def linear_head_stats(h, w, targets, mask=None, *, chunk_size=None) -> BottleneckStats:
+  """Bottleneck stats of a linear head z = h Wᵀ (W[V, D], any rank) on a batch h[..., D].
+
+  With `chunk_size`, the loss and G W come from `loss.fused_head_loss`, which never holds more
+  than chunk_size × V logits; the result is the same.
+  """
   w = jnp.asarray(w)
   if w.ndim != 2:
     raise ValueError(f"w must be a [V, D] matrix, got shape {w.shape}")
   h, targets, mask = flatten_batch(h, targets, mask, w.shape[1])
   checks.token_ids(targets, w.shape[0], "targets")
   w32 = w.astype(jnp.float32)
-  loss, g = logit_grad(h, w32, targets, mask)
-  b = jnp.matmul(g, w32, precision=jax.lax.Precision.HIGHEST)
-  return summarize(loss, jnp.sum(g * g, -1), b, visible_sq(b, range_map(w32)), mask)
+  if chunk_size is None:
+    loss, g = logit_grad(h, w32, targets, mask)
+    g_sq = jnp.sum(g * g, -1)
+    b = jnp.matmul(g, w32, precision=jax.lax.Precision.HIGHEST)
+  else:
+    fused = lambda h: fused_head_loss(h, w32, targets, mask, chunk_size=chunk_size)
+    loss, head_vjp, tokens = jax.vjp(fused, h.astype(jnp.float32), has_aux=True)
+    (b,) = head_vjp(jnp.ones_like(loss))
+    g_sq = tokens.g_sq_N / jnp.square(jnp.maximum(jnp.sum(mask), 1.0))
+  return summarize(loss, g_sq, b, visible_sq(b, range_map(w32)), mask)
 
 
 def logit_grad(h_NxD, w_VxD, targets_N, mask_N):

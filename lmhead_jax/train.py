@@ -12,7 +12,7 @@ from flax import struct
 
 from lmhead_jax import bottleneck, heads, model, sharding
 from lmhead_jax.config import HeadConfig, ModelConfig
-from lmhead_jax.loss import accuracy, cross_entropy
+from lmhead_jax.loss import accuracy, cross_entropy, fused_head_loss
 from lmhead_jax.optim import make_optimizer
 
 
@@ -43,20 +43,39 @@ def validate(cfg, mesh) -> None:
     raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={c.max_seq_len}")
 
 
+def _head_backward(params, h, batch, hc: HeadConfig):
+  """(loss, accuracy, per-token ‖g_t‖², G W, head-parameter grads) of the head on h.
+
+  Dense: `jax.vjp` through any head function, then G = ∂ℒ/∂z. Chunked (`head.chunk_size`): the
+  fused head + CE of `loss.fused_head_loss` on the effective matrix W, never forming N×V logits.
+  """
+  targets, mask = batch["targets"], batch["mask"]
+  if hc.chunk_size is None:
+    z, head_vjp = jax.vjp(lambda p, h: heads.logits(heads.params_of(p, hc), h, hc), params, h)
+    loss, g = jax.value_and_grad(cross_entropy)(z, targets, mask)
+    head_grads, d_h = head_vjp(g)
+    return loss, accuracy(z, targets, mask), jnp.sum(g * g, -1), d_h, head_grads
+  fused = lambda p, h: fused_head_loss(h, heads.matrix(heads.params_of(p, hc)), targets, mask,
+                                       chunk_size=hc.chunk_size)
+  loss, head_vjp, tokens = jax.vjp(fused, params, h, has_aux=True)
+  head_grads, d_h = head_vjp(jnp.ones_like(loss))
+  n = jnp.maximum(jnp.sum(mask), 1.0)
+  g_sq = tokens.g_sq_N.reshape(mask.shape) / (n * n)
+  return loss, jnp.sum(tokens.correct_N) / n, g_sq, d_h, head_grads
+
+
 def _loss_parts(params, batch, c: ModelConfig, hc: HeadConfig, with_bottleneck: bool):
   """Loss, parameter gradient, accuracy and (optionally) bottleneck stats of one micro-batch."""
-  inputs, targets, mask = batch["inputs"], batch["targets"], batch["mask"]
-  h, trunk_vjp = jax.vjp(lambda p: model.hidden(p, inputs, c), params)
-  z, head_vjp = jax.vjp(lambda p, h: heads.logits(heads.params_of(p, hc), h, hc), params, h)
-  loss, g = jax.value_and_grad(cross_entropy)(z, targets, mask)
-  head_grads, d_h = head_vjp(g)
+  mask = batch["mask"]
+  h, trunk_vjp = jax.vjp(lambda p: model.hidden(p, batch["inputs"], c), params)
+  loss, acc, g_sq, d_h, head_grads = _head_backward(params, h, batch, hc)
   (trunk_grads,) = trunk_vjp(d_h)
   grads = jax.tree.map(jnp.add, trunk_grads, head_grads)
-  out = {"loss": loss, "accuracy": accuracy(z, targets, mask), "n": jnp.sum(mask)}
+  out = {"loss": loss, "accuracy": acc, "n": jnp.sum(mask)}
   if with_bottleneck:
     b = d_h.reshape(-1, d_h.shape[-1]).astype(jnp.float32)
     vis = bottleneck.visible_sq(b, bottleneck.range_map(heads.matrix(heads.params_of(params, hc))))
-    out["stats"] = bottleneck.summarize(loss, jnp.sum(g * g, -1).reshape(-1), b, vis,
+    out["stats"] = bottleneck.summarize(loss, g_sq.reshape(-1), b, vis,
                                         mask.reshape(-1).astype(jnp.float32))
   return out, grads
 

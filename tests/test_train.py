@@ -160,3 +160,37 @@ def test_schedule_warmup_then_cosine():
   s = make_schedule(cfg.optimizer, 110)
   np.testing.assert_allclose([s(0), s(5), s(10), s(60), s(110)],
                              [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["linear", "tied", "factorized"])
+def test_chunked_head_equals_dense(kind):
+  """head.chunk_size gives the dense step's loss, gradients and bottleneck metrics (7 ∤ N)."""
+  cfg = tiny_config(tie_embeddings=kind == "tied")
+  cfg.head.kind, cfg.head.rank = kind, 8
+  state, _ = train.init_state(jax.random.key(4), cfg, one_device_mesh())
+  batch = random_batch(cfg, seed=5)
+  results = []
+  for chunk in (None, 7):
+    cfg.head.chunk_size = chunk
+    results.append(jax.jit(lambda p, b: train.loss_and_grads(p, b, cfg))(state.params, batch))
+  (dense, g_dense), (chunked, g_chunked) = results
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_dense), jax.tree.leaves(g_chunked)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max(),
+                               err_msg=jax.tree_util.keystr(path))
+  np.testing.assert_allclose(chunked["loss"], dense["loss"], rtol=1e-6)
+  np.testing.assert_allclose(chunked["accuracy"], dense["accuracy"], rtol=1e-6)
+  for name, value in dense["stats"].metrics().items():
+    np.testing.assert_allclose(chunked["stats"].metrics()[name], value, rtol=1e-5, err_msg=name)
+
+
+def test_linear_head_stats_chunked_equals_dense():
+  rng = np.random.default_rng(0)
+  h = rng.normal(size=(3, 11, 16)).astype(np.float32)
+  w = rng.normal(size=(300, 16)).astype(np.float32) / 4
+  y = rng.integers(0, 300, (3, 11)).astype(np.int32)
+  m = (rng.random((3, 11)) > 0.25).astype(np.float32)
+  dense = bottleneck.linear_head_stats(h, w, y, m)
+  chunked = bottleneck.linear_head_stats(h, w, y, m, chunk_size=5)
+  for name, value in dense.metrics().items():
+    np.testing.assert_allclose(chunked.metrics()[name], value, rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(chunked.loss, dense.loss, rtol=1e-6)

@@ -1,0 +1,138 @@
+"""Train-step throughput, MFU, memory and compile time; --compare times variants side by side.
+
+  python -m benchmarks.train_step --config=benchmarks/configs.py:bottleneck_cpu [--config.x=y]
+      [--compare] [--steps=20] [--warmup=3]
+
+Prints one JSON line per variant. `mfu` is model FLOPs (lmhead_jax.costs) per second over the
+peak of a large matmul of the model's compute dtype, measured in the same process. --compare
+alternates the variants step by step in one process (the machines are shared and noisy) and adds
+a line of ratios: bottleneck metrics on every step against off, and chunked against dense head
+when `head.chunk_size` is set.
+"""
+
+import json
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmhead_jax import costs, sharding, train
+
+
+def matmul_peak_flops(dtype, n: int = 4096, reps: int = 5) -> float:
+  """FLOP/s of an n×n matmul in `dtype` on the default device (best of `reps`)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
+  return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss"
+
+
+class Variant:
+  """One compiled train step with its own state and a fixed random batch."""
+
+  def __init__(self, name, cfg, mesh, with_bottleneck=True):
+    self.name, self.cfg = name, cfg
+    self.state, _ = train.init_state(jax.random.key(cfg.seed), cfg, mesh)
+    rng = np.random.default_rng(0)
+    shape = (cfg.train.batch_size, cfg.data.seq_len)
+    self.batch = jax.device_put(
+        {"inputs": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
+         "targets": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
+         "mask": np.ones(shape, np.float32)}, sharding.batch_sharding(mesh))
+    step = train.make_train_step(cfg, mesh, with_bottleneck=with_bottleneck)
+    t = time.perf_counter()
+    self.compiled = step.lower(self.state, self.batch).compile()
+    self.compile_time_s = time.perf_counter() - t
+    mem = self.compiled.memory_analysis()
+    self.temp_bytes = int(mem.temp_size_in_bytes) if mem is not None else None
+    self.times = []
+
+  def step(self, timed: bool):
+    t = time.perf_counter()
+    self.state, metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready(metrics)
+    if timed:
+      self.times.append(time.perf_counter() - t)
+
+  def report(self, peak: float) -> dict:
+    tokens = self.cfg.train.batch_size * self.cfg.data.seq_len
+    step_s = statistics.median(self.times)
+    flops = costs.model_flops_per_token(self.cfg)
+    return {"variant": self.name, "tokens_per_step": tokens, "step_time_ms": 1e3 * step_s,
+            "tokens_per_sec": tokens / step_s, "model_flops_per_token": flops,
+            "mfu": flops * tokens / step_s / (peak * jax.device_count()),
+            "matmul_peak_flops_per_device": peak, "compile_time_s": self.compile_time_s,
+            "xla_temp_bytes": self.temp_bytes, "timed_steps": len(self.times)}
+
+
+def variants(cfg, mesh, compare: bool) -> list[Variant]:
+  out = [Variant("bottleneck_every_step", cfg, mesh)]
+  if compare:
+    out.append(Variant("bottleneck_off", cfg, mesh, with_bottleneck=False))
+    if cfg.head.chunk_size:
+      dense = cfg.copy_and_resolve_references()
+      dense.head.chunk_size = None
+      out.append(Variant("dense_head", dense, mesh))
+  return out
+
+
+def run(cfg, compare: bool, steps: int, warmup: int) -> list[dict]:
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  vs = variants(cfg, mesh, compare)
+  for i in range(warmup + steps):
+    for v in vs:  # alternate, so drifts in machine load hit every variant alike
+      v.step(timed=i >= warmup)
+  peak = matmul_peak_flops(jnp.dtype(cfg.model.dtype))
+  rows = [v.report(peak) for v in vs]
+  mem, source = peak_memory_bytes()
+  for r in rows:
+    r.update(peak_memory_bytes=mem, peak_memory_source=source)
+  if compare:
+    by = {r["variant"]: r for r in rows}
+    ratios = {"variant": "ratios",
+              "bottleneck_vs_off_throughput": by["bottleneck_every_step"]["tokens_per_sec"] /
+              by["bottleneck_off"]["tokens_per_sec"]}
+    if "dense_head" in by:
+      ratios["chunked_vs_dense_throughput"] = (by["bottleneck_every_step"]["tokens_per_sec"] /
+                                               by["dense_head"]["tokens_per_sec"])
+      ratios["chunked_vs_dense_xla_temp_bytes"] = (by["bottleneck_every_step"]["xla_temp_bytes"] /
+                                                   by["dense_head"]["xla_temp_bytes"])
+    rows.append(ratios)
+  return rows
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  for row in run(f.config, f.compare, f.steps, f.warmup):
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "A config file[:preset].")
+  flags.DEFINE_bool("compare", False, "Time variants side by side and print ratios.")
+  flags.DEFINE_integer("steps", 20, "Timed steps per variant (median reported).")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps per variant first.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

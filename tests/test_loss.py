@@ -1,0 +1,253 @@
+"""Cross-entropy: dense CE/accuracy and the chunked head loss against float64 numpy."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import run_with_devices
+from lmhead_jax.loss import accuracy, cross_entropy, fused_head_loss
+
+
+def reference(h, w, y, m):
+  """float64 numpy: loss, per-token stats and the gradients dL/dh, dL/dW of the mean CE."""
+  h, w, m = (np.asarray(x, np.float64) for x in (h, w, m))
+  z = h @ w.T
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  e = np.eye(w.shape[0])[y]
+  n = max(m.sum(), 1.0)
+  loss_n = -np.log(np.sum(p * e, -1))
+  g = (p - e) * m[:, None] / n
+  return dict(loss=np.sum(loss_n * m) / n, loss_N=loss_n * m,
+              g_sq_N=np.sum((p - e) ** 2, -1) * m,
+              correct_N=(z.argmax(-1) == y) * m, dh=g @ w, dw=g.T @ h)
+
+
+def run(h, w, y, m, **kw):
+  """fused_head_loss under jit: loss, stats and gradients w.r.t. h and w."""
+  f = lambda h, w, y, m: fused_head_loss(h, w, y, m, **kw)
+  (loss, tok), (dh, dw) = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(h, w, y, m)
+  return dict(loss=loss, loss_N=tok.loss_N, g_sq_N=tok.g_sq_N, correct_N=tok.correct_N,
+              dh=dh, dw=dw)
+
+
+def assert_close(got, want, rtol, names=None):
+  """Elementwise to rtol, with an absolute floor of rtol·max|want| (near-zero entries)."""
+  for k in names or want:
+    a, b = np.asarray(got[k], np.float64), np.asarray(want[k], np.float64)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(np.abs(b).max(), 1e-30),
+                               err_msg=k)
+
+
+def problem(n=37, v=50, d=8, mask="random", dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  h = rng.normal(size=(n, d)) * 2.0
+  w = rng.normal(size=(v, d)) / np.sqrt(d)
+  y = rng.integers(0, v, n)
+  m = {"random": rng.random(n) > 0.3, "none": np.ones(n, bool), "all": np.zeros(n, bool),
+       "one": np.arange(n) == n // 2}[mask]
+  return jnp.asarray(h, dtype), jnp.asarray(w, dtype), jnp.asarray(y, jnp.int32), jnp.asarray(m)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cross_entropy_and_accuracy_match_numpy(shape, masked):
+  rng = np.random.default_rng(1)
+  z = rng.normal(size=shape + (11,)) * 3
+  y = rng.integers(0, 11, shape)
+  y.reshape(-1)[0] = z.reshape(-1, 11)[0].argmax()  # at least one hit
+  m = (rng.random(shape) > 0.4) if masked else np.ones(shape, bool)
+  m.reshape(-1)[0] = True
+  lse = np.log(np.exp(z).sum(-1))
+  want_ce = np.sum((lse - np.take_along_axis(z, y[..., None], -1)[..., 0]) * m) / m.sum()
+  want_acc = np.sum((z.argmax(-1) == y) * m) / m.sum()
+  args = (jnp.asarray(z, jnp.float32), jnp.asarray(y), jnp.asarray(m) if masked else None)
+  np.testing.assert_allclose(cross_entropy(*args), want_ce, rtol=1e-6)
+  np.testing.assert_allclose(accuracy(*args), want_acc, rtol=1e-6)
+
+
+def test_cross_entropy_fully_masked_is_zero_and_mask_shape_checked():
+  z, y = jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32)
+  assert float(cross_entropy(z, y, jnp.zeros(4))) == 0.0
+  with pytest.raises(ValueError, match=r"mask shape \(3,\)"):
+    cross_entropy(z, y, jnp.ones(3))
+
+
+@pytest.mark.parametrize("chunk_size,vocab_block,mask", [
+    (None, None, "random"),  # dense path
+    (8, None, "random"),  # N = 37 is not a multiple of the chunk
+    (8, 7, "random"),  # V = 50 is not a multiple of the block
+    (5, 50, "none"),  # one block of exactly V
+    (64, 16, "random"),  # chunk ≥ N
+    (1, None, "random"),
+    (4, None, "one"),  # all chunks but one fully masked
+])
+def test_fused_matches_float64_reference(chunk_size, vocab_block, mask):
+  h, w, y, m = problem(mask=mask)
+  got = run(h, w, y, m, chunk_size=chunk_size, vocab_block=vocab_block)
+  want = reference(h, w, y, m)
+  assert_close(got, want, 1e-5)
+  assert got["dh"].dtype == jnp.float32 and got["dw"].dtype == jnp.float32
+
+
+def test_fused_matches_dense_autodiff():
+  h, w, y, m = problem(n=45, v=70, seed=3)
+  dense = lambda h, w: cross_entropy(h @ w.T, y, m)
+  loss, (dh, dw) = jax.value_and_grad(dense, (0, 1))(h, w)
+  got = run(h, w, y, m, chunk_size=16, vocab_block=32)
+  assert_close(got, dict(loss=loss, dh=dh, dw=dw), 1e-5)
+  np.testing.assert_allclose(np.sum(got["correct_N"]) / np.sum(m), accuracy(h @ w.T, y, m),
+                             rtol=1e-6)
+
+
+def test_fully_masked_batch_gives_zeros():
+  h, w, y, m = problem(mask="all")
+  got = run(h, w, y, m, chunk_size=8, vocab_block=16)
+  for k, v in got.items():
+    assert not np.any(np.asarray(v)), k
+
+
+def test_factorized_head_gradients_reach_both_factors():
+  rng = np.random.default_rng(4)
+  a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((50, 3), (3, 8)))
+  h, _, y, m = problem()
+  fused = lambda a, b: fused_head_loss(h, a @ b, y, m, chunk_size=8)[0]
+  dense = lambda a, b: cross_entropy(h @ (a @ b).T, y, m)
+  for got, want in zip(jax.grad(fused, (0, 1))(a, b), jax.grad(dense, (0, 1))(a, b)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_batched_inputs_flatten_to_tokens():
+  h, w, y, m = problem(n=24)
+  (loss, tok) = fused_head_loss(h.reshape(4, 6, -1), w, y.reshape(4, 6), m.reshape(4, 6),
+                                chunk_size=5)
+  want = reference(h, w, y, m)
+  np.testing.assert_allclose(loss, want["loss"], rtol=1e-5)
+  np.testing.assert_allclose(tok.loss_N, want["loss_N"], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_inputs():
+  """bf16 h and w: logits accumulate in fp32 from exact bf16 products, so the loss stays within
+  fp32 rounding of the float64 value on the same (rounded) inputs. G is rounded to bf16 for
+  the two gradient matmuls and dh, dW are returned in bf16: each entry carries ≤ 2⁻⁸ relative
+  error from those two roundings, so the gradients are checked to 1e-2 of their norm."""
+  h, w, y, m = problem(n=64, v=300, d=32, dtype=jnp.bfloat16, seed=5)
+  want = reference(h.astype(jnp.float32), w.astype(jnp.float32), y, m)
+  for chunk_size, vocab_block in ((None, None), (16, None), (16, 128)):
+    got = run(h, w, y, m, chunk_size=chunk_size, vocab_block=vocab_block)
+    assert got["dh"].dtype == jnp.bfloat16 and got["dw"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    assert_close(got, want, 1e-5, ["loss_N", "g_sq_N", "correct_N"])
+    for k in ("dh", "dw"):
+      err = np.linalg.norm(np.asarray(got[k], np.float64) - want[k]) / np.linalg.norm(want[k])
+      assert err < 1e-2, (chunk_size, vocab_block, k, err)
+
+
+def test_compute_dtype_bfloat16_on_float32_inputs():
+  h, w, y, m = problem(n=64, v=300, d=32, seed=6)
+  got = run(h, w, y, m, chunk_size=16, compute_dtype=jnp.bfloat16)
+  assert got["dh"].dtype == jnp.float32 and got["dw"].dtype == jnp.float32
+  rounded = reference(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16), y, m)
+  np.testing.assert_allclose(got["loss"], rounded["loss"], rtol=1e-5)
+  err = np.linalg.norm(np.asarray(got["dh"], np.float64) - rounded["dh"])
+  assert err < 1e-2 * np.linalg.norm(rounded["dh"])
+
+
+def test_one_scan_and_three_matmuls():
+  """The training path is one loop over chunks with the dense path's three matmuls per chunk;
+  gradients that are not requested are not computed."""
+  h, w, y, _ = problem(n=64, v=50, d=8)
+  def compiled(argnums):
+    f = jax.grad(lambda h, w, y: fused_head_loss(h, w, y, chunk_size=16)[0], argnums)
+    jaxpr = str(jax.make_jaxpr(f)(h, w, y))
+    hlo = jax.jit(f).lower(h, w, y).compile().as_text()
+    return jaxpr.count("scan["), len(re.findall(r" while\(", hlo)), hlo.count(" dot(")
+  assert compiled((0, 1)) == (1, 1, 3)
+  assert compiled(0) == (1, 1, 2)
+  assert compiled(1) == (1, 1, 2)
+
+
+def test_temp_memory_does_not_scale_with_n_times_v():
+  v, d, chunk = 2048, 16, 64
+  w = jnp.zeros((v, d))
+  def temp_bytes(n, chunk_size):
+    h, y = jnp.zeros((n, d)), jnp.zeros(n, jnp.int32)
+    f = jax.grad(lambda h, w, y: fused_head_loss(h, w, y, chunk_size=chunk_size)[0], (0, 1))
+    return jax.jit(f).lower(h, w, y).compile().memory_analysis().temp_size_in_bytes
+  small, large = 1024, 4096
+  logits_bytes = large * v * 4
+  fused_small, fused_large = temp_bytes(small, chunk), temp_bytes(large, chunk)
+  assert temp_bytes(large, None) >= logits_bytes  # the dense path holds N×V logits
+  assert fused_large < logits_bytes / 10
+  # Growth with N is O(N·D) (padded h, dh), nowhere near the (large − small)·V·4 of logits.
+  assert fused_large - fused_small < 4 * (large - small) * d * 4
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(chunk_size=None, vocab_block=8), "vocab_block needs chunk_size"),
+    (dict(chunk_size=4, vocab_block=2.5), "vocab_block must be a positive int"),
+])
+def test_bad_options(kw, match):
+  h, w, y, m = problem()
+  with pytest.raises(ValueError, match=match):
+    fused_head_loss(h, w, y, m, **kw)
+
+
+def test_bad_shapes():
+  h, w, y, m = problem()
+  with pytest.raises(ValueError, match=r"w must be a \[V, D\] matrix"):
+    fused_head_loss(h, w[None], y, chunk_size=4)
+  with pytest.raises(ValueError, match=r"h has shape \(37, 7\) but w has shape \(50, 8\)"):
+    fused_head_loss(h[:, :7], w, y, chunk_size=4)
+  with pytest.raises(ValueError, match="targets shape"):
+    fused_head_loss(h, w, y[:-1], chunk_size=4)
+  with pytest.raises(ValueError, match="targets contains id 50"):
+    fused_head_loss(h, w, y.at[0].set(50), chunk_size=4)
+
+
+def test_sharded_matches_unsharded():
+  """Tokens sharded over `data` (8-way, or 4-way with W sharded on V over `tensor`), in both
+  Auto and Explicit axis modes, give the unsharded result."""
+  out = run_with_devices("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, PartitionSpec as P
+    from lmhead_jax.loss import fused_head_loss
+
+    rng = np.random.default_rng(0)
+    n, v, d = 96, 64, 16
+    h = rng.normal(size=(n, d)).astype(np.float32)
+    w = (rng.normal(size=(v, d)) / 4).astype(np.float32)
+    y = rng.integers(0, v, n).astype(np.int32)
+    m = rng.random(n) > 0.3
+
+    def step(h, w, y, m):
+      f = lambda h, w: fused_head_loss(h, w, y, m, chunk_size=16)
+      (loss, tok), grads = jax.value_and_grad(f, (0, 1), has_aux=True)(h, w)
+      return loss, tok, grads
+
+    want = jax.tree.leaves(jax.jit(step)(h, w, y, m))
+    errs = {}
+    for kind in (AxisType.Auto, AxisType.Explicit):
+      for shape, names, w_spec in (((8,), ("data",), P()),
+                                   ((4, 2), ("data", "tensor"), P("tensor"))):
+        mesh = jax.make_mesh(shape, names, axis_types=(kind,) * len(shape))
+        with jax.set_mesh(mesh):
+          args = [jax.device_put(h, P("data")), jax.device_put(w, w_spec),
+                  jax.device_put(y, P("data")), jax.device_put(m, P("data"))]
+          got = jax.jit(step)(*args)
+          dh, dw = got[2]
+          assert dh.sharding.is_equivalent_to(jax.NamedSharding(mesh, P("data")), 2)
+          assert dw.sharding.is_equivalent_to(jax.NamedSharding(mesh, w_spec), 2)
+          errs[f"{kind.name}{shape}"] = max(
+              float(np.max(np.abs(np.asarray(a) - b)) / max(np.max(np.abs(b)), 1e-30))
+              for a, b in zip(jax.tree.leaves(got), want))
+    print(json.dumps(errs))
+  """)
+  assert len(out) == 4
+  for name, err in out.items():
+    assert err < 1e-5, (name, err)
