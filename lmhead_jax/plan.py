@@ -142,7 +142,8 @@ def compiled_memory(cfg) -> dict:
 
 
 COLUMNS = ("run", "params", "flops_per_token", "mesh", "params_gb", "opt_state_gb",
-           "activations_gb", "total_gb", "hbm_gb", "fits", "step_s", "chip_hours")
+           "activations_gb", "total_gb", "hbm_gb", "fits", "argument_gb", "temp_gb", "step_s",
+           "tokens", "chip_hours")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -156,14 +157,29 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def plan_sweep(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = None,
+               compile_: bool = False) -> list[dict]:
+  """One row per run of `cfg.sweep` (or one for a single run), plus a total row."""
+  from lmhead_jax import sweep
+  runs = sweep.expand(cfg.get("sweep") or ({},))
+  rows = []
+  for overrides in runs:
+    run_cfg = sweep.configure(cfg, overrides)
+    row = {"run": sweep.run_name(overrides) or "run", **plan(run_cfg, slice_name, mfu, tokens)}
+    if compile_:
+      row.update(compiled_memory(run_cfg))
+    rows.append(row)
+  if len(rows) > 1:
+    rows.append({"run": "total", "tokens": sum(r["tokens"] for r in rows),
+                 "chip_hours": sum(r["chip_hours"] for r in rows)})
+  return rows
+
+
 def main(argv):
   del argv
   from absl import flags
-  cfg = flags.FLAGS.config
-  rows = [dict(run="run", **plan(cfg, _SLICE.value, _MFU.value, _TOKENS.value))]
-  if _COMPILE.value:
-    rows[0].update(compiled_memory(cfg))
-  print(format_table(rows))
+  f = flags.FLAGS
+  print(format_table(plan_sweep(f.config, f.slice, f.mfu, f.tokens, f.compile)))
 
 
 if __name__ == "__main__":
@@ -171,9 +187,10 @@ if __name__ == "__main__":
   from ml_collections import config_flags
 
   config_flags.DEFINE_config_file("config", None, "experiments/<name>.py[:preset]")
-  _SLICE = flags.DEFINE_string("slice", "v5p-64", "TPU slice, e.g. v5p-64, v6e-64, v4-32.")
-  _MFU = flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilization for the step time.")
-  _TOKENS = flags.DEFINE_float("tokens", None, "Training tokens per run (default: steps × batch).")
-  _COMPILE = flags.DEFINE_bool("compile", False, "Also compile on fake CPU devices (slow).")
+  flags.DEFINE_string("slice", "v5p-64", "TPU slice, e.g. v5p-64, v6e-64, v4-32.")
+  flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilization for the step time.")
+  flags.DEFINE_float("tokens", None, "Training tokens per run (default: steps × batch).")
+  flags.DEFINE_bool("compile", False, "Also compile for the current devices (fake CPU ones via "
+                    "XLA_FLAGS=--xla_force_host_platform_device_count=N).")
   flags.mark_flags_as_required(["config"])
   app.run(main)
