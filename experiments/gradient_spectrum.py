@@ -1,0 +1,79 @@
+"""The spectrum of the logit gradient G as the batch grows: ranks, k_70, k_99.9, rank-2D residual.
+
+Presets:
+- `cpu`: offline, V = 4096 (a byte-level BPE of the Python standard library), a fresh D = 64
+  model and one trained here for 300 steps, N up to 100k tokens; float64 Gram on the host.
+- `pretrained`: HF checkpoints (`--config.checkpoints=...`, data as in measure_pretrained), N up
+  to 500k tokens; the Gram (float64) when V×V fits in `spectrum.gram_max_gib`, else the top
+  `spectrum.rank_k` σ by a randomized eigensolver.
+
+Writes WORKDIR/summary.json ({"models": [{..., "points": [one summary per N]}]}, definitions in
+`lmhead_jax.gram`), prints a table and draws WORKDIR/spectrum_rank.png.
+"""
+
+import json
+import pathlib
+import time
+
+import jax
+
+from lmhead_jax import cli, figures_measure, gram, measure, sharding, subjects
+
+
+def get_config(preset: str = "cpu"):
+  cfg = subjects.base_config()
+  cfg.spectrum = dict(tokens="1000,2000,5000,10000,20000,50000,100000", method="auto",
+                      gram_dtype="float64", gram_max_gib=16.0, rank_k=8192, power_iters=2)
+  if preset == "cpu":
+    cfg.fresh = "64"
+    cfg.model.update(vocab_size=4096, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,
+                     max_seq_len=128)
+    cfg.train.update(steps=300, batch_size=16)
+    cfg.optimizer.update(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
+    cfg.measure.batch_size = 16
+  elif preset == "pretrained":
+    cfg.data.update(seq_len=1024, stdlib=False)
+    cfg.measure.batch_size = 16
+    cfg.spectrum.tokens += ",200000,500000"
+  else:
+    raise ValueError(f"unknown preset {preset!r} for experiments/gradient_spectrum.py "
+                     "(known: cpu, pretrained)")
+  return cfg
+
+
+def table(results: list[dict]) -> str:
+  keys = ("tokens", "numerical_rank", "numerical_rank_fine", "effective_rank", "k_70", "k_999",
+          "residual_2d")
+  fmt = lambda x: "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
+  rows = [("model", "V", "D") + keys]
+  rows += [(r["name"], r["vocab_size"], r["d_model"]) + tuple(fmt(p[k]) for k in keys)
+           for r in results for p in r["points"]]
+  return measure.format_rows(rows)
+
+
+def main(cfg, workdir):
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  sp, results = cfg.spectrum, []
+  tokens = [int(t) for t in subjects.split_list(sp.tokens)]
+  for s in subjects.load(cfg, workdir, mesh):
+    method = gram.choose_method(sp.method, s.model_cfg.vocab_size, sp.gram_dtype, sp.gram_max_gib)
+    t0 = time.perf_counter()
+    points = gram.growing_spectrum(
+        s, subjects.source(cfg, s, workdir), mesh, tokens=tokens,
+        batch_size=cfg.measure.batch_size, method=method, gram_dtype=sp.gram_dtype,
+        k=sp.rank_k, power_iters=sp.power_iters, seed=cfg.seed)
+    results.append({"name": s.name, "vocab_size": s.model_cfg.vocab_size,
+                    "d_model": s.model_cfg.d_model, "head": s.head_cfg.kind, "method": method,
+                    "seconds": time.perf_counter() - t0, "points": points})
+    print(table(results[-1:]), flush=True)
+  if not results:
+    raise ValueError("no models to measure: set checkpoints, runs, fresh or train.steps")
+  print(table(results))
+  if jax.process_index() == 0:
+    out = pathlib.Path(workdir)
+    (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))
+    figures_measure.spectrum(results, out / "spectrum_rank.png")
+
+
+if __name__ == "__main__":
+  cli.main(main)

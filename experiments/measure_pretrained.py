@@ -1,0 +1,60 @@
+"""How much of the logit gradient the LM head destroys, measured on pretrained (or fresh) models.
+
+Presets:
+- `cpu`: offline, a few minutes on 2 CPU cores. Fresh random-init models (D = 32, 64, 128 and a
+  rank-16 factorized head, V = 8192) and one model trained here for 300 steps, on the Python
+  standard library corpus (a byte-level BPE of 8192 ids trained on it).
+- `pretrained`: HF checkpoints on text, sharded over every device, e.g.
+  `--config.checkpoints=/ckpt/Llama-3.2-1B,/ckpt/pythia-410m --config.data.text=/data/docs.jsonl`.
+
+Writes WORKDIR/summary.json ({"models": [...]}, see `lmhead_jax.measure`), prints a table and
+draws WORKDIR/measure_destroyed.png. Models and data: `lmhead_jax.subjects`.
+"""
+
+import json
+import pathlib
+
+import jax
+
+from lmhead_jax import cli, figures_measure, measure, sharding, subjects
+
+
+def get_config(preset: str = "cpu"):
+  cfg = subjects.base_config()
+  cfg.measure.chunk_len = 0  # positions per chunk of the logits (0: whole sequences)
+  if preset == "cpu":
+    cfg.fresh = "32,64,128,128r16"
+    cfg.model.update(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,
+                     max_seq_len=128)
+    cfg.train.update(steps=300, batch_size=16)
+    cfg.optimizer.update(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
+    cfg.measure.update(batch_size=16, num_sequences=512)
+  elif preset == "pretrained":
+    cfg.data.update(seq_len=1024, stdlib=False)
+    cfg.measure.update(batch_size=32, num_sequences=10_000, chunk_len=256)
+  else:
+    raise ValueError(f"unknown preset {preset!r} for experiments/measure_pretrained.py "
+                     "(known: cpu, pretrained)")
+  return cfg
+
+
+def main(cfg, workdir):
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  results = []
+  for s in subjects.load(cfg, workdir, mesh):
+    results.append(measure.measure(
+        s, subjects.source(cfg, s, workdir), mesh, batch_size=cfg.measure.batch_size,
+        num_sequences=cfg.measure.num_sequences, seed=cfg.seed,
+        chunk_len=cfg.measure.chunk_len or None))
+    print(measure.table(results[-1:]).splitlines()[-1], flush=True)
+  if not results:
+    raise ValueError("no models to measure: set checkpoints, runs, fresh or train.steps")
+  print(measure.table(results))
+  if jax.process_index() == 0:
+    out = pathlib.Path(workdir)
+    (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))
+    figures_measure.destroyed(results, out / "measure_destroyed.png")
+
+
+if __name__ == "__main__":
+  cli.main(main)

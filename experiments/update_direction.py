@@ -1,0 +1,74 @@
+"""Equal-norm update directions: the loss drop of moving the logits along −G, −GΠ (hidden-only)
+and −(GWWᵀ + HHᵀG) (joint SGD step), each scaled to the same norm, over a log grid of ε.
+
+Presets:
+- `cpu`: offline, V = 8192 (a byte-level BPE of the Python standard library): fresh D = 64 and
+  D = 128 models and a D = 64 model trained here for 300 steps; one batch of 8×128 tokens each.
+- `pretrained`: HF checkpoints (`--config.checkpoints=...`, data as in measure_pretrained).
+
+Writes WORKDIR/summary.json ({"models": [...]}, definitions in `lmhead_jax.directions`), prints
+the ratios by which −G beats each direction, and draws WORKDIR/update_directions.png.
+"""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from lmhead_jax import cli, directions, figures_measure, gram, measure, sharding, subjects
+
+
+def get_config(preset: str = "cpu"):
+  cfg = subjects.base_config()
+  cfg.update_dir = dict(eps_min=1e-4, eps_max=30.0, eps_points=22)
+  if preset == "cpu":
+    cfg.fresh = "64,128"
+    cfg.model.update(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,
+                     max_seq_len=128)
+    cfg.train.update(steps=300, batch_size=16)
+    cfg.optimizer.update(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
+    cfg.measure.batch_size = 8
+  elif preset == "pretrained":
+    cfg.data.update(seq_len=512, stdlib=False)
+    cfg.measure.batch_size = 8
+  else:
+    raise ValueError(f"unknown preset {preset!r} for experiments/update_direction.py "
+                     "(known: cpu, pretrained)")
+  return cfg
+
+
+def main(cfg, workdir):
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  u = cfg.update_dir
+  eps = np.logspace(np.log10(u.eps_min), np.log10(u.eps_max), u.eps_points).astype(np.float32)
+  results, rows = [], [("model", "V", "D", "direction", "cos(−G, U)", "ratio 1st order",
+                        "ratio best ε")]
+  for s in subjects.load(cfg, workdir, mesh):
+    h, y, m, _ = next(gram.hidden_chunks(s, subjects.source(cfg, s, workdir), mesh, num_tokens=1,
+                                         batch_size=cfg.measure.batch_size, seed=cfg.seed))
+    out = jax.device_get(directions.sweep(h.reshape(-1, h.shape[-1]),
+                                          measure.head_matrix(s.params, s.head_cfg),
+                                          y.reshape(-1), m.reshape(-1), eps))
+    res = {k: {"label": directions.LABELS[k], "cosine": float(d["cosine"]),
+               "loss_change": d["loss_change"].tolist(), "first_order": d["first_order"].tolist()}
+           for k, d in out.items()}
+    ratio = directions.ratios(res)
+    results.append({"name": s.name, "vocab_size": s.model_cfg.vocab_size,
+                    "d_model": s.model_cfg.d_model, "tokens": int(np.sum(jax.device_get(m))),
+                    "eps": eps.tolist(), "directions": res, "ratios": ratio})
+    rows += [(s.name, s.model_cfg.vocab_size, s.model_cfg.d_model, res[k]["label"],
+              f"{res[k]['cosine']:.4f}", f"{r['first_order']:.1f}", f"{r['best']:.2f}")
+             for k, r in ratio.items()]
+    print(measure.format_rows(rows[:1] + rows[-2:]), flush=True)
+  if not results:
+    raise ValueError("no models to measure: set checkpoints, runs, fresh or train.steps")
+  print(measure.format_rows(rows))
+  if jax.process_index() == 0:
+    out = pathlib.Path(workdir)
+    (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))
+    figures_measure.update(results, out / "update_directions.png")
+
+
+if __name__ == "__main__":
+  cli.main(main)

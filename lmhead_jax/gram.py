@@ -1,0 +1,179 @@
+"""Singular values of the logit gradient G over many tokens, without ever holding the N×V matrix.
+
+Two methods, both streaming G in chunks of tokens recomputed from the hidden states:
+- `gram`: C = GᵀG (V×V) accumulates chunk by chunk, sharded by rows over every device; then
+  σ_i² are the eigenvalues of C. In float64 (default; XLA on the host CPU, or a GPU) eigenvalues
+  are resolved down to ≈ σ_1·√(ε₆₄) ≈ 1.5e-8 σ_1; in float32 (TPU) only to ≈ σ_1·√(ε₃₂) ≈ 3e-4 σ_1.
+- `randomized`: when V×V does not fit. The top k σ from a randomized range finder on C
+  (Halko et al. 2011, with power iterations): each product C X = Σ_chunks gᵀ(g X) is one pass
+  over the tokens. ‖G‖² is known exactly (Σ‖g_t‖²), so k_p ≤ k and the rank-2D residual
+  (2D ≤ k) are determined; ranks, effective rank and k_p > k are not (None).
+
+G is scaled by 1/N as in the paper (ratios and ranks do not depend on it); g_t = p_t − e_{y_t}
+is computed in float32. Rank rules (N valid tokens):
+- `numerical_rank`: σ > σ_1·max(N, V)·ε₃₂, the project's rule for a float32 G (numpy's
+  matrix_rank). Coarse at large N: at N = 10⁵ it drops every σ below 1.2% of σ_1.
+- `numerical_rank_fine`: σ > σ_1·√max(N, V)·ε₃₂. Rounding G to float32 perturbs it by
+  ‖E‖₂ of a few ε₃₂σ_1 (entrywise relative error ε₃₂), so σ above this cut-off are genuine; it stays
+  above the float64 Gram's resolution and below it the sum-to-zero direction (rows of G sum to
+  0, so rank G ≤ V − 1) is excluded. A rule whose cut-off is below the eigensolver's resolution
+  (float32: both at large N) gives None.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lmhead_jax import measure, model, sharding, spectrum
+from lmhead_jax.data import pipeline
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def chunk_grad(h_BxLxD, w_VxD, y_BxL, mask_BxL, dtype):
+  """G's rows g_t = (p_t − e_{y_t})·m_t of one chunk, [B·L, V] in `dtype`."""
+  _, g = measure.token_grad(h_BxLxD.reshape(-1, h_BxLxD.shape[-1]), w_VxD, y_BxL.reshape(-1))
+  return (g * mask_BxL.reshape(-1, 1)).astype(dtype)
+
+
+def make_gram(mesh, v: int, dtype):
+  """(update(c, h, w, y, mask) -> c + gᵀg, jitted and donated, and C = 0), C sharded by rows.
+
+  The chunk's G is gathered on every device, which then computes only its own rows of C: no
+  device ever holds a V×V partial sum.
+  """
+  c_sh = NamedSharding(mesh, P(sharding.MESH_AXES, None) if v % mesh.devices.size == 0 else P())
+
+  def update(c, h, w, y, m):
+    g = jax.lax.with_sharding_constraint(chunk_grad(h, w, y, m, c.dtype),
+                                         sharding.replicated(mesh))
+    return c + g.T @ g
+
+  zeros = jax.jit(lambda: jnp.zeros((v, v), dtype), out_shardings=c_sh)
+  return jax.jit(update, out_shardings=c_sh, donate_argnums=0), zeros()
+
+
+def eig_sigma(c_VxV, mesh) -> np.ndarray:
+  """σ descending from the eigenvalues of C = GᵀG (negative round-off clipped to 0)."""
+  lam = jax.jit(jnp.linalg.eigvalsh, out_shardings=sharding.replicated(mesh))(c_VxV)
+  return np.sqrt(np.clip(np.asarray(lam, np.float64)[::-1], 0.0, None))
+
+
+def randomized_sigma(apply_c, v: int, k: int, key, *, power_iters: int = 2,
+                     oversample: int | None = None, dtype=jnp.float32) -> np.ndarray:
+  """The top k σ of G from products X ↦ C X = GᵀG X (V×p); power_iters + 2 products."""
+  p = min(v, k + (oversample if oversample is not None else max(10, k // 10)))
+  q = jnp.linalg.qr(apply_c(jax.random.normal(key, (v, p), dtype)))[0]
+  for _ in range(power_iters):
+    q = jnp.linalg.qr(apply_c(q))[0]
+  b = q.T @ apply_c(q)
+  lam = np.asarray(jnp.linalg.eigvalsh((b + b.T) / 2), np.float64)[::-1][:k]
+  return np.sqrt(np.clip(lam, 0.0, None))
+
+
+def summary(sigma, total_sq: float, shape: tuple[int, int], d_model: int,
+            resolution: float = 0.0) -> dict:
+  """`spectrum.spectrum_stats` of G from its leading σ (all, or the top k) and ‖G‖² = total_sq.
+
+  A partial σ gets the unresolved tail √(total_sq − Σσ²) as one last value, which makes the
+  cumulative quantities exact up to index k; those that need the tail's split are None. A rank
+  whose cut-off lies below `resolution`·σ_1 (the eigensolver's noise floor) is None too.
+  """
+  n, v = shape
+  s = np.sort(np.asarray(sigma, np.float64))[::-1][:min(n, v)]
+  k, complete = len(s), len(s) == min(n, v)
+  padded = s if complete else np.append(s, math.sqrt(max(total_sq - np.sum(s**2), 0.0)))
+  with jax.enable_x64(True):
+    st = spectrum.spectrum_stats(jnp.asarray(padded), shape, d_model)
+  out = {f: float(getattr(st, f)) for f in ("effective_rank", "k_70", "k_999", "residual_d",
+                                             "residual_2d", "max_cosine_2d")}
+  out.update(k_70=int(out["k_70"]), k_999=int(out["k_999"]), sigma_1=float(s[0]))
+  for name, tol in (("numerical_rank", max(n, v)), ("numerical_rank_fine", math.sqrt(max(n, v)))):
+    above = int(np.sum(s > s[0] * tol * EPS32))
+    out[name] = above if (complete or above < k) and tol * EPS32 >= resolution else None
+  if not complete:
+    out["effective_rank"] = None
+    for key, needs in (("k_70", out["k_70"]), ("k_999", out["k_999"]), ("residual_d", d_model),
+                       ("residual_2d", 2 * d_model), ("max_cosine_2d", 2 * d_model)):
+      if needs > k:
+        out[key] = None
+  return out
+
+
+def hidden_chunks(s, source, mesh, *, num_tokens: int, batch_size: int, seed: int = 0):
+  """(h, targets, mask, valid count) of `s` on batches of `source`, sharded by rows, until
+  num_tokens valid tokens."""
+  step = jax.jit(lambda p, x, m: (model.hidden(p, x, s.model_cfg), jnp.sum(m)),
+                 out_shardings=(sharding.batch_sharding(mesh, 3), sharding.replicated(mesh)))
+  ds = iter(pipeline.make_dataset(source, global_batch_size=batch_size, seed=seed))
+  seen = 0
+  while seen < num_tokens:
+    b = pipeline.global_batch(next(ds), sharding.batch_sharding(mesh))
+    h, n = step(s.params, b["inputs"], b["mask"])
+    seen += int(n)
+    yield h, b["targets"], b["mask"], int(n)
+
+
+def choose_method(method: str, v: int, gram_dtype: str, gram_max_gib: float) -> str:
+  """'gram' or 'randomized'; 'auto' picks gram when V×V in gram_dtype fits in gram_max_gib."""
+  if method == "auto":
+    return "gram" if v * v * np.dtype(gram_dtype).itemsize <= gram_max_gib * 2**30 else "randomized"
+  if method not in ("gram", "randomized"):
+    raise ValueError(f"spectrum.method={method!r} is not 'auto', 'gram' or 'randomized'")
+  return method
+
+
+def growing_spectrum(s, source, mesh, *, tokens: list[int], batch_size: int, method: str,
+                     gram_dtype: str = "float64", k: int = 0, power_iters: int = 2,
+                     seed: int = 0) -> list[dict]:
+  """Spectrum summaries of G over the first N valid tokens, for each N of `tokens` (reached at
+  whole batches: several N passed by one batch give one point)."""
+  if method not in ("gram", "randomized"):
+    raise ValueError(f"method={method!r} is not 'gram' or 'randomized'")
+  if max(tokens) > len(source) * source.seq_len:
+    raise ValueError(f"spectrum.tokens asks for {max(tokens)} tokens but the data holds "
+                     f"{len(source)} windows of {source.seq_len}; windows would repeat")
+  if method == "randomized" and k < 1:
+    raise ValueError(f"spectrum.rank_k={k}: the randomized method needs the number of σ to find")
+  v, d = s.model_cfg.vocab_size, s.model_cfg.d_model
+  w = measure.head_matrix(s.params, s.head_cfg)
+  sq = jax.jit(lambda h, w, y, m: jnp.sum(jnp.square(chunk_grad(h, w, y, m, jnp.float32))),
+               out_shardings=sharding.replicated(mesh))
+  pending, points, seen, total_sq, cache = sorted(set(tokens)), [], 0, 0.0, []
+
+  def due() -> bool:
+    nonlocal pending
+    passed = [t for t in pending if t <= seen]
+    pending = pending[len(passed):]
+    return bool(passed)
+
+  # σ_i² come out of an eigensolver in this dtype: σ below √ε·σ_1 are noise.
+  resolution = math.sqrt(np.finfo(gram_dtype if method == "gram" else np.float32).eps)
+
+  def add(sigma):  # σ of the unscaled rows g_t; G = (rows) / N
+    points.append(dict(tokens=seen) | summary(sigma / seen, total_sq / seen**2, (seen, v), d,
+                                              resolution))
+
+  x64 = lambda: jax.enable_x64(gram_dtype == "float64")
+  if method == "gram":
+    with x64():
+      update, c = make_gram(mesh, v, jnp.dtype(gram_dtype))
+  prod = jax.jit(lambda x, h, w, y, m: (lambda g: g.T @ (g @ x))(chunk_grad(h, w, y, m, x.dtype)))
+  for h, y, m, n in hidden_chunks(s, source, mesh, num_tokens=max(tokens), batch_size=batch_size,
+                                  seed=seed):
+    seen, total_sq = seen + n, total_sq + float(sq(h, w, y, m))
+    if method == "gram":
+      with x64():
+        c = update(c, h, w, y, m)
+        if due():
+          add(eig_sigma(c, mesh))
+      continue
+    cache.append((h, y, m))
+    if due():
+      apply_c = lambda x: sum(prod(x, h, w, y, m) for h, y, m in cache)
+      add(randomized_sigma(apply_c, v, min(k, seen, v), jax.random.key(seed),
+                           power_iters=power_iters))
+  return points
