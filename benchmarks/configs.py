@@ -2,6 +2,7 @@
 
   bottleneck_cpu  D=256, 4 layers, V=32k: cost of the bottleneck metrics on every step
   chunked_cpu     D=256, 1 layer, V=262,144, 8,192 tokens/step, chunked head (chunk 1024)
+  chunked_fits_cpu  the same at 2,048 tokens/step, where the dense head still fits in memory
   mfu_cpu         D=512, 8 layers, V=32k, 8,192 tokens/step
   paper_gpu       the rank-sweep paper model: 6 layers, D=4096, V=49,152, r=4096, bf16, seq 2048
 """
@@ -15,9 +16,11 @@ def get_config(preset: str = "bottleneck_cpu"):
   cfg.mesh.update(data=-1, fsdp=1, tensor=1)
   presets = {
       "bottleneck_cpu": (dict(vocab_size=32768, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
-                              d_ff=1024), 16, 128),
+                              d_ff=1024), 64, 128),
       "chunked_cpu": (dict(vocab_size=262144, d_model=256, n_layers=1, n_heads=4, n_kv_heads=4,
                            d_ff=1024), 32, 256),
+      "chunked_fits_cpu": (dict(vocab_size=262144, d_model=256, n_layers=1, n_heads=4,
+                                n_kv_heads=4, d_ff=1024), 8, 256),
       "mfu_cpu": (dict(vocab_size=32768, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
                        d_ff=2048), 32, 256),
       "paper_gpu": (dict(vocab_size=49152, d_model=4096, n_layers=6, n_heads=32, n_kv_heads=8,
@@ -29,7 +32,7 @@ def get_config(preset: str = "bottleneck_cpu"):
   cfg.model.update(max_seq_len=max(seq, 2048), **model)
   cfg.train.update(batch_size=batch)
   cfg.data.seq_len = seq
-  if preset == "chunked_cpu":
+  if preset.startswith("chunked"):
     cfg.head.chunk_size = 1024
   if preset == "paper_gpu":
     cfg.head.update(kind="factorized", rank=4096)

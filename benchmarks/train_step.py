@@ -37,6 +37,15 @@ def _timed(fn) -> float:
   return time.perf_counter() - t
 
 
+def available_memory_bytes() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+  with open("/proc/meminfo") as f:
+    info = dict(line.split(":", 1) for line in f)
+  return int(info["MemAvailable"].split()[0]) * 1024
+
+
 def peak_memory_bytes() -> tuple[int, str]:
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
@@ -62,6 +71,8 @@ class Variant:
     self.compile_time_s = time.perf_counter() - t
     mem = self.compiled.memory_analysis()
     self.temp_bytes = int(mem.temp_size_in_bytes) if mem is not None else None
+    # A program that would not fit is compiled (for its byte count) but never run.
+    self.fits = self.temp_bytes is None or self.temp_bytes < 0.8 * available_memory_bytes()
     self.times = []
 
   def step(self, timed: bool):
@@ -73,6 +84,9 @@ class Variant:
 
   def report(self, peak: float) -> dict:
     tokens = self.cfg.train.batch_size * self.cfg.data.seq_len
+    if not self.times:
+      return {"variant": self.name, "tokens_per_step": tokens, "fits": False,
+              "compile_time_s": self.compile_time_s, "xla_temp_bytes": self.temp_bytes}
     step_s = statistics.median(self.times)
     flops = costs.model_flops_per_token(self.cfg)
     return {"variant": self.name, "tokens_per_step": tokens, "step_time_ms": 1e3 * step_s,
@@ -98,7 +112,8 @@ def run(cfg, compare: bool, steps: int, warmup: int) -> list[dict]:
   vs = variants(cfg, mesh, compare)
   for i in range(warmup + steps):
     for v in vs:  # alternate, so drifts in machine load hit every variant alike
-      v.step(timed=i >= warmup)
+      if v.fits:
+        v.step(timed=i >= warmup)
   peak = matmul_peak_flops(jnp.dtype(cfg.model.dtype))
   rows = [v.report(peak) for v in vs]
   mem, source = peak_memory_bytes()
@@ -110,8 +125,9 @@ def run(cfg, compare: bool, steps: int, warmup: int) -> list[dict]:
               "bottleneck_vs_off_throughput": by["bottleneck_every_step"]["tokens_per_sec"] /
               by["bottleneck_off"]["tokens_per_sec"]}
     if "dense_head" in by:
-      ratios["chunked_vs_dense_throughput"] = (by["bottleneck_every_step"]["tokens_per_sec"] /
-                                               by["dense_head"]["tokens_per_sec"])
+      if "tokens_per_sec" in by["dense_head"]:
+        ratios["chunked_vs_dense_throughput"] = (by["bottleneck_every_step"]["tokens_per_sec"] /
+                                                 by["dense_head"]["tokens_per_sec"])
       ratios["chunked_vs_dense_xla_temp_bytes"] = (by["bottleneck_every_step"]["xla_temp_bytes"] /
                                                    by["dense_head"]["xla_temp_bytes"])
     rows.append(ratios)
