@@ -1,9 +1,28 @@
 """SpamLang: every sequence repeats one symbol; a head of width 2 could represent it.
 
-Presets: `smoke` (one small run, about a minute on 2 CPU cores).
+Any failure to learn it is an optimization failure, and the paper finds that training gets
+harder as V/D grows. Runs go to DIR/<run>/ (lmhead_jax.sweep); DIR/summary.json has one row
+per run with V, D, V/D, the optimizer, the learning rate, tying and the symbol coverage
+(steps × batch / V: sequences per symbol); DIR/*.png are the figures.
+
+Presets:
+- `smoke`: one small run, about a minute on 2 CPU cores.
+- `cpu` (≤ 30 min on 2 cores): V=4096, 1 layer with one head and d_ff=4·D, batch 32, seq 32,
+  1,500 steps (coverage 11.7 sequences per symbol), 10 warmup steps, constant lr. AdamW
+  lr=1e-2 over D ∈ {4, …, 128} (V/D from 1024 down to 32); SGD with momentum 0.9 at
+  lr ∈ {0.1, 1, 10} and tied embeddings (AdamW) at D ∈ {8, 64}.
+- `demo` (≤ 5 min on 2 cores): the `cpu` preset's pair that learns and fails, SGD-momentum
+  lr=0.1 at D=64 (V/D=64) and D=8 (V/D=512); the same runs, so the two presets share a DIR.
+- `paper`: a Llama-3-style trunk of D=768, 12 layers, 12 heads, SwiGLU d_ff=2816 (106.2M
+  parameters besides the embedding and head), sequences of 64, batch 256, 20,000 steps, bf16,
+  500 warmup steps, cosine decay to 10%, clipping at 1.0; V ∈ {256, …, 262144} (V/D from 0.33
+  to 341), tied and untied, AdamW lr ∈ {3e-4, 1e-3, 3e-3} and SGD-momentum lr ∈ {0.03, 0.1,
+  0.3} (centred on the lr that learned on CPU). Coverage is ≥ 19.5 sequences per symbol.
 """
 
-from lmhead_jax import cli, runner
+from etils import epath
+
+from lmhead_jax import cli, metrics, plots, sweep
 from lmhead_jax.config import base_config
 
 
@@ -15,14 +34,79 @@ def get_config(preset: str = "smoke"):
     cfg.model.update(vocab_size=1024, d_model=32, n_layers=1, n_heads=4, n_kv_heads=4, d_ff=128)
     cfg.train.update(steps=300, batch_size=32, log_every=25, eval_every=100, eval_batches=2)
     cfg.checkpoint.update(every=100, keep=2)
+  elif preset in ("demo", "cpu"):
+    cfg.model.update(vocab_size=4096, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=None)
+    cfg.train.update(steps=1500, batch_size=32, log_every=25, bottleneck_every=50,
+                     eval_every=0, eval_batches=4)
+    cfg.checkpoint.update(every=500, keep=1)
+    cfg.sweep = (
+        {"model.d_model": (4, 8, 16, 32, 64, 128)},
+        {"model.d_model": (8, 64), "optimizer.name": ("sgd",),
+         "optimizer.learning_rate": (0.1, 1.0, 10.0)},
+        {"model.d_model": (8, 64), "model.tie_embeddings": (True,)})
+    if preset == "demo":  # the cpu preset's pair that learns (V/D=64) and fails (V/D=512)
+      cfg.sweep = ({"model.d_model": (64, 8), "optimizer.name": ("sgd",),
+                    "optimizer.learning_rate": (0.1,)},)
+  elif preset == "paper":
+    cfg.model.update(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2816,
+                     dtype="bfloat16")
+    cfg.data.seq_len = 64
+    cfg.optimizer.update(warmup_steps=500, schedule="cosine", end_lr_fraction=0.1,
+                         clip_norm=1.0)
+    cfg.train.update(steps=20_000, batch_size=256, log_every=50, bottleneck_every=100,
+                     eval_every=2000, eval_batches=8)
+    cfg.checkpoint.update(every=2000, keep=2)
+    v = {"model.vocab_size": (256, 1024, 4096, 16384, 65536, 262144),
+         "model.tie_embeddings": (False, True)}
+    cfg.sweep = (v | {"optimizer.name": ("adamw",), "optimizer.learning_rate": (3e-4, 1e-3, 3e-3)},
+                 v | {"optimizer.name": ("sgd",), "optimizer.learning_rate": (0.03, 0.1, 0.3)})
   else:
-    raise ValueError(f"unknown preset {preset!r} for experiments/spamlang.py (known: smoke)")
+    raise ValueError(f"unknown preset {preset!r} for experiments/spamlang.py "
+                     "(known: smoke, demo, cpu, paper)")
   return cfg
 
 
+def describe(cfg) -> dict:
+  v, d = cfg.model.vocab_size, cfg.model.d_model
+  return {"V": v, "D": d, "V/D": v / d, "optimizer": cfg.optimizer.name,
+          "lr": cfg.optimizer.learning_rate, "tied": cfg.model.tie_embeddings,
+          "coverage": cfg.train.steps * cfg.train.batch_size / v}
+
+
+def arm(e: dict) -> str:
+  return f"{e['optimizer']} lr={e['lr']:g}" + (" tied" if e["tied"] else "")
+
+
+COLUMNS = {
+    "V/D": lambda e: e["V/D"], "D": lambda e: e["D"], "arm": arm,
+    "accuracy (held-out)": lambda e: "diverged" if e.get("diverged") else e.get("eval/accuracy"),
+    "loss (held-out)": lambda e: e.get("eval/loss"), "destroyed_ratio": lambda e: e.get(
+        "bottleneck/destroyed_ratio"), "coverage": lambda e: e["coverage"],
+    "wall (s)": lambda e: None if e.get("wall_s") is None else round(e["wall_s"])}
+
+
+def report(workdir, entries: list[dict]) -> str:
+  """The results table; figures saved into the workdir."""
+  plots.lines(plots.final_vs(entries, "V/D", "eval/accuracy", arm),
+              f"{workdir}/accuracy_vs_ratio.png", xlabel="V / D", ylabel="held-out accuracy",
+              title="SpamLang: final accuracy", logx=True)
+  first = [e for e in entries if arm(e) == arm(entries[0])]
+  by_ratio = lambda e: f"V/D={e['V/D']:g}"
+  for y, name in (("bottleneck/destroyed_ratio", "destroyed_ratio"), ("accuracy", "accuracy")):
+    plots.lines(plots.over_training(workdir, first, y, by_ratio), f"{workdir}/{name}_curves.png",
+                xlabel="step", ylabel=name, title=f"SpamLang, {arm(entries[0])}",
+                markers=False)
+  return metrics.markdown_table(sorted(entries, key=lambda e: (arm(e), e["V/D"])), COLUMNS)
+
+
 def main(cfg, workdir):
-  summary = runner.run(cfg, workdir)
-  print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
+  entries = sweep.run(cfg, workdir, describe)
+  if cfg.get("sweep"):
+    text = report(workdir, entries)
+    (epath.Path(workdir) / "results.md").write_text(text + "\n")
+    print(text)
+  else:
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in entries[0].items()})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,120 @@
+"""Controlled pretraining: one Llama-3-style trunk, a factorized head logits = A(B h) of rank r.
+
+Only `head.rank` varies between runs (DIR/<run>/, lmhead_jax.sweep). The report compares the
+held-out loss curves: for each r, the tokens it needs to reach the lowest rank's final held-out
+loss (linearly interpolated between evaluations) and the speed-up against the lowest rank's
+full budget (the paper: ≈16×, r = 4096 against r = 32), with the final bottleneck metrics.
+
+Presets:
+- `paper`: V=49,152 (SmolLM2 tokenizer), D=4096, 6 layers, 32 heads with 8 KV heads, SwiGLU
+  d_ff=18,432 (4.5·D, a multiple of 1024), bf16, r ∈ {32, …, 4096}: 1.81B (r=32) to 2.03B
+  (r=4096) parameters, the paper's "1.8–2.0B" at its one-decimal precision. AdamW (0.9, 0.95,
+  eps 1e-8, weight decay 0.1), peak lr 3e-4, 500 warmup steps, cosine decay to 10%, clipping at
+  1.0; 512 sequences of 2048 tokens per step (1M tokens), 10,500 steps = 11.0B tokens; FSDP over
+  all devices. `data.path` and `data.eval_path` must name token directories (FineWeb-Edu, made
+  by `python -m lmhead_jax.data.prepare --tokenizer <SmolLM2 tokenizer.json> ...`).
+- `cpu` (≤ 60 min on 2 cores): the Python standard library corpus with a byte-level BPE of 4096,
+  built once into DIR/corpus/ when `data.path` is empty (`stdlib_corpus=True`); D=128, 2
+  layers, 4 heads with 2 KV heads, d_ff=512; r ∈ {4, 8, …, 128}; 16 sequences of 128 tokens per
+  step, 1,200 steps (2.5M tokens); AdamW lr 3e-3, 60 warmup steps, cosine to 10%, weight decay
+  0.1, clipping at 1.0; held-out loss every 50 steps on 8 batches of the corpus's val split.
+"""
+
+import os
+
+import numpy as np
+from etils import epath
+
+from lmhead_jax import cli, metrics, plots, sweep
+from lmhead_jax.config import base_config
+from lmhead_jax.data import prepare
+
+
+def get_config(preset: str = "cpu"):
+  cfg = base_config()
+  cfg.head.kind = "factorized"
+  cfg.data.update(kind="tokens", path="", eval_path="")
+  cfg.optimizer.update(name="adamw", schedule="cosine", end_lr_fraction=0.1, weight_decay=0.1,
+                       b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
+  if preset == "paper":
+    cfg.stdlib_corpus = False
+    cfg.model.update(vocab_size=49152, d_model=4096, n_layers=6, n_heads=32, n_kv_heads=8,
+                     d_ff=18432, dtype="bfloat16", remat=True)
+    cfg.data.seq_len = 2048
+    cfg.optimizer.update(learning_rate=3e-4, warmup_steps=500)
+    cfg.train.update(steps=10_500, batch_size=512, log_every=10, bottleneck_every=50,
+                     eval_every=500, eval_batches=16)
+    cfg.checkpoint.update(every=500, keep=2)
+    cfg.mesh.update(data=1, fsdp=-1, tensor=1)
+    cfg.sweep = ({"head.rank": (32, 64, 128, 256, 512, 1024, 2048, 4096)},)
+  elif preset == "cpu":
+    cfg.stdlib_corpus = True
+    cfg.model.update(vocab_size=4096, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                     d_ff=512, max_seq_len=128)
+    cfg.data.seq_len = 128
+    cfg.optimizer.update(learning_rate=3e-3, warmup_steps=60)
+    cfg.train.update(steps=1200, batch_size=16, log_every=10, bottleneck_every=100,
+                     eval_every=50, eval_batches=8)
+    cfg.checkpoint.update(every=400, keep=1)
+    cfg.sweep = ({"head.rank": (4, 8, 16, 32, 64, 128)},)
+  else:
+    raise ValueError(f"unknown preset {preset!r} for experiments/rank_sweep.py (known: cpu, paper)")
+  return cfg
+
+
+def use_stdlib_corpus(cfg, workdir) -> None:
+  """Points an empty `data.path` at DIR/corpus/: the stdlib with a BPE of model.vocab_size."""
+  if cfg.data.path:
+    return
+  if not cfg.stdlib_corpus:
+    raise ValueError("data.path is empty: pass --config.data.path=<token dir> and "
+                     "--config.data.eval_path=<token dir> (see lmhead_jax.data.prepare)")
+  out = os.path.join(workdir, "corpus")
+  if not os.path.exists(os.path.join(out, "val", "index.json")):  # written last
+    prepare.prepare(out, stdlib=True, train_bpe_vocab=cfg.model.vocab_size, val_fraction=0.01)
+  cfg.data.update(path=os.path.join(out, "train"), eval_path=os.path.join(out, "val"))
+
+
+def describe(cfg) -> dict:
+  v, r = cfg.model.vocab_size, cfg.head.rank
+  return {"r": r, "V": v, "V/r": v / r, "params": metrics.param_count(cfg),
+          "tokens": cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len}
+
+
+def report(workdir, entries: list[dict]) -> str:
+  """Tokens-to-target table; loss-curve and destroyed-ratio figures saved into the workdir."""
+  label = lambda e: f"r={e['r']}"
+  curves = plots.over_training(workdir, entries, "eval/loss", label, x="tokens_seen")
+  plots.lines(curves, f"{workdir}/loss_vs_tokens.png", xlabel="tokens",
+              ylabel="held-out loss", title="Head rank sweep", markers=False)
+  destroyed = plots.final_vs(entries, "r", "bottleneck/destroyed_ratio", lambda e: "last step")
+  r = np.array(sorted(e["r"] for e in entries), float)
+  destroyed["isotropic G: √(1 − r/V)"] = (r, np.sqrt(1 - r / entries[0]["V"]))
+  plots.lines(destroyed, f"{workdir}/destroyed_vs_rank.png", xlabel="head rank r",
+              ylabel="destroyed_ratio", title="Gradient destroyed by the head", logx=True)
+  lowest = min(entries, key=lambda e: e["r"])
+  speed = metrics.speedups(curves, label(lowest)) if label(lowest) in curves else {}
+  columns = {
+      "r": lambda e: e["r"], "V/r": lambda e: e["V/r"],
+      "params": lambda e: f"{e['params'] / 1e6:.2f}M",
+      "held-out loss": lambda e: e.get("eval/loss"),
+      "tokens to target": lambda e: speed.get(label(e), {}).get("tokens_to_target"),
+      "speed-up": lambda e: speed.get(label(e), {}).get("speedup"),
+      "destroyed_ratio": lambda e: e.get("bottleneck/destroyed_ratio"),
+      "visible_cosine": lambda e: e.get("bottleneck/visible_cosine"),
+      "wall (s)": lambda e: None if e.get("wall_s") is None else round(e["wall_s"])}
+  target = next(iter(speed.values()), {}).get("target", float("nan"))
+  return (f"target: r={lowest['r']}'s final held-out loss {target:.4f}\n\n"
+          + metrics.markdown_table(sorted(entries, key=lambda e: e["r"]), columns))
+
+
+def main(cfg, workdir):
+  use_stdlib_corpus(cfg, workdir)
+  entries = sweep.run(cfg, workdir, describe)
+  text = report(workdir, entries)
+  (epath.Path(workdir) / "results.md").write_text(text + "\n")
+  print(text)
+
+
+if __name__ == "__main__":
+  cli.main(main)

@@ -1,0 +1,75 @@
+"""Reading runs back: metrics.jsonl, curves, tokens-to-target, tables, parameter counts."""
+
+import json
+import math
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from etils import epath
+
+from lmhead_jax import model, train
+
+
+def read_metrics(path) -> list[dict]:
+  """The records of a metrics.jsonl by step; the last record of a step wins (as on resume)."""
+  by_step = {}
+  with epath.Path(path).open() as f:
+    for n, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          record = json.loads(line)
+          by_step[int(record["step"])] = record
+        except (ValueError, KeyError, TypeError) as e:
+          raise ValueError(f"{path}:{n}: not a metrics record with a 'step' ({e!r})") from e
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def curve(records: list[dict], y: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
+  """(x, y) over the records that hold a finite `y`."""
+  pts = [(r[x], r[y]) for r in records
+         if isinstance(r.get(y), (int, float)) and math.isfinite(r[y])]
+  return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+
+
+def tokens_to_target(x: np.ndarray, y: np.ndarray, target: float) -> float:
+  """The first x at which the curve y(x) reaches `target` (y <= target), linearly
+  interpolated between the logged points around the crossing; nan if it never does."""
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  hit = np.flatnonzero(y <= target)
+  if not hit.size:
+    return math.nan
+  i = int(hit[0])
+  if i == 0:
+    return float(x[0])
+  x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
+  return float(x0 + (x1 - x0) * (y0 - target) / (y0 - y1))
+
+
+def speedups(curves: dict[str, tuple[np.ndarray, np.ndarray]], baseline: str) -> dict[str, dict]:
+  """The paper's headline metric: tokens each curve needs to reach the baseline's final value,
+  and the speed-up `baseline's total tokens / those tokens` (the paper's 11B / 700M ≈ 16×)."""
+  base_x, base_y = curves[baseline]
+  target, total = float(base_y[-1]), float(base_x[-1])
+  out = {}
+  for name, (x, y) in curves.items():
+    t = tokens_to_target(x, y, target)
+    out[name] = {"target": target, "tokens_to_target": t,
+                 "speedup": total / t if t > 0 else math.nan}
+  return out
+
+
+def markdown_table(rows: list[dict], columns: dict[str, Callable[[dict], object]]) -> str:
+  """A markdown table: one line per row, one column per (header, row -> value)."""
+  def cell(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(f(r)) for f in columns.values()) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def param_count(cfg) -> int:
+  """Parameters of the model (trunk and head) that `cfg` describes, from `jax.eval_shape`."""
+  c, hc = train.configs(cfg)
+  shapes = jax.eval_shape(lambda k: model.init(k, c, hc), jax.random.key(0))
+  return sum(x.size for x in jax.tree.leaves(shapes))
