@@ -23,7 +23,6 @@ Presets:
 import os
 
 import numpy as np
-from etils import epath
 
 from lmhead_jax import cli, metrics, plots, sweep
 from lmhead_jax.config import base_config
@@ -102,7 +101,7 @@ def report(workdir, entries: list[dict]) -> str:
       "speed-up": lambda e: speed.get(label(e), {}).get("speedup"),
       "destroyed_ratio": lambda e: e.get("bottleneck/destroyed_ratio"),
       "visible_cosine": lambda e: e.get("bottleneck/visible_cosine"),
-      "wall (s)": lambda e: None if e.get("wall_s") is None else round(e["wall_s"])}
+      "wall (s)": lambda e: e.get("wall_s")}
   target = next(iter(speed.values()), {}).get("target", float("nan"))
   return (f"target: r={lowest['r']}'s final held-out loss {target:.4f}\n\n"
           + metrics.markdown_table(sorted(entries, key=lambda e: e["r"]), columns))
@@ -111,9 +110,7 @@ def report(workdir, entries: list[dict]) -> str:
 def main(cfg, workdir):
   use_stdlib_corpus(cfg, workdir)
   entries = sweep.run(cfg, workdir, describe)
-  text = report(workdir, entries)
-  (epath.Path(workdir) / "results.md").write_text(text + "\n")
-  print(text)
+  sweep.publish(workdir, lambda: report(workdir, entries))
 
 
 if __name__ == "__main__":

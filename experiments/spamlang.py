@@ -20,8 +20,6 @@ Presets:
   0.3} (centred on the lr that learned on CPU). Coverage is ≥ 19.5 sequences per symbol.
 """
 
-from etils import epath
-
 from lmhead_jax import cli, metrics, plots, sweep
 from lmhead_jax.config import base_config
 
@@ -80,9 +78,10 @@ def arm(e: dict) -> str:
 COLUMNS = {
     "V/D": lambda e: e["V/D"], "D": lambda e: e["D"], "arm": arm,
     "accuracy (held-out)": lambda e: "diverged" if e.get("diverged") else e.get("eval/accuracy"),
-    "loss (held-out)": lambda e: e.get("eval/loss"), "destroyed_ratio": lambda e: e.get(
-        "bottleneck/destroyed_ratio"), "coverage": lambda e: e["coverage"],
-    "wall (s)": lambda e: None if e.get("wall_s") is None else round(e["wall_s"])}
+    "loss (held-out)": lambda e: e.get("eval/loss"),
+    "destroyed_ratio": lambda e: e.get("bottleneck/destroyed_ratio"),
+    "coverage": lambda e: e["coverage"],
+    "wall (s)": lambda e: e.get("wall_s")}
 
 
 def report(workdir, entries: list[dict]) -> str:
@@ -102,9 +101,7 @@ def report(workdir, entries: list[dict]) -> str:
 def main(cfg, workdir):
   entries = sweep.run(cfg, workdir, describe)
   if cfg.get("sweep"):
-    text = report(workdir, entries)
-    (epath.Path(workdir) / "results.md").write_text(text + "\n")
-    print(text)
+    sweep.publish(workdir, lambda: report(workdir, entries))
   else:
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in entries[0].items()})
 

@@ -129,3 +129,11 @@ def run(cfg, workdir, describe: Callable[[object], dict] | None = None) -> list[
       (workdir / "summary.json").write_text(json.dumps(entries, indent=2))
       print(_line(i, len(runs), entries[-1]), flush=True)
   return entries
+
+
+def publish(workdir, report: Callable[[], str]) -> None:
+  """On host 0: `report()` (which may save figures), written to DIR/results.md and printed."""
+  if jax.process_index() == 0:
+    text = report()
+    (epath.Path(workdir) / "results.md").write_text(text + "\n")
+    print(text)

@@ -145,9 +145,9 @@ def test_spamlang_report(tmp_path):
   entries.append(dict(entries[1], run="x", optimizer="sgd", lr=10.0, diverged=True))
   lines = spamlang.report(tmp_path, entries).splitlines()
   assert lines[2:] == [
-      "| 64 | 64 | adamw lr=0.01 | 1 | 3 | 0.9844 | 11.72 | 10 |",
-      "| 1024 | 4 | adamw lr=0.01 | 0 | 3 | 0.999 | 11.72 | 10 |",
-      "| 1024 | 4 | sgd lr=10 | diverged | 3 | 0.999 | 11.72 | 10 |"]
+      "| 64 | 64 | adamw lr=0.01 | 1 | 3 | 0.9844 | 11.72 | 10.4 |",
+      "| 1024 | 4 | adamw lr=0.01 | 0 | 3 | 0.999 | 11.72 | 10.4 |",
+      "| 1024 | 4 | sgd lr=10 | diverged | 3 | 0.999 | 11.72 | 10.4 |"]
   for png in ("accuracy_vs_ratio.png", "destroyed_ratio_curves.png", "accuracy_curves.png"):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
