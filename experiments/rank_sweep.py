@@ -11,7 +11,8 @@ Presets:
   (r=4096) parameters, the paper's "1.8–2.0B" at its one-decimal precision. AdamW (0.9, 0.95,
   eps 1e-8, weight decay 0.1), peak lr 3e-4, 500 warmup steps, cosine decay to 10%, clipping at
   1.0; 512 sequences of 2048 tokens per step (1M tokens), 10,500 steps = 11.0B tokens; FSDP over
-  all devices. `data.path` and `data.eval_path` must name token directories (FineWeb-Edu, made
+  all devices; the chunked head (`head.chunk_size=4096`). `data.path` and `data.eval_path` must
+  name token directories (FineWeb-Edu, made
   by `python -m lmhead_jax.data.prepare --tokenizer <SmolLM2 tokenizer.json> ...`).
 - `cpu` (≤ 60 min on 2 cores): the Python standard library corpus with a byte-level BPE of 4096,
   built once into DIR/corpus/ when `data.path` is empty (`stdlib_corpus=True`); D=128, 2
@@ -40,6 +41,7 @@ def get_config(preset: str = "cpu"):
     cfg.model.update(vocab_size=49152, d_model=4096, n_layers=6, n_heads=32, n_kv_heads=8,
                      d_ff=18432, dtype="bfloat16", remat=True)
     cfg.data.seq_len = 2048
+    cfg.head.chunk_size = 4096  # fused head + CE: 4096×V logits live, not 32k×V per device
     cfg.optimizer.update(learning_rate=3e-4, warmup_steps=500)
     cfg.train.update(steps=10_500, batch_size=512, log_every=10, bottleneck_every=50,
                      eval_every=500, eval_batches=16)

@@ -119,6 +119,12 @@ def evaluate(cfg, mesh, eval_step, params) -> dict:
   return {f"eval/{k}": v / max(n, 1.0) for k, v in total.items()}
 
 
+def _last_record(workdir: epath.Path) -> dict:
+  path = workdir / "metrics.jsonl"
+  lines = path.read_text().splitlines() if path.exists() else []
+  return json.loads(lines[-1]) if lines else {}
+
+
 def _host(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -168,7 +174,7 @@ def run(cfg, workdir) -> dict:
       raise FloatingPointError(f"non-finite {', '.join(bad) or 'value'} at step {step} "
                                f"(last checkpoint kept: {ckpt.steps()[-1:] or 'none'})")
     m.update(step=step, tokens_seen=step * tokens_per_step)
-    if step % int(cfg.train.log_every) == 0 or step == total:
+    if step % int(cfg.train.log_every) == 0 or step == total or extra:  # never drop an eval
       now = time.perf_counter()
       m["tokens_per_sec"] = (step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
       t_log, step_log = now, step
@@ -200,6 +206,8 @@ def run(cfg, workdir) -> dict:
     ckpt.close()
     logger.close()
 
+  if not last and start == total:  # resumed at the end: the last record is on disk
+    last = _last_record(workdir)
   summary = {k: v for k, v in last.items() if not k.startswith("eval/")}
   if has_eval and cfg.train.eval_batches:
     summary.update(evaluate(cfg, mesh, eval_step, state.params))

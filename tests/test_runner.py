@@ -143,3 +143,14 @@ def test_sigkill_during_async_save_restores_previous(tmp_path, caplog):
   _, step = restore(cfg, ckpt_dir)
   assert step == complete[-1]
   assert "incomplete checkpoint" in caplog.text
+
+
+def test_eval_off_the_log_grid_is_logged_and_finished_run_resumes_to_summary(tmp_path):
+  cfg = spam_config(4, every=4)
+  cfg.train.update(log_every=4, eval_every=3, eval_batches=1)
+  runner.run(cfg, tmp_path)
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = {r["step"]: r for r in map(json.loads, f)}
+  assert "eval/loss" in records[3]
+  again = runner.run(cfg, tmp_path)  # nothing left to train
+  assert again["loss"] == records[4]["loss"]
