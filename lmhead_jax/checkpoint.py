@@ -8,6 +8,7 @@ Paths may be local or gs://.
 """
 
 import logging
+import os
 
 import grain
 import jax
@@ -22,6 +23,8 @@ class Checkpointer:
 
   def __init__(self, directory, *, every: int, keep: int):
     self.directory = epath.Path(directory)
+    if not self.directory.is_absolute():  # orbax needs absolute paths
+      self.directory = epath.Path(os.path.abspath(directory))
     if self.directory.exists():
       partial = [p.name for p in self.directory.iterdir() if "tmp" in p.name]
       if partial:

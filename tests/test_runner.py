@@ -154,3 +154,9 @@ def test_eval_off_the_log_grid_is_logged_and_finished_run_resumes_to_summary(tmp
   assert "eval/loss" in records[3]
   again = runner.run(cfg, tmp_path)  # nothing left to train
   assert again["loss"] == records[4]["loss"]
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  runner.run(spam_config(2, every=1), "runs/rel")
+  assert (tmp_path / "runs" / "rel" / "checkpoints" / "2").is_dir()
