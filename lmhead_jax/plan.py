@@ -113,21 +113,10 @@ def plan(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = None) ->
 
 def compiled_memory(cfg) -> dict:
   """Per-device bytes and FLOPs that XLA reports for the train step on the current devices."""
-  from lmhead_jax import train
+  from lmhead_jax import checkpoint, train
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  state_sh = train.state_shardings(cfg, mesh)
-  c = ModelConfig.of(cfg.model)
-  hc = HeadConfig.of(cfg.head, c)
-  tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, model.param_axes(c, hc))
-
-  def make():
-    params = model.init(jax.random.key(0), c, hc)
-    return train.TrainState(step=jax.numpy.zeros((), "int32"), params=params,
-                            opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0)))
-
-  shapes = jax.eval_shape(make)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, state_sh)
+  shapes = jax.eval_shape(lambda k: train.new_state(k, cfg), jax.random.key(0))
+  abstract = checkpoint.abstract_like(shapes, train.state_shardings(cfg, mesh))
   b = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), "int32",
                            sharding=sharding.batch_sharding(mesh))
   batch = {"inputs": b, "targets": b, "mask": jax.ShapeDtypeStruct(b.shape, "float32",

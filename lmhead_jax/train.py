@@ -120,19 +120,20 @@ def loss_and_grads(params, batch, cfg, with_bottleneck: bool = True):
   return merged, grads
 
 
-def init_state(key, cfg, mesh) -> tuple[TrainState, TrainState]:
-  """A TrainState born sharded on `mesh`, and the tree of its shardings."""
+def new_state(key, cfg) -> TrainState:
+  """A fresh, unsharded TrainState (wrap in jit with out_shardings, or eval_shape it)."""
   c, hc = configs(cfg)
   tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, model.param_axes(c, hc))
+  k_params, k_rng = jax.random.split(key)
+  params = model.init(k_params, c, hc)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(k_rng))
 
-  def make(key):
-    k_params, k_rng = jax.random.split(key)
-    params = model.init(k_params, c, hc)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(k_rng))
 
+def init_state(key, cfg, mesh) -> tuple[TrainState, TrainState]:
+  """A TrainState born sharded on `mesh`, and the tree of its shardings."""
   shardings = state_shardings(cfg, mesh)
-  return jax.jit(make, out_shardings=shardings)(key), shardings
+  return jax.jit(lambda k: new_state(k, cfg), out_shardings=shardings)(key), shardings
 
 
 def state_shardings(cfg, mesh):
