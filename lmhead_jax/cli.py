@@ -24,7 +24,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("print_config", False, "Print the resolved config as JSON (every key, the "
                     "family flags filled in) and exit.")
   flags.register_multi_flags_validator(
-      ["workdir", "print_config"], lambda f: f["print_config"] or bool((f["workdir"] or "").strip()),
+      ["workdir", "print_config"],
+      lambda f: f["print_config"] or bool((f["workdir"] or "").strip()),
       "--workdir=DIR is required and must not be empty (or pass --print_config)")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
   flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")

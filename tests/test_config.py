@@ -12,7 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import gradient_spectrum, measure_pretrained, rank_sweep, spamlang, update_direction
+from experiments import (gradient_spectrum, measure_pretrained, rank_sweep, spamlang,
+                         update_direction)
 from lmhead_jax import config, subjects
 from lmhead_jax.config import HeadConfig, ModelConfig
 from lmhead_jax.data.tokens import write_token_dir
