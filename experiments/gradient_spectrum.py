@@ -22,8 +22,9 @@ from lmhead_jax import cli, figures_measure, gram, measure, sharding, subjects
 
 def get_config(preset: str = "cpu"):
   cfg = subjects.base_config()
-  cfg.spectrum = dict(tokens="1000,2000,5000,10000,20000,50000,100000", method="auto",
-                      gram_dtype="float64", gram_max_gib=16.0, rank_k=8192, power_iters=2)
+  with cfg.unlocked():
+    cfg.spectrum = dict(tokens="1000,2000,5000,10000,20000,50000,100000", method="auto",
+                        gram_dtype="float64", gram_max_gib=16.0, rank_k=8192, power_iters=2)
   if preset == "cpu":
     cfg.fresh = "64"
     cfg.model.update(vocab_size=4096, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,

@@ -21,7 +21,8 @@ from lmhead_jax import cli, figures_measure, measure, sharding, subjects
 
 def get_config(preset: str = "cpu"):
   cfg = subjects.base_config()
-  cfg.measure.chunk_len = 0  # positions per chunk of the logits (0: whole sequences)
+  with cfg.unlocked():
+    cfg.measure.chunk_len = 0  # positions per chunk of the logits (0: whole sequences)
   if preset == "cpu":
     cfg.fresh = "32,64,128,128r16"
     cfg.model.update(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,

@@ -32,12 +32,13 @@ from lmhead_jax.data import prepare
 
 def get_config(preset: str = "cpu"):
   cfg = base_config()
+  with cfg.unlocked():
+    cfg.stdlib_corpus = False  # an empty data.path: build DIR/corpus/ from the stdlib
   cfg.head.kind = "factorized"
   cfg.data.update(kind="tokens", path="", eval_path="")
   cfg.optimizer.update(name="adamw", schedule="cosine", end_lr_fraction=0.1, weight_decay=0.1,
                        b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   if preset == "paper":
-    cfg.stdlib_corpus = False
     cfg.model.update(vocab_size=49152, d_model=4096, n_layers=6, n_heads=32, n_kv_heads=8,
                      d_ff=18432, dtype="bfloat16", remat=True)
     cfg.data.seq_len = 2048

@@ -21,7 +21,8 @@ from lmhead_jax import cli, directions, figures_measure, gram, measure, sharding
 
 def get_config(preset: str = "cpu"):
   cfg = subjects.base_config()
-  cfg.update_dir = dict(eps_min=1e-4, eps_max=30.0, eps_points=22)
+  with cfg.unlocked():
+    cfg.update_dir = dict(eps_min=1e-4, eps_max=30.0, eps_points=22)
   if preset == "cpu":
     cfg.fresh = "64,128"
     cfg.model.update(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,

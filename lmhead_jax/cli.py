@@ -8,6 +8,8 @@ import threading
 from absl import app, flags
 from ml_collections import config_flags
 
+from lmhead_jax import config
+
 FLAGS = flags.FLAGS
 
 
@@ -17,7 +19,14 @@ def define_flags() -> None:
     return
   config_flags.DEFINE_config_file("config", None, "experiments/<name>.py[:preset]",
                                   lock_config=True)
-  flags.DEFINE_string("workdir", None, "Output directory (local or gs://).")
+  flags.DEFINE_string("workdir", None, "Output directory (local or gs://); required unless "
+                      "--print_config.")
+  flags.DEFINE_bool("print_config", False, "Print the resolved config as JSON (every key, the "
+                    "family flags filled in) and exit.")
+  flags.register_multi_flags_validator(
+      ["workdir", "print_config"],
+      lambda f: f["print_config"] or bool((f["workdir"] or "").strip()),
+      "--workdir=DIR is required and must not be empty (or pass --print_config)")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
   flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
   flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -60,15 +69,23 @@ def start_distributed() -> None:
 
 
 def main(run_fn) -> None:
-  """absl entry point: `run_fn(config, workdir)` after flags and distributed start-up."""
+  """absl entry point: `run_fn(config, workdir)` after flags, config checks (every run of a
+  sweep) and distributed start-up; with --print_config, prints the resolved config instead."""
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+      config.validate_experiment(FLAGS.config)
+    except ValueError as e:
+      sys.exit(f"invalid config: {e}")
+    if FLAGS.print_config:
+      print(config.resolved(FLAGS.config).to_json(indent=2))
+      return
     logging.getLogger().setLevel(logging.WARNING)  # orbax and grain are chatty at INFO
     logging.getLogger("lmhead_jax").setLevel(logging.INFO)
     start_distributed()
     run_fn(FLAGS.config, FLAGS.workdir)
 
   define_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flag_as_required("config")
   app.run(_main)

@@ -55,14 +55,15 @@ class Subject:
 def base_config():
   """Training keys (for `train.steps`) plus the measurement experiments' own keys."""
   c = train_config()
-  c.checkpoints = ""
-  c.dtype = "float32"
-  c.runs = ""
-  c.fresh = ""
+  with c.unlocked():
+    c.checkpoints = ""
+    c.dtype = "float32"
+    c.runs = ""
+    c.fresh = ""
+    c.data.update(text="", text_field="text", stdlib=True, max_chars=20_000_000)
+    c.measure = ml_collections.ConfigDict(dict(batch_size=16, num_sequences=256))
   c.train.update(steps=0, batch_size=16, log_every=50, eval_every=0, eval_batches=4)
-  c.data.update(kind="tokens", seq_len=128, text="", text_field="text", stdlib=True,
-                max_chars=20_000_000)
-  c.measure = ml_collections.ConfigDict(dict(batch_size=16, num_sequences=256))
+  c.data.update(kind="tokens", seq_len=128)
   return c
 
 

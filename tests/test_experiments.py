@@ -19,7 +19,7 @@ PRESETS = [(spamlang, p) for p in ("smoke", "demo", "cpu", "paper")] + [
 
 
 def runs(cfg):
-  return [sweep.configure(cfg, o) for o in sweep.expand(cfg.get("sweep") or ())] or [cfg]
+  return [sweep.configure(cfg, o) for o in sweep.expand(cfg.sweep or ({},))]
 
 
 @pytest.mark.parametrize("module,preset", PRESETS)

@@ -1,0 +1,224 @@
+"""The config schema: every key declared once, unknown keys refused, resolved printing, checks."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import (gradient_spectrum, measure_pretrained, rank_sweep, spamlang,
+                         update_direction)
+from lmhead_jax import config, subjects
+from lmhead_jax.config import HeadConfig, ModelConfig
+from lmhead_jax.data.tokens import write_token_dir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PRESETS = {spamlang: ("smoke", "demo", "cpu", "paper"), rank_sweep: ("cpu", "paper"),
+           measure_pretrained: ("cpu", "pretrained"), gradient_spectrum: ("cpu", "pretrained"),
+           update_direction: ("cpu", "pretrained")}
+ALL = [(m, p) for m, presets in PRESETS.items() for p in presets]
+# Names that stand for one config group in one file (besides `cfg` and `run_cfg`).
+ALIASES = {"lmhead_jax/optim.py": {"o": "optimizer"},
+           "lmhead_jax/data/pipeline.py": {"data_cfg": "data"},
+           "lmhead_jax/subjects.py": {"d": "data", "data": "data"},
+           "experiments/gradient_spectrum.py": {"sp": "spectrum"},
+           "experiments/update_direction.py": {"u": "update_dir"}}
+NOT_CONFIG_DICTS = {"lmhead_jax/heads.py"}  # its `cfg` is a HeadConfig
+
+
+def flat_keys(c, prefix=""):
+  out = set()
+  for k, v in c.items():
+    out.add(prefix + k)
+    if isinstance(v, ml_collections.ConfigDict):
+      out |= flat_keys(v, f"{prefix}{k}.")
+  return out
+
+
+def keys_read_in_source() -> dict[str, set[str]]:
+  """Dotted config keys that the library and experiments read, found in their source text."""
+  reads = {}
+  files = sorted(ROOT.glob("lmhead_jax/**/*.py")) + sorted(ROOT.glob("experiments/*.py"))
+  for path in files:
+    rel = str(path.relative_to(ROOT))
+    if rel in NOT_CONFIG_DICTS:
+      continue
+    text = path.read_text()
+    for m in re.finditer(r"\b(?:cfg|run_cfg)\.(\w+(?:\.\w+)?)\b(?!\s*\()", text):
+      reads.setdefault(m[1], set()).add(rel)
+    for name, group in ALIASES.get(rel, {}).items():
+      for m in re.finditer(rf"\b{name}\.(\w+)\b(?!\s*\()", text):
+        reads.setdefault(f"{group}.{m[1]}", set()).add(rel)
+  return reads
+
+
+def test_every_key_read_is_declared():
+  declared = flat_keys(config.base_config()) | flat_keys(subjects.base_config())
+  for module, preset in ALL:
+    declared |= flat_keys(module.get_config(preset))
+  reads = keys_read_in_source()
+  assert len(reads) > 60  # the scan finds the reads (optimizer, data, train, ... keys)
+  assert {"optimizer.b2", "data.bos_id", "train.log_every", "spectrum.rank_k"} <= set(reads)
+  missing = {k: sorted(v) for k, v in reads.items() if k not in declared}
+  assert not missing, f"keys read but never declared: {missing}"
+
+
+def test_model_and_head_groups_are_the_dataclass_fields():
+  cfg = config.base_config()
+  assert set(cfg.model) == {f.name for f in dataclasses.fields(ModelConfig)}
+  assert set(cfg.head) == {f.name for f in dataclasses.fields(HeadConfig)} - {"vocab_size",
+                                                                              "d_model"}
+
+
+@pytest.mark.parametrize("key,value", [
+    ("norm", "layer"), ("bias", True), ("mlp_act", "gelu"), ("pos", "learned"),
+    ("rotary_pct", 0.5), ("parallel_residual", True), ("norm_position", "post"),
+    ("qk_norm", "head"), ("rope_scaling", (8.0, 1.0, 4.0, 64)), ("d_ff", 96), ("head_dim", 8)])
+def test_optional_model_keys_are_settable(key, value):
+  cfg = config.base_config()
+  cfg.model[key] = value
+  assert getattr(ModelConfig.of(cfg.model), key) == value
+  cfg.model[key] = None  # back to the family default; the key keeps its type
+  cfg.model[key] = value
+  assert getattr(ModelConfig.of(cfg.model), key) == value
+
+
+@pytest.mark.parametrize("module,preset", ALL)
+def test_presets_refuse_unknown_keys(module, preset):
+  cfg = module.get_config(preset)
+  config.validate_experiment(cfg)
+  with pytest.raises(KeyError, match="stepz"):
+    cfg.train.update(stepz=5)
+  with pytest.raises(AttributeError, match="biass"):
+    cfg.model.biass = True
+  with pytest.raises(AttributeError, match="optimiser"):
+    cfg.optimiser = {}
+
+
+def test_dataclass_conversion_refuses_unknown_and_missing_keys():
+  good = dict(vocab_size=64, d_model=8, n_layers=1, n_heads=2)
+  with pytest.raises(ValueError, match=r"unknown key\(s\) model\.d_modell"):
+    ModelConfig.of(good | {"d_modell": 16})
+  with pytest.raises(ValueError, match=r"missing key\(s\) model\.n_heads"):
+    ModelConfig.of({k: v for k, v in good.items() if k != "n_heads"})
+  with pytest.raises(ValueError, match=r"unknown key\(s\) head\.rnak"):
+    HeadConfig.of({"kind": "factorized", "rnak": 4}, ModelConfig.of(good))
+  cfg = config.base_config()  # the experiment groups convert as they are
+  assert HeadConfig.of(cfg.head, ModelConfig.of(cfg.model)).vocab_size == 1024
+
+
+def test_resolved_fills_the_family_flags():
+  cfg = config.base_config()
+  cfg.model.update(family="gpt_neox", n_heads=4, d_model=64, qk_norm="head")
+  out = config.resolved(cfg)
+  # GPT-NeoX (Pythia): LayerNorm with biases, exact GELU, parallel residual, 25% rotary.
+  assert {k: out.model[k] for k in ("norm", "bias", "mlp_act", "pos", "rotary_pct",
+                                    "parallel_residual", "norm_position", "qk_norm")} == dict(
+      norm="layer", bias=True, mlp_act="gelu", pos="rope", rotary_pct=0.25,
+      parallel_residual=True, norm_position="pre", qk_norm="head")  # the explicit flag wins
+  assert cfg.model.norm is None  # the input is untouched
+  assert out.train.to_dict() == cfg.train.to_dict() and out.sweep == cfg.sweep
+  # config.json holds this; read back (lists for tuples), it gives the same model.
+  cfg.model.rope_scaling = (8.0, 1.0, 4.0, 64)
+  back = ml_collections.ConfigDict(json.loads(config.resolved(cfg).to_json()))
+  assert ModelConfig.of(back.model) == ModelConfig.of(cfg.model)
+
+
+def test_resolved_head_kind_is_tied_with_tied_embeddings():
+  cfg = config.base_config()
+  cfg.model.tie_embeddings = True
+  assert config.resolved(cfg).head.kind == "tied"
+
+
+def bad(key, value, **more):
+  return pytest.param({key: value, **more}, f"{key}={value!r}", id=f"{key}={value}")
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    bad("train.log_every", 0), bad("train.steps", -5), bad("train.steps", 0),
+    bad("train.batch_size", 0), bad("train.grad_accum", 0), bad("train.eval_every", -1),
+    bad("train.eval_batches", 0, **{"train.eval_every": 10}), bad("train.eval_batches", -1),
+    bad("train.bottleneck_every", -1), bad("checkpoint.every", -1), bad("checkpoint.keep", 0),
+    bad("checkpoint.keep", -2), bad("data.seq_len", 0), bad("optimizer.warmup_steps", -1),
+    bad("optimizer.learning_rate", -0.1), bad("optimizer.clip_norm", -1.0),
+    bad("optimizer.name", "adam"), bad("optimizer.schedule", "step"), bad("data.kind", "images"),
+    bad("model.qk_norm", "both"), bad("head.kind", "tide")])
+def test_validate_names_key_and_value(overrides, needle):
+  cfg = spamlang.get_config("smoke")
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    cfg[group][name] = value
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    config.validate(cfg)
+
+
+def test_validate_accepts_the_edges():
+  cfg = spamlang.get_config("smoke")
+  cfg.train.update(steps=1, eval_every=0, eval_batches=0, bottleneck_every=0, log_every=1)
+  cfg.checkpoint.update(every=0, keep=1)
+  config.validate(cfg)
+  measuring = subjects.base_config()  # trains no model
+  assert measuring.train.steps == 0
+  config.validate(measuring)
+  measuring.train.steps = -1
+  with pytest.raises(ValueError, match="train.steps=-1"):
+    config.validate(measuring)
+
+
+def test_validate_checks_token_dirs(tmp_path):
+  write_token_dir(tmp_path / "val", [np.arange(100)], vocab_size=128, tokenizer="none")
+  cfg = rank_sweep.get_config("cpu")
+  cfg.head.rank = 16  # one run of the sweep
+  cfg.data.update(path=str(tmp_path / "val"), eval_path=str(tmp_path / "val"))
+  config.validate(cfg)
+  cfg.data.eval_path = str(tmp_path / "nope")
+  needle = f"data.eval_path='{tmp_path}/nope' is not a token directory: token index " \
+           f"{tmp_path}/nope/index.json does not exist"
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    config.validate(cfg)
+
+
+def test_validate_experiment_checks_every_sweep_run():
+  cfg = spamlang.get_config("demo")
+  cfg.sweep = ({"model.d_model": (64, 8), "train.batch_size": (32, 0)},)
+  with pytest.raises(ValueError, match=r"sweep run model.d_model=64,train.batch_size=0: "
+                                       r"train.batch_size=0 must be an integer >= 1"):
+    config.validate_experiment(cfg)
+
+
+def spamlang_cli(*args, cwd=ROOT):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.spamlang",
+                         f"--config={ROOT}/experiments/spamlang.py:demo", *args],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_print_config_prints_the_resolved_config_and_exits(tmp_path):
+  proc = spamlang_cli("--config.model.d_model=16", "--config.model.family=gpt2",
+                      "--config.model.bias=False", "--print_config", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout)
+  assert out["model"]["d_model"] == 16 and out["model"]["bias"] is False
+  # GPT-2: LayerNorm, tanh-approximated GELU, learned absolute positions.
+  assert (out["model"]["norm"], out["model"]["mlp_act"], out["model"]["pos"]) == (
+      "layer", "gelu_tanh", "learned")
+  assert out["train"]["steps"] == 1500 and out["sweep"][0]["model.d_model"] == [64, 8]
+  assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--workdir="], "--workdir=DIR is required and must not be empty"),
+    (["--workdir=out", "--config.train.log_every=0"],
+     "invalid config: sweep run model.d_model=64,optimizer.learning_rate=0.1,optimizer.name=sgd:"
+     " train.log_every=0 must be an integer >= 1")])
+def test_cli_refuses_before_writing_anything(tmp_path, args, needle):
+  proc = spamlang_cli(*args, cwd=tmp_path)
+  assert proc.returncode != 0
+  assert needle in proc.stderr
+  assert list(tmp_path.iterdir()) == []
