@@ -104,6 +104,18 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
   assert 1e-5 < rel < 0.03, rel
 
 
+def test_parity_gpt_neox_odd_rotary_dim():
+  """head_dim 12 x rotary_pct 0.25 = 3: as transformers, 2 frequencies (from dim 3) on 4 channels."""
+  path = FIXTURES / "gpt_neox_odd_rotary"
+  cfg, _, ref, h, z = _outputs(path)
+  assert (cfg.hd, cfg.rotary_dim) == (12, 3)
+  np.testing.assert_allclose(h, ref["hidden"], rtol=0, atol=1e-4)
+  np.testing.assert_allclose(z, ref["logits"], rtol=0, atol=1e-4)
+  # Frequencies from dim 4 on the same 4 channels, or 2 rotated channels, miss the reference.
+  for pct in (1 / 3, 1 / 6):
+    assert np.abs(_outputs(path, rotary_pct=pct)[-1] - ref["logits"]).max() > 5e-4, pct
+
+
 @pytest.mark.parametrize("family, overrides", [
     ("llama", dict(rope_scaling=None)),
     ("gpt_neox", dict(rotary_pct=1.0)),
