@@ -115,9 +115,9 @@ class ModelConfig:
     if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
       raise ValueError(
           f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}")
-    if self.pos == "rope" and self.rotary_dim % 2:
-      raise ValueError(f"head_dim={self.hd} must be even for rotary embeddings "
-                       f"(rotary_pct={self.rotary_pct} rotates {self.rotary_dim} dims)")
+    if self.pos == "rope" and self.rotary_dim + self.rotary_dim % 2 > self.hd:
+      raise ValueError(f"model.head_dim={self.hd} is odd: rotary_pct={self.rotary_pct} rotates "
+                       f"{self.rotary_dim} dims, rounded up to an even {self.rotary_dim + 1}")
 
   @classmethod
   def of(cls, cfg: Any) -> "ModelConfig":
@@ -137,7 +137,7 @@ class ModelConfig:
 
   @property
   def rotary_dim(self) -> int:
-    """Leading dims of each head that RoPE rotates (HF: int(head_dim * rotary_pct))."""
+    """HF's int(head_dim * rotary_pct): RoPE's frequency dim; an odd one rotates one dim more."""
     return int(self.hd * self.rotary_pct)
 
   @property

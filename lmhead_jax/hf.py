@@ -17,6 +17,7 @@ import numpy as np
 
 from lmhead_jax import model
 from lmhead_jax.config import DTYPES, HeadConfig, ModelConfig
+from lmhead_jax.data.tokens import inside
 from lmhead_jax.params import is_spec
 
 SUPPORTED = ("gpt2", "gpt_neox", "llama", "olmo2", "qwen3")
@@ -119,13 +120,26 @@ def _table(family: str, c: ModelConfig) -> dict[str, Src]:
 
 
 _UNSET = object()
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", dict: "a JSON object"}
 
 
-def _get(hf: dict, *keys, default=_UNSET):
-  """The first of `keys` set in config.json, else `default` (an error if none is given)."""
+def _is(value, kind: type) -> bool:
+  """Whether a JSON value is of `kind` (JSON's true/false are no numbers, 32 is a float)."""
+  if kind is bool:
+    return isinstance(value, bool)
+  return isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+
+
+def _get(hf: dict, *keys, default=_UNSET, kind: type | None = None):
+  """The first of `keys` set in config.json, else `default` (an error if none is given).
+
+  With `kind` (int, float, bool or dict) a set value of another JSON type is an error naming it.
+  """
   for k in keys:
-    if hf.get(k) is not None:
-      return hf[k]
+    if (v := hf.get(k)) is not None:
+      if kind and not _is(v, kind):
+        raise ValueError(f"{k}={v!r} is not {_KINDS[kind]}")
+      return v
   if default is _UNSET:
     raise ValueError(f"config.json sets none of {keys}")
   return default
@@ -137,7 +151,7 @@ def _model_config(hf: dict, dtype: str) -> ModelConfig:
   if family not in SUPPORTED:
     raise ValueError(f"model_type={family!r} is not supported; supported: {SUPPORTED}")
   for key, want in _REQUIRED[family].items():
-    if key in hf and bool(hf[key]) != want:
+    if _get(hf, key, default=want, kind=bool) != want:
       raise ValueError(f"{key}={hf[key]!r} is not supported for model_type={family!r}")
   act = _get(hf, "hidden_act", "activation_function")
   if family in ("gpt2", "gpt_neox"):
@@ -149,48 +163,59 @@ def _model_config(hf: dict, dtype: str) -> ModelConfig:
     raise ValueError(f"hidden_act={act!r} is not supported for {family} (gated MLP needs 'silu')")
   else:
     mlp_act = "swiglu"
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  rope = _get(hf, "rope_parameters", "rope_scaling", default={}, kind=dict)
+  rope_type = _get(rope, "rope_type", "type", default="default")
   if rope_type not in ("default", "llama3"):
     raise ValueError(f"rope_type={rope_type!r} is not supported (only 'default' and 'llama3')")
   scaling = None
   if rope_type == "llama3":
-    scaling = (float(rope["factor"]), float(rope["low_freq_factor"]),
-               float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+    scaling = (*(float(_get(rope, k, kind=float))
+                 for k in ("factor", "low_freq_factor", "high_freq_factor")),
+               _get(rope, "original_max_position_embeddings", kind=int))
   return ModelConfig(
       family=family,
-      vocab_size=_get(hf, "vocab_size"),
-      d_model=_get(hf, "hidden_size", "n_embd"),
-      n_layers=_get(hf, "num_hidden_layers", "n_layer"),
-      n_heads=_get(hf, "num_attention_heads", "n_head"),
-      n_kv_heads=_get(hf, "num_key_value_heads", default=None),
-      d_ff=_get(hf, "intermediate_size", "n_inner", default=None),
-      head_dim=_get(hf, "head_dim", default=None),
-      tie_embeddings=bool(_get(hf, "tie_word_embeddings", default=family == "gpt2")),
+      vocab_size=_get(hf, "vocab_size", kind=int),
+      d_model=_get(hf, "hidden_size", "n_embd", kind=int),
+      n_layers=_get(hf, "num_hidden_layers", "n_layer", kind=int),
+      n_heads=_get(hf, "num_attention_heads", "n_head", kind=int),
+      n_kv_heads=_get(hf, "num_key_value_heads", default=None, kind=int),
+      d_ff=_get(hf, "intermediate_size", "n_inner", default=None, kind=int),
+      head_dim=_get(hf, "head_dim", default=None, kind=int),
+      tie_embeddings=_get(hf, "tie_word_embeddings", default=family == "gpt2", kind=bool),
       dtype=dtype,
-      max_seq_len=_get(hf, "max_position_embeddings", "n_positions"),
-      rope_theta=float(_get(rope, "rope_theta", default=_get(
-          hf, "rope_theta", "rotary_emb_base", default=10_000.0))),
-      norm_eps=float(_get(hf, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")),
+      max_seq_len=_get(hf, "max_position_embeddings", "n_positions", kind=int),
+      rope_theta=float(_get(rope, "rope_theta", kind=float, default=_get(
+          hf, "rope_theta", "rotary_emb_base", default=10_000.0, kind=float))),
+      norm_eps=float(_get(hf, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", kind=float)),
       mlp_act=mlp_act,
-      rotary_pct=_get(rope, "partial_rotary_factor",
-                      default=_get(hf, "rotary_pct", "partial_rotary_factor", default=None)),
-      parallel_residual=hf.get("use_parallel_residual"),
+      rotary_pct=_get(rope, "partial_rotary_factor", kind=float, default=_get(
+          hf, "rotary_pct", "partial_rotary_factor", default=None, kind=float)),
+      parallel_residual=_get(hf, "use_parallel_residual", default=None, kind=bool),
       rope_scaling=scaling)
 
 
 def _read_json(file: pathlib.Path) -> dict:
+  """The JSON object in `file`; errors name the file."""
   if not file.is_file():
     raise FileNotFoundError(f"{file} does not exist")
-  with open(file) as f:
-    return json.load(f)
+  try:
+    with open(file, encoding="utf-8") as f:
+      d = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f"{file} is not valid JSON: {e}") from None
+  if not isinstance(d, dict):
+    raise ValueError(f"{file} holds a JSON {type(d).__name__}, not an object")
+  return d
 
 
 def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
   """model.safetensors, or the shards that model.safetensors.index.json lists."""
   index = path / "model.safetensors.index.json"
   if index.is_file():
-    files = [path / f for f in sorted(set(_read_json(index)["weight_map"].values()))]
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise ValueError(f"{index} has no weight_map (tensor name -> shard file) object")
+    files = [pathlib.Path(inside(path, f, index)) for f in sorted(set(weight_map.values()))]
   elif (path / "model.safetensors").is_file():
     files = [path / "model.safetensors"]
   else:
@@ -200,6 +225,16 @@ def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
     if not f.is_file():
       raise FileNotFoundError(f"{f} (listed in {index.name}) does not exist")
   return files
+
+
+def _safe_open(file: pathlib.Path):
+  """safe_open(file) for numpy; a malformed header is an error naming the file."""
+  from safetensors import SafetensorError, safe_open
+
+  try:
+    return safe_open(file, "np")
+  except SafetensorError as e:
+    raise ValueError(f"{file} is not a valid safetensors file: {e}") from None
 
 
 def _path(key_path) -> str:
@@ -217,8 +252,6 @@ def load_checkpoint(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
   All names and shapes are checked from the safetensors headers before any data is read; then
   the shards are read one at a time into host arrays, which go to the default device at the end.
   """
-  from safetensors import safe_open
-
   path = pathlib.Path(path)
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r} is not one of {tuple(DTYPES)}")
@@ -230,7 +263,7 @@ def load_checkpoint(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
   prefix = _PREFIX.get(c.family, "model.")
   where = {}  # HF name without prefix -> (file, name in file, shape)
   for file in _weight_files(path):
-    with safe_open(file, "np") as f:
+    with _safe_open(file) as f:
       for name in f.keys():
         short = name.removeprefix(prefix)
         where[_ALIASES.get(short, short)] = (file, name, tuple(f.get_slice(name).get_shape()))
@@ -256,7 +289,7 @@ def load_checkpoint(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
       jobs.setdefault(file, []).append((ours, i, full_name, src, shape))
 
   for file, file_jobs in jobs.items():
-    with safe_open(file, "np") as f:
+    with _safe_open(file) as f:
       for ours, i, name, src, shape in file_jobs:
         x = src.convert(f.get_tensor(name), shape)
         if i is None:

@@ -125,7 +125,11 @@ def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, origina
 
 
 def rope_tables(length: int, dim: int, theta: float, scaling=None):
-  """cos and sin tables [L, dim] in the half-split (GPT-NeoX / HF) convention."""
+  """cos and sin tables [L, R] in the half-split (GPT-NeoX / HF) convention.
+
+  As transformers: frequencies theta^(-2i / dim) for the even 2i < dim, each on two channels, so
+  an odd dim (GPT-NeoX head_dim 12 * rotary_pct 0.25 = 3) rotates R = dim + 1 channels.
+  """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
   if scaling is not None:
     inv_freq = llama3_inv_freq(inv_freq, *scaling)

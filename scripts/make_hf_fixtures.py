@@ -6,7 +6,9 @@ and transformers, which the tests do not (the CPU wheel is enough):
 
   python3.11 -m venv /tmp/hfvenv
   /tmp/hfvenv/bin/pip install torch==2.13.0 transformers safetensors numpy
-  /tmp/hfvenv/bin/python scripts/make_hf_fixtures.py [--out tests/fixtures/hf]
+  /tmp/hfvenv/bin/python scripts/make_hf_fixtures.py [--out tests/fixtures/hf] [FAMILY ...]
+
+Without FAMILY names it rebuilds every fixture.
 """
 
 import argparse
@@ -50,6 +52,11 @@ FAMILIES = {
               dict(SMALL, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                    head_dim=16, intermediate_size=64, tie_word_embeddings=True,
                    rope_parameters=dict(rope_type="default", rope_theta=10_000.0)), {}),
+    # odd rotary dim: int(12 * 0.25) = 3 gives 2 frequencies (exponents 0/3, 2/3) on 4 channels
+    "gpt_neox_odd_rotary": (transformers.GPTNeoXConfig,
+                            dict(SMALL, num_hidden_layers=1, hidden_size=24, num_attention_heads=2,
+                                 intermediate_size=48, rotary_pct=0.25, rotary_emb_base=10_000,
+                                 use_parallel_residual=True, tie_word_embeddings=False), {}),
 }
 
 
@@ -94,9 +101,14 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=pathlib.Path(__file__).parents[1] / "tests/fixtures/hf",
                       type=pathlib.Path)
+  parser.add_argument("families", nargs="*", metavar="FAMILY",
+                      help=f"fixtures to rebuild (default: all of {', '.join(FAMILIES)})")
   args = parser.parse_args()
-  for seed, family in enumerate(FAMILIES):
-    build(family, args.out / family, seed)
+  if unknown := set(args.families) - set(FAMILIES):
+    parser.error(f"unknown FAMILY {sorted(unknown)}; known: {list(FAMILIES)}")
+  for seed, family in enumerate(FAMILIES):  # each fixture keeps its seed
+    if family in (args.families or FAMILIES):
+      build(family, args.out / family, seed)
   print(f"transformers {transformers.__version__}, torch {torch.__version__}")
 
 

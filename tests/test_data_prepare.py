@@ -2,11 +2,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lmhead_jax.data import prepare as prepare_module
 from lmhead_jax.data.prepare import prepare
 from lmhead_jax.data.tokens import TokenFileSource, read_index
 
@@ -130,8 +132,6 @@ def test_bad_inputs(tmp_path):
   bad.write_text('{"text": "ok"}\n{"text": \n')
   with pytest.raises(ValueError, match=f"{bad}:2: "):
     prepare(tmp_path / "o", [bad], **kw)
-  with pytest.raises(ValueError, match="the val split .* is empty"):
-    prepare(tmp_path / "o", [tmp_path / "in" / "a.txt"], val_fraction=0.5, **kw)
   with pytest.raises(ValueError, match="exactly one of"):
     prepare(tmp_path / "o", [tmp_path / "in"], progress=False)
   with pytest.raises(ValueError, match="no input documents"):
@@ -154,3 +154,122 @@ def test_parquet_errors(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
   with pytest.raises(ImportError, match=f"reading {path} needs pyarrow"):
     prepare(tmp_path / "o", [path], train_bpe_vocab=300, progress=False)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "lmhead_jax.data.prepare", *map(str, args)],
+                        capture_output=True, text=True, timeout=120)
+
+
+def _tree(root: Path) -> dict:
+  """Every file under root -> its bytes ({} if root does not exist)."""
+  return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _refused_cleanly(tmp_path, match, inputs, **kw):
+  """prepare refuses with `match`, and leaves neither OUT nor anything beside it."""
+  before = sorted(tmp_path.iterdir())
+  with pytest.raises(ValueError, match=match):
+    prepare(tmp_path / "out", inputs, progress=False, **kw)
+  assert sorted(tmp_path.iterdir()) == before
+
+
+def test_empty_txt_refused_before_any_output(tmp_path):
+  _corpus(tmp_path / "in")
+  (tmp_path / "in" / "sub" / "empty.txt").write_text("")
+  empty = tmp_path / "in" / "sub" / "empty.txt"
+  for inputs in ([empty], [tmp_path / "in"]):
+    _refused_cleanly(tmp_path, f"input {empty} is empty", inputs, train_bpe_vocab=300)
+  blank = tmp_path / "blank.jsonl"
+  blank.write_text("\n\n")
+  _refused_cleanly(tmp_path, "the input holds no documents", [blank], train_bpe_vocab=300)
+  r = _cli("--out", tmp_path / "out", "--train-bpe", "300", empty)
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  assert r.stderr.strip() == f"python -m lmhead_jax.data.prepare: error: input {empty} is empty"
+  assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_that_is_not_json(tmp_path):
+  _corpus(tmp_path / "in")
+  bad = tmp_path / "tok.json"
+  bad.write_text("<html>not a tokenizer</html>")
+  _refused_cleanly(tmp_path, f"tokenizer {bad} is not a tokenizers tokenizer.json: expected",
+                   [tmp_path / "in"], tokenizer=str(bad))
+  r = _cli("--out", tmp_path / "out", "--tokenizer", bad, tmp_path / "in")
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  assert f"error: tokenizer {bad} is not a tokenizers tokenizer.json" in r.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_bad_documents_name_the_file_and_line(tmp_path):
+  txt = tmp_path / "latin1.txt"
+  txt.write_bytes("caf\xe9 au lait".encode("latin-1"))
+  jsonl = tmp_path / "bad.jsonl"
+  jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+  numbers = tmp_path / "numbers.jsonl"
+  numbers.write_text('{"text": "ok"}\n\n{"text": 5}\n')
+  nulls = tmp_path / "nulls.jsonl"
+  nulls.write_text('{"text": null}\n')
+  listed = tmp_path / "list.jsonl"
+  listed.write_text('["text"]\n')
+  for path, match in [(txt, f"input {txt} is not UTF-8 text: invalid continuation byte at byte 3"),
+                      (jsonl, f"{jsonl}:2: not a UTF-8 JSON line"),
+                      (numbers, f"{numbers}:3: field 'text' is 5 \\(int\\), not a string"),
+                      (nulls, f"{nulls}:1: field 'text' is None"),
+                      (listed, f"{listed}:1: no JSON object with a 'text' field")]:
+    _refused_cleanly(tmp_path, match, [path], train_bpe_vocab=300)
+  pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+  parquet = tmp_path / "ints.parquet"
+  pq.write_table(pa.table({"text": [1, 2]}), parquet)
+  _refused_cleanly(tmp_path, f"{parquet}: row 0 of column 'text' is 1 \\(int\\), not a string",
+                   [parquet], train_bpe_vocab=300)
+
+
+def test_val_split_of_too_few_documents_refused_before_any_work(tmp_path, monkeypatch):
+  _corpus(tmp_path / "in")
+  monkeypatch.setattr(prepare_module, "train_bpe", lambda *a: pytest.fail("trained a BPE"))
+  _refused_cleanly(tmp_path, r"val_fraction=0.5 needs at least 2 documents for a val split, the "
+                   r"input holds 1 \(a .txt file is one document", [tmp_path / "in" / "a.txt"],
+                   train_bpe_vocab=300, val_fraction=0.5)
+  # 7 documents (blank jsonl lines are none); the first val one is document 9 for f = 0.1
+  _refused_cleanly(tmp_path, "needs at least 10 documents .* holds 7", [tmp_path / "in"],
+                   train_bpe_vocab=300, val_fraction=0.1)
+  help_text = " ".join(_cli("--help").stdout.split())
+  assert ".txt files (one document each)" in help_text and "at least 1/f documents" in help_text
+  assert "(default: 0.0, no val split)" in help_text and "(default: text)" in help_text
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_a_failed_run_leaves_no_partial_output(tmp_path, previous):
+  """A bad document deep in the input is found while shards are written: OUT stays as it was."""
+  docs = _corpus(tmp_path / "in")
+  tok = str(_own_tokenizer(tmp_path / "tok.json", ["</s>"]))
+  out = tmp_path / "out"
+  if previous:
+    prepare(out, [tmp_path / "in"], tokenizer=tok, val_fraction=0.5, progress=False)
+    (out / "notes.md").write_text("mine")
+  before, listing = _tree(out), sorted(tmp_path.iterdir())
+  with open(tmp_path / "in" / "b.jsonl", "a") as f:
+    f.write('{"text": 5}\n')
+  with pytest.raises(ValueError, match=f"{tmp_path / 'in' / 'b.jsonl'}:9: field 'text' is 5"):
+    prepare(out, [tmp_path / "in"], tokenizer=tok, shard_tokens=16, progress=False)
+  assert _tree(out) == before and sorted(tmp_path.iterdir()) == listing
+  # A successful run replaces tokenizer.json, train/ and an old val/, and keeps other files.
+  (tmp_path / "in" / "b.jsonl").unlink()
+  prepare(out, [tmp_path / "in"], tokenizer=tok, progress=False)
+  assert sorted(p.name for p in out.iterdir()) == ["notes.md"] * previous + ["tokenizer.json",
+                                                                             "train"]
+  assert _decoded_docs(out / "train", out / "tokenizer.json", "</s>") == [docs[0], *docs[5:]]
+  assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_train_bpe_that_runs_out_of_merges_reports_the_real_vocab(tmp_path):
+  (tmp_path / "a.txt").write_text("tiny corpus, tiny corpus, few words " * 20)
+  out = tmp_path / "out"
+  r = _cli("--out", out, "--train-bpe", "512", tmp_path / "a.txt")
+  assert r.returncode == 0, r.stderr
+  real = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
+  assert 257 <= real < 512
+  assert read_index(out / "train")["vocab_size"] == real
+  assert (f"note: --train-bpe 512 gave a vocabulary of only {real} ids (the corpus ran out of "
+          f"merges); the data's vocab_size is {real}") in r.stdout

@@ -92,6 +92,17 @@ def test_bad_index(tmp_path, edit, err, name, match):
   assert os.path.join(str(tmp_path), name) in str(e.value)
 
 
+@pytest.mark.parametrize("outside", ["../outside.bin", "{tmp}/outside.bin", "a/../../outside.bin"])
+def test_shard_path_outside_the_directory(tmp_path, outside):
+  """A shard that exists, with the right size, but outside the token directory is refused."""
+  _stream(50, 100).astype(np.uint16).tofile(tmp_path / "outside.bin")
+  outside = outside.format(tmp=tmp_path)
+  _corrupt(tmp_path / "d", lambda ix: ix["shards"][2].__setitem__("path", outside))
+  with pytest.raises(ValueError, match=f"{tmp_path / 'd' / 'index.json'} lists '{outside}', not a "
+                                       f"path inside {tmp_path / 'd'}"):
+    TokenFileSource(tmp_path / "d", 4)
+
+
 def test_missing_index(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "index.json")):
     TokenFileSource(tmp_path, 4)

@@ -104,6 +104,18 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
   assert 1e-5 < rel < 0.03, rel
 
 
+def test_parity_gpt_neox_odd_rotary_dim():
+  """head_dim 12 x rotary_pct 0.25 = 3: as transformers, 2 frequencies (dim 3) on 4 channels."""
+  path = FIXTURES / "gpt_neox_odd_rotary"
+  cfg, _, ref, h, z = _outputs(path)
+  assert (cfg.hd, cfg.rotary_dim) == (12, 3)
+  np.testing.assert_allclose(h, ref["hidden"], rtol=0, atol=1e-4)
+  np.testing.assert_allclose(z, ref["logits"], rtol=0, atol=1e-4)
+  # Frequencies from dim 4 on the same 4 channels, or 2 rotated channels, miss the reference.
+  for pct in (1 / 3, 1 / 6):
+    assert np.abs(_outputs(path, rotary_pct=pct)[-1] - ref["logits"]).max() > 5e-4, pct
+
+
 @pytest.mark.parametrize("family, overrides", [
     ("llama", dict(rope_scaling=None)),
     ("gpt_neox", dict(rotary_pct=1.0)),
@@ -202,3 +214,81 @@ def test_missing_files(tmp_path):
 def test_bad_dtype():
   with pytest.raises(ValueError, match="float16"):
     hf.load_checkpoint(FIXTURES / "gpt2", "float16")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{'n_embd': 32}", "is not valid JSON"),
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ("\xff", "is not valid JSON")])
+def test_config_json_that_is_not_an_object(tmp_path, text, match):
+  path = _copy("gpt2", tmp_path)
+  (path / "config.json").write_bytes(text.encode("latin-1"))
+  with pytest.raises(ValueError, match=f"{path / 'config.json'} {match}"):
+    hf.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("family, key, value, match", [
+    ("gpt2", "n_embd", "32", "n_embd='32' is not an integer"),
+    ("gpt2", "n_layer", 2.0, "n_layer=2.0 is not an integer"),
+    ("gpt2", "layer_norm_epsilon", "1e-5", "layer_norm_epsilon='1e-5' is not a number"),
+    ("llama", "num_key_value_heads", True, "num_key_value_heads=True is not an integer"),
+    ("llama", "tie_word_embeddings", "false", "tie_word_embeddings='false' is not true or false"),
+    ("qwen3", "use_sliding_window", "no", "use_sliding_window='no' is not true or false"),
+    ("gpt_neox", "use_parallel_residual", 1, "use_parallel_residual=1 is not true or false"),
+    ("llama", "rope_parameters", "llama3", "rope_parameters='llama3' is not a JSON object")])
+def test_config_value_of_the_wrong_type(tmp_path, family, key, value, match):
+  path = _copy(family, tmp_path)
+  _edit_json(path / "config.json", **{key: value})
+  with pytest.raises(ValueError, match=f"{path / 'config.json'}: {match}"):
+    hf.load_checkpoint(path)
+
+
+def test_llama3_rope_field_of_the_wrong_type(tmp_path):
+  path = _copy("llama", tmp_path)
+  rope = json.loads((path / "config.json").read_text())["rope_parameters"]
+  _edit_json(path / "config.json", rope_parameters=rope | {"factor": "8"})
+  with pytest.raises(ValueError, match="config.json: factor='8' is not a number"):
+    hf.load_checkpoint(path)
+  _edit_json(path / "config.json", rope_parameters={k: v for k, v in rope.items() if k != "factor"})
+  with pytest.raises(ValueError, match=r"config.json: config.json sets none of \('factor',\)"):
+    hf.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("index, match", [
+    ({"metadata": {}}, "has no weight_map"),
+    ({"weight_map": []}, "has no weight_map"),
+    ([], "holds a JSON list"),
+    ({"weight_map": {"lm_head.weight": "../../etc/passwd"}},
+     r"lists '\.\./\.\./etc/passwd', not a path inside"),
+    ({"weight_map": {"lm_head.weight": "/etc/passwd"}}, "lists '/etc/passwd', not a path inside"),
+    ({"weight_map": {"lm_head.weight": 3}}, "lists 3, not a path inside")])
+def test_bad_safetensors_index(tmp_path, index, match):
+  path = _copy("llama", tmp_path)
+  (path / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(ValueError, match=f"{path / 'model.safetensors.index.json'} {match}"):
+    hf.load_checkpoint(path)
+
+
+def _rewrite_header(file, edit):
+  """Rewrites the JSON header of a safetensors file with edit(header), keeping the data."""
+  raw = file.read_bytes()
+  n = int.from_bytes(raw[:8], "little")
+  header = json.dumps(edit(json.loads(raw[8:8 + n]))).encode()
+  header += b" " * (-len(header) % 8)
+  file.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+
+
+def _bigger(header):
+  name = next(k for k in header if k != "__metadata__")
+  header[name]["shape"][0] *= 2  # the data offsets no longer match the shape
+  return header
+
+
+@pytest.mark.parametrize("edit", [_bigger, lambda h: h | {"extra": {"dtype": "F32", "shape": [4],
+                                                                     "data_offsets": [0, 16]}}])
+def test_safetensors_header_that_lies(tmp_path, edit):
+  path = _copy("llama", tmp_path)
+  shard = sorted(path.glob("model-*.safetensors"))[1]
+  _rewrite_header(shard, edit)
+  with pytest.raises(ValueError, match=f"{shard} is not a valid safetensors file"):
+    hf.load_checkpoint(path)

@@ -131,7 +131,7 @@ def test_remat_same_values_and_gradients():
     (dict(family="gpt3"), "gpt3"),
     (dict(norm="batch"), r"model\.norm='batch'"),
     (dict(qk_norm="yes"), r"model\.qk_norm='yes'"),
-    (dict(head_dim=6, rotary_pct=0.5), r"head_dim=6.*even"),
+    (dict(head_dim=5), r"head_dim=5.*even"),
     (dict(family="olmo2", parallel_residual=True), "parallel_residual"),
     (dict(rotary_pct=0.0), "rotary_pct=0.0"),
     (dict(rope_scaling=(8.0, 1.0)), "rope_scaling"),

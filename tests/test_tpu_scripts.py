@@ -319,3 +319,24 @@ def test_logs_status_delete_dry_run(env):
             "--force"]
   assert dry(env, "delete") == [delete]
   assert dry(env, "delete", "--yes") == [[*delete, "--quiet"]]
+
+
+# Valid arguments of each script, options and positionals, for --dry-run / --help to stand after.
+VALID_ARGS = {"create": ["--type=v6e-64", "--", "--reserved"], "setup": ["--repo=r", "--commit=c"],
+              "run": ["--zone", "z", "--project", "p", "toy", "cpu", "gs://b/w", "--config.a=1"],
+              "status": [], "logs": ["--run=r1"], "delete": ["--yes"]}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_dry_run_and_help_count_wherever_they_stand(env, script):
+  args = VALID_ARGS[script]
+  first = tpu(env, script, "--dry-run", *args).stdout
+  assert first and _calls(env) == []
+  proc = tpu(env, script, *args, "--dry-run", check=False)
+  assert _calls(env) == [], f"{script}.sh with --dry-run last called gcloud"
+  assert (proc.returncode, proc.stdout) == (0, first)
+  for where in range(len(args) + 1):
+    proc = tpu(env, script, *args[:where], "--help", *args[where:])
+    assert proc.stdout.startswith(f"Usage: tpu/{script}.sh") and _calls(env) == []
+  proc = tpu(env, script, *args, "--dry-run=yes", check=False)
+  assert proc.returncode == 1 and "--dry-run takes no value" in proc.stderr and _calls(env) == []

@@ -5,7 +5,8 @@
 # (option -> variable set to 1), then calls parse_args "$@". Every script also takes --name,
 # --zone, --project, --dry-run and --help. Options come first: the first other word, or "--",
 # starts the positional arguments, which land in ARGS (so overrides such as --config.a=1 pass
-# through untouched).
+# through untouched). --dry-run and --help count wherever they stand, among the positional
+# arguments and after "--" too, and are never passed on: a misplaced one must not start anything.
 
 shopt -s extglob
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,7 +15,7 @@ TPU_ZONE=${LMHEAD_TPU_ZONE:-}
 TPU_PROJECT=${LMHEAD_TPU_PROJECT:-}
 DRY_RUN=0
 declare -A OPTIONS=([name]=TPU_NAME [zone]=TPU_ZONE [project]=TPU_PROJECT)
-declare -A SWITCHES=([dry-run]=DRY_RUN)
+declare -A SWITCHES=()
 ARGS=()
 LOCATION=()  # --zone/--project flags for gcloud, when set
 SSH=()       # gcloud compute tpus tpu-vm ssh NAME ...
@@ -40,10 +41,18 @@ shquote() {
 }
 
 parse_args() {
-  local key
+  local key arg rest=()
+  for arg in "$@"; do
+    case $arg in
+      -h|--help) usage; exit 0 ;;
+      --dry-run) DRY_RUN=1 ;;
+      --help=*|--dry-run=*) die "${arg%%=*} takes no value" ;;
+      *) rest+=("$arg") ;;
+    esac
+  done
+  set -- "${rest[@]}"
   while (( $# )); do
     case $1 in
-      -h|--help) usage; exit 0 ;;
       --) shift; break ;;
       --*=*)
         key=${1%%=*}; key=${key#--}

@@ -5,9 +5,10 @@
 
 Inputs are `.txt` files (one document per file), `.jsonl` (one document per line, field
 `--text-field`), `.parquet` (column `--text-field`; needs pyarrow) or directories of those
-(searched recursively, in sorted order). `--stdlib` adds a real corpus that needs no download:
-the `pydoc_data` topics, then the standard library's own `*.py` files, in sorted order.
-`--max-chars` caps the total text. Every document is followed by the EOS id.
+(searched recursively, in sorted order); input files must be UTF-8 and not empty. `--stdlib`
+adds a real corpus that needs no download: the `pydoc_data` topics, then the standard library's
+own `*.py` files, in sorted order. `--max-chars` caps the total text. Every document is followed
+by the EOS id.
 
 Output layout::
 
@@ -15,19 +16,29 @@ Output layout::
   OUT/train/           a token directory (lmhead_jax.data.tokens); its index names the
                        tokenizer as "../tokenizer.json"
   OUT/val/             with --val-fraction f > 0: documents i with floor((i+1) f) > floor(i f),
-                       i.e. every (1/f)-th document; the others go to OUT/train/
+                       i.e. every (1/f)-th document; the others go to OUT/train/. The split is
+                       by documents, so it needs about 1/f of them (a .txt file is one)
+
+The input files, the tokenizer and the document count a val split needs are checked before any
+work (a bad document deep in a file is found when it is read). The output is written beside OUT
+and moved in at the end: a failed run leaves OUT as it was; a successful one replaces OUT's
+tokenizer.json, train/ and val/ (an old val/ is removed when no val split is made).
 
 `--train-bpe V` trains a byte-level BPE with V ids (including `<|endoftext|>`) on the train
-documents only. The output depends only on the inputs and the flags.
+documents only; a corpus with few distinct words runs out of merges first, and then the real,
+smaller vocab size is printed and recorded in the indexes. The output depends only on the
+inputs and the flags.
 """
 
 import argparse
 import itertools
 import json
+import math
 import os
 import pathlib
 import shutil
 import sysconfig
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 
@@ -39,6 +50,7 @@ from lmhead_jax.data.tokens import write_token_dir
 
 EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 SUFFIXES = (".txt", ".jsonl", ".parquet")
+OUTPUTS = ("tokenizer.json", "train", "val")  # what prepare writes into OUT
 
 
 def stdlib_documents() -> Iterator[str]:
@@ -53,6 +65,13 @@ def stdlib_documents() -> Iterator[str]:
         continue
 
 
+def _text(value, where: str) -> str:
+  """A document's text; anything else is an error naming `where`."""
+  if not isinstance(value, str):
+    raise ValueError(f"{where} is {value!r} ({type(value).__name__}), not a string")
+  return value
+
+
 def _parquet_texts(path: str, field: str) -> Iterator[str]:
   try:
     import pyarrow.parquet as pq
@@ -61,27 +80,37 @@ def _parquet_texts(path: str, field: str) -> Iterator[str]:
   pf = pq.ParquetFile(path)
   if field not in pf.schema_arrow.names:
     raise ValueError(f"{path} has no column {field!r} (columns: {pf.schema_arrow.names})")
-  for batch in pf.iter_batches(columns=[field]):
-    yield from batch.column(0).to_pylist()
+  rows = itertools.chain.from_iterable(
+      batch.column(0).to_pylist() for batch in pf.iter_batches(columns=[field]))
+  for n, text in enumerate(rows):
+    yield _text(text, f"{path}: row {n} of column {field!r}")
 
 
 def _jsonl_texts(path: str, field: str) -> Iterator[str]:
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          yield json.loads(line)[field]
-        except (ValueError, KeyError, TypeError) as e:
-          raise ValueError(f"{path}:{n}: no JSON object with a {field!r} field ({e!r})") from e
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+        doc = json.loads(line) if line.strip() else None
+      except ValueError as e:  # UnicodeDecodeError, JSONDecodeError
+        raise ValueError(f"{path}:{n}: not a UTF-8 JSON line ({e})") from None
+      if doc is None:
+        continue
+      if not isinstance(doc, dict) or field not in doc:
+        raise ValueError(f"{path}:{n}: no JSON object with a {field!r} field")
+      yield _text(doc[field], f"{path}:{n}: field {field!r}")
 
 
 def file_documents(path: str, text_field: str = "text") -> Iterator[str]:
   """The documents of one input file, by suffix."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"input {path} does not exist")
   if path.endswith(".txt"):
-    with open(path, encoding="utf-8", newline="") as f:
-      yield f.read()
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"input {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    yield text
   elif path.endswith(".jsonl"):
     yield from _jsonl_texts(path, text_field)
   elif path.endswith(".parquet"):
@@ -91,12 +120,21 @@ def file_documents(path: str, text_field: str = "text") -> Iterator[str]:
 
 
 def _input_files(inputs: Iterable[str]) -> list[str]:
+  """The input files, directories expanded; each must exist, have a known suffix, not be empty."""
   files = []
   for p in map(str, inputs):
     if os.path.isdir(p):
-      files += sorted(str(f) for f in pathlib.Path(p).rglob("*") if f.suffix in SUFFIXES)
+      files += sorted(str(f) for f in pathlib.Path(p).rglob("*")
+                      if f.suffix in SUFFIXES and f.is_file())
     else:
       files.append(p)
+  for f in files:
+    if not os.path.isfile(f):
+      raise FileNotFoundError(f"input {f} does not exist")
+    if not f.endswith(SUFFIXES):
+      raise ValueError(f"input {f} is not one of {SUFFIXES}")
+    if not os.path.getsize(f):
+      raise ValueError(f"input {f} is empty")
   return files
 
 
@@ -114,12 +152,18 @@ def _is_val(i: int, val_fraction: float) -> bool:
   return int((i + 1) * val_fraction) > int(i * val_fraction)
 
 
+def _documents_needed(val_fraction: float) -> int:
+  """How many documents give every split one: 1, or up to the first val document."""
+  if not val_fraction:
+    return 1  # document 0 is a train one
+  start = max(math.ceil(1 / val_fraction) - 2, 0)  # the first val one is near 1/f - 1
+  return 1 + next(i for i in itertools.count(start) if _is_val(i, val_fraction))
+
+
 def train_bpe(docs: Iterable[str], vocab_size: int, progress: bool = True):
   """A byte-level BPE tokenizer with `<|endoftext|>`, trained on `docs`."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-  if vocab_size < 257:
-    raise ValueError(f"--train-bpe {vocab_size}: needs at least 256 bytes + 1 EOS id")
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -150,59 +194,107 @@ def _encode(tok, docs: Iterable[str], eos: int, bar: tqdm.tqdm) -> Iterator[np.n
     yield ids
 
 
+def _load_tokenizer(path: str):
+  from tokenizers import Tokenizer
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"tokenizer {path} does not exist")
+  try:
+    return Tokenizer.from_file(path)
+  except Exception as e:  # tokenizers raises a bare Exception
+    raise ValueError(f"tokenizer {path} is not a tokenizers tokenizer.json: {e}") from None
+
+
+def _publish(stage: pathlib.Path, out: pathlib.Path):
+  """Moves the finished stage to `out`, replacing out's tokenizer.json, train/ and val/."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  if not out.exists():
+    stage.rename(out)
+    return
+  for name in OUTPUTS:
+    old = out / name
+    if old.is_dir() and not old.is_symlink():
+      shutil.rmtree(old)
+    elif old.exists() or old.is_symlink():
+      old.unlink()
+    if (stage / name).exists():
+      (stage / name).rename(old)
+
+
 def prepare(out_dir, inputs: Iterable[str] = (), *, tokenizer: str | None = None,
             train_bpe_vocab: int | None = None, stdlib: bool = False,
             max_chars: int | None = None, text_field: str = "text", val_fraction: float = 0.0,
             eos_token: str | None = None, shard_tokens: int = 1 << 28,
             progress: bool = True) -> dict[str, dict]:
-  """Writes OUT/tokenizer.json, OUT/train/ and (val_fraction > 0) OUT/val/; returns the indexes."""
-  from tokenizers import Tokenizer
+  """Writes OUT/tokenizer.json, OUT/train/ and (val_fraction > 0) OUT/val/; returns the indexes.
 
+  The inputs, the tokenizer and the document count are checked first; everything is written
+  beside OUT, then moved in, so an error leaves OUT as it was.
+  """
   if (tokenizer is None) == (train_bpe_vocab is None):
     raise ValueError("pass exactly one of tokenizer= (a tokenizer.json) or train_bpe_vocab=")
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+  out = pathlib.Path(out_dir).absolute()
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"output {out} exists and is not a directory")
   files = _input_files(inputs)
   if not files and not stdlib:
     raise ValueError("no input documents: pass input files or directories, or stdlib=True")
+  if tokenizer is None:
+    if train_bpe_vocab < 257:
+      raise ValueError(f"--train-bpe {train_bpe_vocab}: needs at least 256 bytes + 1 EOS id")
+    if eos_token not in (None, EOS_TOKENS[0]):
+      raise ValueError(f"--eos-token {eos_token}: a trained BPE's EOS token is {EOS_TOKENS[0]}")
+  else:
+    tok = _load_tokenizer(str(tokenizer))
+    eos = eos_id(tok, tokenizer, eos_token)
 
-  def documents(split: str) -> Iterator[str]:
+  def documents(split: str | None = None) -> Iterator[str]:
     docs = _capped(itertools.chain(
         *(file_documents(f, text_field) for f in files),
         stdlib_documents() if stdlib else ()), max_chars)
-    return (d for i, d in enumerate(docs) if _is_val(i, val_fraction) == (split == "val"))
+    return (d for i, d in enumerate(docs)
+            if split is None or _is_val(i, val_fraction) == (split == "val"))
 
-  os.makedirs(out_dir, exist_ok=True)
-  tok_path = os.path.join(out_dir, "tokenizer.json")
-  if tokenizer is None:
-    tok = train_bpe(documents("train"), train_bpe_vocab, progress)
-    tok.save(tok_path)
-  else:
-    if not os.path.isfile(tokenizer):
-      raise FileNotFoundError(f"tokenizer {tokenizer} does not exist")
-    tok = Tokenizer.from_file(str(tokenizer))
-    if os.path.abspath(tokenizer) != os.path.abspath(tok_path):
+  need = _documents_needed(val_fraction)
+  if not (n := sum(1 for _ in itertools.islice(documents(), need))):
+    raise ValueError("the input holds no documents")
+  if n < need:
+    raise ValueError(f"val_fraction={val_fraction} needs at least {need} documents for a val "
+                     f"split, the input holds {n} (a .txt file is one document, a .jsonl line one)")
+
+  anchor = out.parent
+  while not anchor.is_dir():
+    anchor = anchor.parent
+  stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=anchor))
+  try:
+    tok_path = stage / "tokenizer.json"
+    if tokenizer is None:
+      tok = train_bpe(documents("train"), train_bpe_vocab, progress)
+      tok.save(str(tok_path))
+      eos = eos_id(tok, str(out / "tokenizer.json"), eos_token)
+    else:
       shutil.copyfile(tokenizer, tok_path)
-  eos = eos_id(tok, tokenizer or tok_path, eos_token)
-
-  indexes = {}
-  for split in ("train", "val") if val_fraction else ("train",):
-    with tqdm.tqdm(desc=f"tokenizing {split}", unit="doc", disable=not progress) as bar:
-      index = write_token_dir(
-          os.path.join(out_dir, split), _encode(tok, documents(split), eos, bar),
-          vocab_size=tok.get_vocab_size(), tokenizer="../tokenizer.json",
-          shard_tokens=shard_tokens)
-    if not index["num_tokens"]:
-      raise ValueError(f"the {split} split of {out_dir} is empty: too few documents for "
-                       f"val_fraction={val_fraction}")
-    indexes[split] = index
+    indexes = {}
+    for split in ("train", "val") if val_fraction else ("train",):
+      with tqdm.tqdm(desc=f"tokenizing {split}", unit="doc", disable=not progress) as bar:
+        indexes[split] = write_token_dir(
+            stage / split, _encode(tok, documents(split), eos, bar),
+            vocab_size=tok.get_vocab_size(), tokenizer="../tokenizer.json",
+            shard_tokens=shard_tokens)
+    _publish(stage, out)
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
   return indexes
 
 
 def main(argv: list[str] | None = None):
   parser = argparse.ArgumentParser(
-      prog="python -m lmhead_jax.data.prepare", description=__doc__.split("\n")[0])
-  parser.add_argument("inputs", nargs="*", help=".txt / .jsonl / .parquet files or directories")
+      prog="python -m lmhead_jax.data.prepare", description=__doc__.split("\n\n", 2)[2],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("inputs", nargs="*", help=".txt files (one document each), .jsonl (one a "
+                      "line), .parquet (one a row), or directories of those")
   parser.add_argument("--out", required=True, help="output directory")
   group = parser.add_mutually_exclusive_group(required=True)
   group.add_argument("--tokenizer", help="a Hugging Face tokenizers tokenizer.json")
@@ -211,20 +303,31 @@ def main(argv: list[str] | None = None):
   parser.add_argument("--stdlib", action="store_true",
                       help="add the Python standard library's source and pydoc topics")
   parser.add_argument("--max-chars", type=int, help="cap on the total characters of text")
-  parser.add_argument("--text-field", default="text", help="jsonl field / parquet column")
+  parser.add_argument("--text-field", default="text",
+                      help="jsonl field / parquet column (default: %(default)s)")
   parser.add_argument("--val-fraction", type=float, default=0.0,
-                      help="fraction of documents written to OUT/val/")
-  parser.add_argument("--eos-token", help="document separator token (default: auto)")
-  parser.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard")
+                      help="fraction of the documents (not tokens) written to OUT/val/; needs at "
+                      "least 1/f documents (default: %(default)s, no val split)")
+  parser.add_argument("--eos-token", help=f"document separator token (default: the first of "
+                      f"{', '.join(EOS_TOKENS)} in the tokenizer)")
+  parser.add_argument("--shard-tokens", type=int, default=1 << 28,
+                      help="tokens per shard (default: %(default)s)")
   args = parser.parse_args(argv)
   t0 = time.time()
-  indexes = prepare(
-      args.out, args.inputs, tokenizer=args.tokenizer, train_bpe_vocab=args.train_bpe,
-      stdlib=args.stdlib, max_chars=args.max_chars, text_field=args.text_field,
-      val_fraction=args.val_fraction, eos_token=args.eos_token, shard_tokens=args.shard_tokens)
+  try:
+    indexes = prepare(
+        args.out, args.inputs, tokenizer=args.tokenizer, train_bpe_vocab=args.train_bpe,
+        stdlib=args.stdlib, max_chars=args.max_chars, text_field=args.text_field,
+        val_fraction=args.val_fraction, eos_token=args.eos_token, shard_tokens=args.shard_tokens)
+  except (ValueError, OSError, ImportError) as e:
+    parser.exit(1, f"{parser.prog}: error: {e}\n")
   for split, index in indexes.items():
     print(f"{os.path.join(args.out, split)}: {index['num_tokens']} tokens, "
           f"vocab_size={index['vocab_size']}, {len(index['shards'])} shard(s)")
+  vocab = indexes["train"]["vocab_size"]
+  if args.train_bpe and vocab < args.train_bpe:
+    print(f"note: --train-bpe {args.train_bpe} gave a vocabulary of only {vocab} ids (the corpus "
+          f"ran out of merges); the data's vocab_size is {vocab}")
   print(f"done in {time.time() - t0:.1f}s")
 
 

@@ -69,6 +69,14 @@ def write_token_dir(out_dir, ids, *, vocab_size: int, tokenizer: str, dtype: str
   return index
 
 
+def inside(root, name, listed_in) -> str:
+  """root/name for a relative `name` that stays inside `root`; anything else is refused."""
+  if not isinstance(name, str) or os.path.isabs(name) or (
+      os.path.normpath(name).split(os.sep)[0] == os.pardir):
+    raise ValueError(f"{listed_in} lists {name!r}, not a path inside {root}")
+  return os.path.join(root, name)
+
+
 def read_index(path) -> dict:
   """Reads and validates `path/index.json`; errors name the file."""
   index_path = os.path.join(path, INDEX)
@@ -90,7 +98,7 @@ def read_index(path) -> dict:
     raise ValueError(f"{index_path}: num_tokens={index.get('num_tokens')} but the shards "
                      f"hold {sum(counts)}")
   for p, n in zip(paths, counts):
-    shard = os.path.join(path, p)
+    shard = inside(path, p, index_path)
     if not os.path.isfile(shard):
       raise FileNotFoundError(f"token shard {shard} (listed in {index_path}) does not exist")
     size, want = os.path.getsize(shard), n * np.dtype(dtype).itemsize
