@@ -11,7 +11,8 @@ Rank rule: σ ≤ σ_max · max(D, √V) · ε_float32 counts as zero. A rank-r 
 (A·B, duplicated columns) has spurious σ of 0.15–15 σ_max·ε, growing with D but not with V
 (measured on CPU for V ≤ 131072, D ≤ 4096). numpy's matrix_rank rule, max(V, D)·ε, scales with V
 instead and drops genuine directions: at V = 128k, every σ < 1.5% σ_max (condition number > 65).
-√V covers round-off growth along the V-long columns of the QR, D that of the D×D SVD.
+√V covers round-off growth along the V-long columns of the QR, D that of the D×D SVD. A head
+keeps every direction up to condition number 1/(max(D, √V)·ε) (2.3e4 at V = 128k, D ≤ 362).
 
 Accuracy (float32): visible_norm and visible_cosine to a relative ≈ κ(W)·ε (b's round-off is
 scaled by S⁻¹); destroyed_ratio = √(1 − cosine²), so near 0 (D ≥ V) only to an absolute √ε.
