@@ -24,7 +24,7 @@ def get_config(preset: str = "cpu"):
   cfg = subjects.base_config()
   with cfg.unlocked():
     cfg.spectrum = dict(tokens="1000,2000,5000,10000,20000,50000,100000", method="auto",
-                        gram_dtype="float64", gram_max_gib=16.0, rank_k=8192, power_iters=2)
+                        gram_dtype="float64", gram_max_gib=16.0, rank_k=8192, power_iters=30)
   if preset == "cpu":
     cfg.fresh = "64"
     cfg.model.update(vocab_size=4096, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,
@@ -46,8 +46,9 @@ def table(results: list[dict]) -> str:
   keys = ("tokens", "numerical_rank", "numerical_rank_fine", "effective_rank", "k_70", "k_999",
           "residual_2d")
   fmt = lambda x: "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
+  cell = lambda p, k: ("≤" if k == "residual_2d" and p.get("residual_2d_is_bound") else "") + fmt(p[k])
   rows = [("model", "V", "D") + keys]
-  rows += [(r["name"], r["vocab_size"], r["d_model"]) + tuple(fmt(p[k]) for k in keys)
+  rows += [(r["name"], r["vocab_size"], r["d_model"]) + tuple(cell(p, k) for k in keys)
            for r in results for p in r["points"]]
   return measure.format_rows(rows)
 

@@ -11,7 +11,8 @@ Rank rule: σ ≤ σ_max · max(D, √V) · ε_float32 counts as zero. A rank-r 
 (A·B, duplicated columns) has spurious σ of 0.15–15 σ_max·ε, growing with D but not with V
 (measured on CPU for V ≤ 131072, D ≤ 4096). numpy's matrix_rank rule, max(V, D)·ε, scales with V
 instead and drops genuine directions: at V = 128k, every σ < 1.5% σ_max (condition number > 65).
-√V covers round-off growth along the V-long columns of the QR, D that of the D×D SVD.
+√V covers round-off growth along the V-long columns of the QR, D that of the D×D SVD. A head
+keeps every direction up to condition number 1/(max(D, √V)·ε) (2.3e4 at V = 128k, D ≤ 362).
 
 Accuracy (float32): visible_norm and visible_cosine to a relative ≈ κ(W)·ε (b's round-off is
 scaled by S⁻¹); destroyed_ratio = √(1 − cosine²), so near 0 (D ≥ V) only to an absolute √ε.
@@ -59,22 +60,30 @@ def range_map(w_VxD: jax.Array) -> jax.Array:
 
 
 def summarize(loss, g_sq_N, b_NxD, vis_sq_N, mask_N) -> BottleneckStats:
-  """Stats from per-token ‖g_t‖², the backbone gradient rows b_t = g_t W, and ‖g_t Π‖²."""
-  full_sq = jnp.sum(g_sq_N)
-  vis_sq = jnp.sum(vis_sq_N)
-  safe = lambda x: jnp.where(x > 0, x, 1.0)
-  destroyed = jnp.sqrt(jnp.clip(1.0 - vis_sq / safe(full_sq), 0.0, 1.0))
-  per_token = jnp.sqrt(jnp.clip(1.0 - vis_sq_N / safe(g_sq_N), 0.0, 1.0))
+  """Stats from the unscaled rows g_t = p_t − e_y (G = rows · m/n): per-token ‖g_t‖², b_t = g_t W
+  and ‖g_t Π‖². The 1/n comes last, so squares of confident tokens' rows (≈ (1 − p_y)²) do not
+  underflow float32 at large n."""
+  full_sq, vis_sq = jnp.sum(g_sq_N), jnp.sum(vis_sq_N)
   n = jnp.maximum(jnp.sum(mask_N), 1.0)
   return BottleneckStats(
       loss=loss,
-      full_norm=jnp.sqrt(full_sq),
-      backbone_norm=jnp.sqrt(jnp.sum(jnp.square(b_NxD.astype(jnp.float32)))),
-      visible_norm=jnp.sqrt(vis_sq),
-      destroyed_ratio=destroyed,
-      visible_cosine=jnp.sqrt(jnp.clip(vis_sq / safe(full_sq), 0.0, 1.0)),
-      token_destroyed_ratio=jnp.sum(per_token * mask_N) / n,
+      full_norm=jnp.sqrt(full_sq) / n,
+      backbone_norm=jnp.sqrt(jnp.sum(jnp.square(b_NxD.astype(jnp.float32)))) / n,
+      visible_norm=jnp.sqrt(vis_sq) / n,
+      destroyed_ratio=destroyed(vis_sq, full_sq),
+      visible_cosine=jnp.sqrt(visible_share(vis_sq, full_sq)),
+      token_destroyed_ratio=jnp.sum(destroyed(vis_sq_N, g_sq_N) * mask_N) / n,
   )
+
+
+def visible_share(vis_sq, full_sq):
+  """‖gΠ‖² / ‖g‖² clipped to [0, 1] (0 where g = 0)."""
+  return jnp.clip(vis_sq / jnp.where(full_sq > 0, full_sq, 1.0), 0.0, 1.0)
+
+
+def destroyed(vis_sq, full_sq):
+  """‖g (I − Π)‖ / ‖g‖ = √(1 − ‖gΠ‖² / ‖g‖²)."""
+  return jnp.sqrt(1.0 - visible_share(vis_sq, full_sq))
 
 
 def visible_sq(b_NxD: jax.Array, m_DxK: jax.Array) -> jax.Array:
@@ -110,15 +119,17 @@ def linear_head_stats(h, w, targets, mask=None, *, chunk_size=None) -> Bottlenec
   h, targets, mask = flatten_batch(h, targets, mask, w.shape[1])
   checks.token_ids(targets, w.shape[0], "targets")
   w32 = w.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(mask), 1.0)
   if chunk_size is None:
     loss, g = logit_grad(h, w32, targets, mask)
+    g = g * n
     g_sq = jnp.sum(g * g, -1)
     b = jnp.matmul(g, w32, precision=jax.lax.Precision.HIGHEST)
   else:
     fused = lambda h: fused_head_loss(h, w32, targets, mask, chunk_size=chunk_size)
     loss, head_vjp, tokens = jax.vjp(fused, h.astype(jnp.float32), has_aux=True)
-    (b,) = head_vjp(jnp.ones_like(loss))
-    g_sq = tokens.g_sq_N / jnp.square(jnp.maximum(jnp.sum(mask), 1.0))
+    (b,) = head_vjp(n)  # n · G W
+    g_sq = tokens.g_sq_N
   return summarize(loss, g_sq, b, visible_sq(b, range_map(w32)), mask)
 
 
@@ -141,6 +152,7 @@ def head_stats(head_fn: Callable[[jax.Array], jax.Array], h, targets, mask=None,
   z, head_vjp = jax.vjp(head_fn, h)
   checks.token_ids(targets, z.shape[-1], "targets")
   loss, g = jax.value_and_grad(cross_entropy)(z, targets, mask)
+  g = g * jnp.maximum(jnp.sum(mask), 1.0)  # unscaled rows, for `summarize`
   (b,) = head_vjp(g)
   jac = jax.jacfwd(lambda x: head_fn(x[None])[0])
   if linear_in_h:

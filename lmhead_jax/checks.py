@@ -1,10 +1,10 @@
 """Input checks that name the offending shapes and values.
 
 Range checks on ids run only on concrete (eager) arrays. Under `jax.jit` the ids are tracers,
-so no check is possible without a host sync, and JAX's gathers decide: an id ≥ V or < −V reads
-NaN (`jnp.take` fill mode), so the loss turns NaN (G's row for that token then lacks its −e_y);
-an id in [−V, 0) wraps around like numpy indexing and is silently read as V + id. Validate data
-before it reaches a jitted step (the data pipelines do).
+so no check is possible without a host sync: a target outside [0, V) makes the loss NaN (G's row
+for that token then lacks its −e_y); an input id goes through JAX's gather, which reads NaN for
+an id ≥ V or < −V and wraps one in [−V, 0) around to V + id. Validate data before it reaches a
+jitted step (the data pipelines do).
 """
 
 import jax

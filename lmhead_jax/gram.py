@@ -5,9 +5,11 @@ Two methods, both streaming G in chunks of tokens recomputed from the hidden sta
   σ_i² are the eigenvalues of C. In float64 (default; XLA on the host CPU, or a GPU) eigenvalues
   are resolved down to ≈ σ_1·√(ε₆₄) ≈ 1.5e-8 σ_1; in float32 (TPU) only to ≈ σ_1·√(ε₃₂) ≈ 3e-4 σ_1.
 - `randomized`: when V×V does not fit. The top k σ from a randomized range finder on C
-  (Halko et al. 2011, with power iterations): each product C X = Σ_chunks gᵀ(g X) is one pass
-  over the tokens. ‖G‖² is known exactly (Σ‖g_t‖²), so k_p ≤ k and the rank-2D residual
-  (2D ≤ k) are determined; ranks, effective rank and k_p > k are not (None).
+  (Halko et al. 2011, block k + k/2, power iterations until every σ_1..σ_k is within 1% by the
+  Ritz residual estimate): each product C X = Σ_chunks gᵀ(g X) is one pass over the tokens.
+  ‖G‖² is known exactly (Σ‖g_t‖²), so k_p ≤ k and the rank-2D residual (2D ≤ k) are determined,
+  each with an error estimate (X_err); ranks, effective rank and k_p > k are not (None).
+  Slowly decaying spectra are the hard case: V=2000, D=64, N=3000, k=2D takes 14 passes.
 
 G is scaled by 1/N as in the paper (ratios and ranks do not depend on it); g_t = p_t − e_{y_t}
 is computed in float32. Rank rules (N valid tokens):
@@ -62,25 +64,41 @@ def eig_sigma(c_VxV, mesh) -> np.ndarray:
   return np.sqrt(np.clip(np.asarray(lam, np.float64)[::-1], 0.0, None))
 
 
-def randomized_sigma(apply_c, v: int, k: int, key, *, power_iters: int = 2,
-                     oversample: int | None = None, dtype=jnp.float32) -> np.ndarray:
-  """The top k σ of G from products X ↦ C X = GᵀG X (V×p); power_iters + 2 products."""
-  p = min(v, k + (oversample if oversample is not None else max(10, k // 10)))
+def randomized_sigma(apply_c, v: int, k: int, key, *, power_iters: int = 30,
+                     oversample: int | None = None, tol: float = 0.01,
+                     dtype=jnp.float32) -> tuple[np.ndarray, np.ndarray]:
+  """The top k σ of G and an estimate of each one's relative error, from products X ↦ C X = GᵀG X
+  (V×p): subspace iteration with Rayleigh–Ritz, at most power_iters + 2 products.
+
+  The Ritz values θ_i ≤ λ_i(C) underestimate. With the residuals r_i = C u_i − θ_i u_i (free: C Q
+  is the next iteration's product) an eigenvalue lies within ‖r_i‖ of θ_i, so σ_i's relative error
+  is estimated by ‖r_i‖ / (2θ_i). Iteration stops once every estimate of σ_1..σ_k is ≤ tol.
+  """
+  p = min(v, k + (oversample if oversample is not None else max(10, k // 2)))
   q = jnp.linalg.qr(apply_c(jax.random.normal(key, (v, p), dtype)))[0]
-  for _ in range(power_iters):
-    q = jnp.linalg.qr(apply_c(q))[0]
-  b = q.T @ apply_c(q)
-  lam = np.asarray(jnp.linalg.eigvalsh((b + b.T) / 2), np.float64)[::-1][:k]
-  return np.sqrt(np.clip(lam, 0.0, None))
+  for i in range(power_iters + 1):
+    y = apply_c(q)
+    theta, u = jnp.linalg.eigh((q.T @ y + y.T @ q) / 2)
+    theta, u = theta[::-1][:k], u[:, ::-1][:, :k]
+    r = jnp.linalg.norm(y @ u - q @ (u * theta), axis=0)
+    lam = np.clip(np.asarray(theta, np.float64), 0.0, None)
+    err = np.asarray(r, np.float64) / (2 * np.where(lam > 0, lam, np.inf))
+    if i == power_iters or np.all(err <= tol):
+      return np.sqrt(lam), err
+    q = jnp.linalg.qr(y)[0]
 
 
 def summary(sigma, total_sq: float, shape: tuple[int, int], d_model: int,
-            resolution: float = 0.0) -> dict:
+            resolution: float = 0.0, sigma_err=None) -> dict:
   """`spectrum.spectrum_stats` of G from its leading σ (all, or the top k) and ‖G‖² = total_sq.
 
   A partial σ gets the unresolved tail √(total_sq − Σσ²) as one last value, which makes the
   cumulative quantities exact up to index k; those that need the tail's split are None. A rank
   whose cut-off lies below `resolution`·σ_1 (the eigensolver's noise floor) is None too.
+
+  With `sigma_err` (relative errors of σ, as from `randomized_sigma`) every number X also gets
+  X_err = |X(σ·(1 + err)) − X(σ)|; `residual_2d_is_bound` is True when residual_2d_err exceeds 1%
+  of it (σ that underestimate make residual_2d an upper bound).
   """
   n, v = shape
   s = np.sort(np.asarray(sigma, np.float64))[::-1][:min(n, v)]
@@ -100,6 +118,13 @@ def summary(sigma, total_sq: float, shape: tuple[int, int], d_model: int,
                        ("residual_2d", 2 * d_model), ("max_cosine_2d", 2 * d_model)):
       if needs > k:
         out[key] = None
+  if sigma_err is not None:
+    err = np.asarray(sigma_err, np.float64)[np.argsort(sigma)[::-1]][:len(s)]
+    hi = summary(s * (1 + err), total_sq, shape, d_model, resolution)
+    out |= {f"{key}_err": None if x is None or hi[key] is None else abs(hi[key] - x)
+            for key, x in list(out.items())}
+    err = out["residual_2d_err"]
+    out["residual_2d_is_bound"] = None if err is None else err > 0.01 * out["residual_2d"]
   return out
 
 
@@ -127,7 +152,7 @@ def choose_method(method: str, v: int, gram_dtype: str, gram_max_gib: float) -> 
 
 
 def growing_spectrum(s, source, mesh, *, tokens: list[int], batch_size: int, method: str,
-                     gram_dtype: str = "float64", k: int = 0, power_iters: int = 2,
+                     gram_dtype: str = "float64", k: int = 0, power_iters: int = 30,
                      seed: int = 0) -> list[dict]:
   """Spectrum summaries of G over the first N valid tokens, for each N of `tokens` (reached at
   whole batches: several N passed by one batch give one point)."""
@@ -153,9 +178,9 @@ def growing_spectrum(s, source, mesh, *, tokens: list[int], batch_size: int, met
   # σ_i² come out of an eigensolver in this dtype: σ below √ε·σ_1 are noise.
   resolution = math.sqrt(np.finfo(gram_dtype if method == "gram" else np.float32).eps)
 
-  def add(sigma):  # σ of the unscaled rows g_t; G = (rows) / N
+  def add(sigma, err=None):  # σ of the unscaled rows g_t; G = (rows) / N
     points.append(dict(tokens=seen) | summary(sigma / seen, total_sq / seen**2, (seen, v), d,
-                                              resolution))
+                                              resolution, err))
 
   x64 = lambda: jax.enable_x64(gram_dtype == "float64")
   if method == "gram":
@@ -174,6 +199,6 @@ def growing_spectrum(s, source, mesh, *, tokens: list[int], batch_size: int, met
     cache.append((h, y, m))
     if due():
       apply_c = lambda x: sum(prod(x, h, w, y, m) for h, y, m in cache)
-      add(randomized_sigma(apply_c, v, min(k, seen, v), jax.random.key(seed),
-                           power_iters=power_iters))
+      add(*randomized_sigma(apply_c, v, min(k, seen, v), jax.random.key(seed),
+                            power_iters=power_iters))
   return points

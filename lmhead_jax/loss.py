@@ -31,12 +31,12 @@ def valid_mask(targets: jax.Array, mask=None) -> jax.Array:
 
 
 def cross_entropy(z: jax.Array, targets: jax.Array, mask=None) -> jax.Array:
-  """Mean CE over valid positions, in float32. G = ∂/∂z has rows (p_t − e_{y_t}) / N."""
+  """Mean CE over valid positions, in float32. G = ∂/∂z has rows (p_t − e_{y_t}) / N, accurate
+  to a relative few ε in every entry even when p_y → 1 (see `_finish`)."""
   m = valid_mask(targets, mask)
   z = z.astype(jnp.float32)
-  lse = jax.nn.logsumexp(z, axis=-1)
-  z_y = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum((lse - z_y) * m) / jnp.maximum(jnp.sum(m), 1.0)
+  loss_N = _finish(_block_stats(z, targets, 0), targets, m, z.shape[-1])[0]
+  return jnp.sum(loss_N) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 def accuracy(z: jax.Array, targets: jax.Array, mask=None) -> jax.Array:
@@ -50,39 +50,55 @@ def accuracy(z: jax.Array, targets: jax.Array, mask=None) -> jax.Array:
 class TokenStats:
   """Per-token float32 stats of `fused_head_loss` (0 at masked positions); not differentiated."""
 
-  g_sq_N: jax.Array  # ‖p_t − e_y‖² = Σp² − 2p_y + 1 (N·g_t, not g_t = (p_t − e_y)/N)
+  g_sq_N: jax.Array  # ‖p_t − e_y‖² = Σ_{j≠y} p_j² + (Σ_{j≠y} p_j)² (N·g_t, not g_t = (p_t − e_y)/N)
   correct_N: jax.Array  # 1 where argmax z_t = y_t
   loss_N: jax.Array  # −log p_y
 
 
 def _block_stats(z_CxB, y_C, offset):
-  """(max z, Σe, Σe², argmax, z_y) of columns [offset, offset + B), with e = exp(z − max z).
+  """(max z, Σe, Σ_{j≠y} e, Σ_{j≠y} e², argmax, z_y) of columns [offset, offset + B), with
+  e = exp(z − max z); z_y is 0 for targets outside the block. `_merge` combines two blocks.
 
-  z_y is 0 for targets outside the block; `_merge` combines the stats of two blocks.
+  The sums over j ≠ y give 1 − p_y and ‖p − e_y‖² without cancellation when p_y → 1.
   """
   z_max = jax.lax.stop_gradient(jnp.max(z_CxB, axis=-1))
-  e = jnp.exp(z_CxB - z_max[:, None])
-  is_y = (y_C - offset)[:, None] == jnp.arange(z_CxB.shape[-1])
-  return (z_max, jnp.sum(e, -1), jnp.sum(e * e, -1), jnp.argmax(z_CxB, -1) + offset,
-          jnp.sum(jnp.where(is_y, z_CxB, 0.0), -1))
+  e = jnp.exp(z_CxB - z_max[..., None])
+  is_y = (y_C - offset)[..., None] == jnp.arange(z_CxB.shape[-1])
+  rest = jnp.where(is_y, 0.0, e)
+  return (z_max, jnp.sum(e, -1), jnp.sum(rest, -1), jnp.sum(rest * rest, -1),
+          jnp.argmax(z_CxB, -1) + offset, jnp.sum(jnp.where(is_y, z_CxB, 0.0), -1))
 
 
 def _merge(a, b):
   """Online log-sum-exp: stats of the union of two blocks (ties keep the first argmax)."""
   z_max = jnp.maximum(a[0], b[0])
   ca, cb = jnp.exp(a[0] - z_max), jnp.exp(b[0] - z_max)
-  return (z_max, a[1] * ca + b[1] * cb, a[2] * ca * ca + b[2] * cb * cb,
-          jnp.where(b[0] > a[0], b[3], a[3]), a[4] + b[4])
+  return (z_max, a[1] * ca + b[1] * cb, a[2] * ca + b[2] * cb, a[3] * ca * ca + b[3] * cb * cb,
+          jnp.where(b[0] > a[0], b[4], a[4]), a[5] + b[5])
 
 
-def _finish(stats, y_C, m_C):
-  """lse, the masked per-token losses (differentiable) and the TokenStats, from block stats."""
-  z_max, s1, s2, arg, z_y = stats
-  lse = z_max + jnp.log(s1)
-  loss_C = (lse - z_y) * m_C
-  g_sq = s2 / (s1 * s1) - 2.0 * jnp.exp(z_y - lse) + 1.0
+def _finish(stats, y_C, m_C, vocab_size):
+  """The masked per-token losses (differentiable), TokenStats and (z_max, log s1, 1 − p_y).
+
+  With q = Σ_{j≠y} p_j = 1 − p_y: ‖p − e_y‖² = Σ_{j≠y} p_j² + q², and −log p_y = −log1p(−q) when
+  p_y ≥ ½, else log s1 − (z_y − z_max) (never z − lse, which is rounded at |z|·ε). Autodiff of the
+  loss gives G with g_y = −q to a relative few ε. A target outside [0, V) makes the loss NaN.
+  """
+  z_max, s1, r1, r2, arg, z_y = stats
+  q = r1 / s1
+  sure = q < 0.5
+  loss = jnp.where(sure, -jnp.log1p(-jnp.where(sure, q, 0.0)), jnp.log(s1) - (z_y - z_max))
+  loss_C = jnp.where((y_C >= 0) & (y_C < vocab_size), loss, jnp.nan) * m_C
+  g_sq = r2 / (s1 * s1) + q * q
   correct = (arg == y_C).astype(jnp.float32)
-  return lse, loss_C, jax.lax.stop_gradient(TokenStats(g_sq * m_C, correct * m_C, loss_C))
+  tok = TokenStats(g_sq * m_C, correct * m_C, loss_C)
+  return loss_C, jax.lax.stop_gradient(tok), jax.lax.stop_gradient((z_max, jnp.log(s1), q))
+
+
+def _logit_grad(z_CxU, y_C, offset, z_max, log_s1, q):
+  """Rows p − e_y of the columns [offset, offset + U): p = exp((z − z_max) − log s1), g_y = −q."""
+  p = jnp.exp((z_CxU - z_max[:, None]) - log_s1[:, None])
+  return jnp.where((y_C - offset)[:, None] == jnp.arange(z_CxU.shape[-1]), -q[:, None], p)
 
 
 def _logits(h_CxD, w_BxD, offset, limit=None):
@@ -115,14 +131,14 @@ def _scan_chunks(h_KxCxD, w_BxUxD, y_KxC, m_KxC, vocab_size, dtype, with_grad):
       w, off = blk
       return _merge(acc, _block_stats(_logits(h_CxD, w, off, limit), y_C, off)), None
     zero = jnp.zeros_like(m_C)
-    init = (zero - jnp.inf, zero, zero, jnp.zeros_like(y_C), zero)  # stats of no columns
-    lse, _, tok = _finish(_over_blocks(stats_step, init, blocks)[0], y_C, m_C)
+    init = (zero - jnp.inf, zero, zero, zero, jnp.zeros_like(y_C), zero)  # stats of no columns
+    _, tok, soft = _finish(_over_blocks(stats_step, init, blocks)[0], y_C, m_C, vocab_size)
     if not with_grad:
       return dw_BxUxD, (tok, None)
     def grad_step(dh_CxD, blk):  # recomputes the block's logits (XLA dedupes it for one block)
       w, off = blk
-      p = jnp.exp(_logits(h_CxD, w, off, limit) - lse[:, None])
-      g_CxU = ((p - jax.nn.one_hot(y_C - off, u)) * (m_C / n)[:, None]).astype(dtype)
+      g = _logit_grad(_logits(h_CxD, w, off, limit), y_C, off, *soft)
+      g_CxU = (g * (m_C / n)[:, None]).astype(dtype)
       # Both contract a dimension that may be sharded: the outputs are sharded like h and w.
       dh = jnp.einsum("cu,ud->cd", g_CxU, w, preferred_element_type=jnp.float32,
                       out_sharding=jax.typeof(h_CxD).sharding)
@@ -206,7 +222,7 @@ def fused_head_loss(h, w_VxD, targets, mask=None, *, chunk_size, vocab_block=Non
 
   if chunk_size is None:
     z_NxV = _logits(h_NxD.astype(dtype), w_VxD.astype(dtype), 0)
-    _, loss_N, tok = _finish(_block_stats(z_NxV, y_N, 0), y_N, m_N)
+    loss_N, tok, _ = _finish(_block_stats(z_NxV, y_N, 0), y_N, m_N, v)
     return jnp.sum(loss_N) / jnp.maximum(jnp.sum(m_N), 1.0), tok
 
   n = y_N.shape[0]

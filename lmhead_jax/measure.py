@@ -56,8 +56,7 @@ def sequence_sums(h_BxLxD, w_VxD, m_DxK, y_BxL, mask_BxL, chunk_len: int) -> dic
   def chunk(xs):
     h, y, m = xs
     loss, g_sq, vis_sq = token_stats(h.reshape(-1, d), w_VxD, m_DxK, y.reshape(-1))
-    ratio = jnp.sqrt(jnp.clip(1.0 - vis_sq / jnp.where(g_sq > 0, g_sq, 1.0), 0.0, 1.0))
-    per_tok = dict(loss=loss, g_sq=g_sq, vis_sq=vis_sq, token_ratio=ratio,
+    per_tok = dict(loss=loss, g_sq=g_sq, vis_sq=vis_sq, token_ratio=bottleneck.destroyed(vis_sq, g_sq),
                    n=jnp.ones_like(loss))
     return {f: jnp.sum(v.reshape(b, chunk_len) * m, -1) for f, v in per_tok.items()}
 

@@ -44,7 +44,7 @@ def validate(cfg, mesh) -> None:
 
 
 def _head_backward(params, h, batch, hc: HeadConfig):
-  """(loss, accuracy, per-token ‖g_t‖², G W, head-parameter grads) of the head on h.
+  """(loss, accuracy, per-token ‖n·g_t‖², G W, head-parameter grads) of the head on h.
 
   Dense: `jax.vjp` through any head function, then G = ∂ℒ/∂z. Chunked (`head.chunk_size`): the
   fused head + CE of `loss.fused_head_loss` on the effective matrix W, never forming N×V logits.
@@ -54,14 +54,14 @@ def _head_backward(params, h, batch, hc: HeadConfig):
     z, head_vjp = jax.vjp(lambda p, h: heads.logits(heads.params_of(p, hc), h, hc), params, h)
     loss, g = jax.value_and_grad(cross_entropy)(z, targets, mask)
     head_grads, d_h = head_vjp(g)
+    g = g * jnp.maximum(jnp.sum(mask), 1.0)
     return loss, accuracy(z, targets, mask), jnp.sum(g * g, -1), d_h, head_grads
   fused = lambda p, h: fused_head_loss(h, heads.matrix(heads.params_of(p, hc)), targets, mask,
                                        chunk_size=hc.chunk_size)
   loss, head_vjp, tokens = jax.vjp(fused, params, h, has_aux=True)
   head_grads, d_h = head_vjp(jnp.ones_like(loss))
   n = jnp.maximum(jnp.sum(mask), 1.0)
-  g_sq = tokens.g_sq_N.reshape(mask.shape) / (n * n)
-  return loss, jnp.sum(tokens.correct_N) / n, g_sq, d_h, head_grads
+  return loss, jnp.sum(tokens.correct_N) / n, tokens.g_sq_N, d_h, head_grads
 
 
 def _loss_parts(params, batch, c: ModelConfig, hc: HeadConfig, with_bottleneck: bool):
@@ -73,7 +73,7 @@ def _loss_parts(params, batch, c: ModelConfig, hc: HeadConfig, with_bottleneck: 
   grads = jax.tree.map(jnp.add, trunk_grads, head_grads)
   out = {"loss": loss, "accuracy": acc, "n": jnp.sum(mask)}
   if with_bottleneck:
-    b = d_h.reshape(-1, d_h.shape[-1]).astype(jnp.float32)
+    b = d_h.reshape(-1, d_h.shape[-1]).astype(jnp.float32) * jnp.maximum(jnp.sum(mask), 1.0)
     vis = bottleneck.visible_sq(b, bottleneck.range_map(heads.matrix(heads.params_of(params, hc))))
     out["stats"] = bottleneck.summarize(loss, g_sq.reshape(-1), b, vis,
                                         mask.reshape(-1).astype(jnp.float32))
@@ -88,12 +88,10 @@ def _combine(outs, n_total):
     s = outs["stats"]
     sq = lambda x: jnp.sum(jnp.square(w * x))
     full, vis, back = sq(s.full_norm), sq(s.visible_norm), sq(s.backbone_norm)
-    safe = jnp.where(full > 0, full, 1.0)
     merged["stats"] = bottleneck.BottleneckStats(
         loss=merged["loss"], full_norm=jnp.sqrt(full), backbone_norm=jnp.sqrt(back),
-        visible_norm=jnp.sqrt(vis),
-        destroyed_ratio=jnp.sqrt(jnp.clip(1.0 - vis / safe, 0.0, 1.0)),
-        visible_cosine=jnp.sqrt(jnp.clip(vis / safe, 0.0, 1.0)),
+        visible_norm=jnp.sqrt(vis), destroyed_ratio=bottleneck.destroyed(vis, full),
+        visible_cosine=jnp.sqrt(bottleneck.visible_share(vis, full)),
         token_destroyed_ratio=jnp.sum(w * s.token_destroyed_ratio))
   return merged
 

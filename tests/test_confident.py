@@ -1,0 +1,137 @@
+"""Confident tokens (p_y → 1): the head's loss, G, per-token stats and bottleneck metrics against
+float64 numpy, where 1 − p_y and ‖p − e_y‖² are far below float32 ε (issue 11, part 1)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from lmhead_jax import bottleneck, heads, model, sharding, train
+from lmhead_jax.loss import fused_head_loss
+
+RTOL = 1e-4
+
+
+def reference(h, w, y, m):
+  """float64: per-token loss, ‖g_t‖², correct; G = (p − e_y)·m/n, G W, Gᵀ H; bottleneck metrics.
+
+  1 − p_y is summed as Σ_{j≠y} p_j: float64 p_y − 1 would itself cancel at 1 − p_y ≈ 1e-13.
+  """
+  h, w, m = (np.asarray(x, np.float64) for x in (h, w, m))
+  z = h @ w.T
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  is_y = np.arange(w.shape[0]) == np.asarray(y)[:, None]
+  q = np.sum(np.where(is_y, 0.0, p), -1)  # 1 − p_y
+  g = np.where(is_y, -q[:, None], p)  # p − e_y, unscaled
+  n = max(m.sum(), 1.0)
+  big = (g * m[:, None]) / n  # G
+  u, sv, _ = np.linalg.svd(w, full_matrices=False)
+  basis = u[:, sv > sv[0] * 1e-9]  # range(W)
+  lost = big - (big @ basis) @ basis.T  # G (I − Π)
+  tok = np.linalg.norm(lost, axis=-1) / np.where(m > 0, np.linalg.norm(big, axis=-1), 1.0)
+  full = np.linalg.norm(big)
+  return dict(
+      loss_N=-np.log1p(-q) * m, g_sq_N=np.sum(g * g, -1) * m,
+      correct_N=(z.argmax(-1) == y) * m, dh=big @ w, dw=big.T @ h, one_minus_py=q,
+      destroyed_ratio=np.linalg.norm(lost) / full,
+      visible_cosine=np.linalg.norm(big @ basis) / full, full_norm=full,
+      visible_norm=np.linalg.norm(big @ basis), backbone_norm=np.linalg.norm(big @ w),
+      token_destroyed_ratio=np.sum(tok * m) / n)
+
+
+def confident(margin, n=48, v=1000, d=32, seed=0):
+  """h, W, y, mask (float32) with z_y − max_{j≠y} z_j ≈ margin: h moves along w_y."""
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(v, d)) / np.sqrt(d)
+  h = rng.normal(size=(n, d)) * 4.0
+  y = rng.integers(0, v, n)
+  for _ in range(8):  # moving h also moves the other logits a little
+    z = h @ w.T
+    runner_up = np.max(np.where(np.arange(v) == y[:, None], -np.inf, z), -1)
+    h += ((runner_up + margin - z[np.arange(n), y]) / np.sum(w[y] ** 2, -1))[:, None] * w[y]
+  m = rng.random(n) > 0.2
+  return (np.float32(h), np.float32(w), y.astype(np.int32), m.astype(np.float32))
+
+
+def assert_close(got, want, names):
+  for k in names:
+    a, b = np.asarray(got[k], np.float64), np.asarray(want[k], np.float64)
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * np.abs(b).max(), err_msg=k)
+
+
+MARGINS = [0, 10, 16, 20, 30]
+PATHS = [dict(chunk_size=None), dict(chunk_size=16), dict(chunk_size=16, vocab_block=300)]
+
+
+def test_problem_spans_the_confident_regime():
+  q = [reference(*confident(mg))["one_minus_py"] for mg in MARGINS]
+  assert np.min(q[0]) > 0.5 and 1e-9 < np.median(q[3]) < 1e-8
+  assert 1e-13 < np.median(q[-1]) < 2e-13  # far below float32 ε ≈ 1.2e-7
+
+
+@pytest.mark.parametrize("kw", PATHS, ids=["dense", "chunked", "vocab_blocks"])
+@pytest.mark.parametrize("margin", MARGINS)
+def test_fused_head_loss_per_token_stats_and_gradients(margin, kw):
+  h, w, y, m = confident(margin)
+  f = lambda h, w: fused_head_loss(h, w, y, m, **kw)
+  (_, tok), (dh, dw) = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(h, w)
+  got = dict(loss_N=tok.loss_N, g_sq_N=tok.g_sq_N, correct_N=tok.correct_N, dh=dh, dw=dw)
+  assert_close(got, reference(h, w, y, m), got)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+@pytest.mark.parametrize("margin", MARGINS)
+def test_linear_head_stats(margin, chunk_size):
+  h, w, y, m = confident(margin)
+  got = jax.jit(lambda h, w: bottleneck.linear_head_stats(h, w, y, m, chunk_size=chunk_size)
+                )(h, w).metrics(prefix="")
+  assert len(got) == 6
+  assert_close(got, reference(h, w, y, m), got)
+
+
+def test_logit_grad_and_head_stats():
+  """The dense G (autodiff of `cross_entropy`) behind logit_grad and head_stats."""
+  h, w, y, m = confident(30)
+  want = reference(h, w, y, m)
+  _, g = bottleneck.logit_grad(jnp.asarray(h), jnp.asarray(w), y, m)
+  np.testing.assert_allclose(g @ w, want["dh"], rtol=RTOL, atol=RTOL * np.abs(want["dh"]).max())
+  got = bottleneck.head_stats(lambda x: x @ jnp.asarray(w).T, h, y, m).metrics(prefix="")
+  assert_close(got, want, got)
+
+
+@pytest.mark.parametrize("kind", ["linear", pytest.param("factorized", marks=pytest.mark.slow)])
+def test_train_step_on_a_confident_model(kind):
+  """A large-margin head whose targets are its own argmax: dense and chunked steps give the
+  float64 bottleneck metrics, and the same loss and gradients."""
+  cfg = tiny_config(n_layers=1)
+  cfg.head.kind, cfg.head.rank = kind, 16
+  c, hc = train.configs(cfg)
+  state, _ = train.init_state(jax.random.key(0), cfg, sharding.make_mesh(devices=jax.devices()[:1]))
+  params = state.params
+  big = "a_VxR" if kind == "factorized" else "w_VxD"
+  params["head"][big] = params["head"][big] * 30.0  # logits of RMS ≈ 30
+  rng = np.random.default_rng(1)
+  shape = (cfg.train.batch_size, cfg.data.seq_len)
+  inputs = rng.integers(0, c.vocab_size, shape).astype(np.int32)
+  h = model.hidden(params, inputs, c)
+  hp = heads.params_of(params, hc)
+  targets = np.asarray(jnp.argmax(heads.logits(hp, h, hc), -1), np.int32)
+  batch = dict(inputs=inputs, targets=targets, mask=(rng.random(shape) > 0.2).astype(np.float32))
+  w = functools.reduce(np.matmul, [np.float64(hp[k]) for k in sorted(hp)])  # A B: rank 16
+  want = reference(np.reshape(h, (-1, c.d_model)), w, targets.reshape(-1),
+                   batch["mask"].reshape(-1))
+  assert np.median(want["one_minus_py"]) < 0.05 and 1e-18 < np.min(want["one_minus_py"]) < 1e-12
+  results = []
+  for chunk in (None, 24):
+    cfg.head.chunk_size = chunk
+    out, grads = jax.jit(lambda p, b: train.loss_and_grads(p, b, cfg))(params, batch)
+    assert_close(out["stats"].metrics(prefix=""), want, out["stats"].metrics(prefix=""))
+    results.append(grads)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(results[0]),
+                          jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(b, a, rtol=RTOL, atol=RTOL * np.abs(a).max(),
+                               err_msg=jax.tree_util.keystr(path))
