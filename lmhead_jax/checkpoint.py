@@ -1,10 +1,15 @@
 """Checkpoints: the one module that talks to orbax.
 
-Each step directory holds the TrainState ('state') and, when given, every process's grain
-iterator state ('data'). Saves are asynchronous and atomic (orbax writes a temporary directory
-and renames it when complete), so a crash or SIGKILL mid-save leaves the previous checkpoint as
-the latest. Restore walks back from the newest step past any that fail to load, with a warning.
-Paths may be local or gs://.
+Each step directory holds the TrainState ('state'), every process's grain iterator state
+('data', when given) and a fingerprint of every state array ('checksum'). Saves are asynchronous
+and atomic (orbax writes a temporary directory and renames it when complete), so a crash or
+SIGKILL mid-save leaves the previous checkpoint as the latest; a save that cannot create its
+directory raises at once. A non-finite state is never saved.
+
+Restore first compares the checkpoint's metadata (tree, shapes, dtypes) with the run's abstract
+state and refuses a mismatch (`StateMismatch`). A step that cannot be read or fails its checksum
+is corrupt: restore falls back to the previous step with a warning, and raises
+`CheckpointError` when checkpoints exist but none can be restored. Paths may be local or gs://.
 """
 
 import logging
@@ -12,10 +17,53 @@ import os
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
 log = logging.getLogger(__name__)
+
+
+class StateMismatch(ValueError):
+  """The checkpoint holds a TrainState of another tree structure, shapes or dtypes."""
+
+
+class CheckpointError(RuntimeError):
+  """Checkpoints exist, but none can be restored."""
+
+
+def _name(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def _fingerprint(x):
+  """Position-weighted wrapping sum of the array's words: any changed word changes it."""
+  words = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  w = jax.lax.bitcast_convert_type(x, words).astype(jnp.uint32).ravel()
+  return jnp.sum(w * (2 * jnp.arange(w.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(tree):
+  return jax.tree.map(_fingerprint, tree), jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree)
+
+
+def fingerprints(state) -> tuple[dict[str, int], list[str]]:
+  """({array name: fingerprint}, names of arrays with a non-finite value) of a state."""
+  prints, finite = jax.device_get(_fingerprints(state))
+  flat = lambda t: [(_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(t)]
+  return {k: int(f) for k, f in flat(prints)}, [k for k, ok in flat(finite) if not ok]
+
+
+def differences(abstract_state, tree_metadata) -> list[str]:
+  """Arrays whose presence, shape or dtype differ between a run's state and a checkpoint's."""
+  ours = {_name(p): (tuple(x.shape), str(x.dtype))
+          for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+  saved = {m.name: (tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(
+      tree_metadata, is_leaf=lambda x: isinstance(x, ocp.metadata.ArrayMetadata))}
+  show = lambda s: f"{s[1]}{list(s[0])}" if s else "absent"
+  return [f"{k}: checkpoint {show(saved.get(k))}, this run {show(ours.get(k))}"
+          for k in sorted(ours.keys() | saved.keys()) if ours.get(k) != saved.get(k)]
 
 
 class Checkpointer:
@@ -31,40 +79,93 @@ class Checkpointer:
         log.warning("ignoring incomplete checkpoint(s) %s in %s (interrupted save)", partial,
                     self.directory)
     self.every = int(every)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
-                                           cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max(int(keep), 1), create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=True,
+        # A directory that cannot be created raises in save(), not in a thread that then
+        # keeps the process alive for orbax's 300 s signal timeout.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+    handlers = {"state": ocp.StandardCheckpointHandler(), "checksum": ocp.JsonCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._current = set()  # steps on disk that this run saved or restored
 
   def due(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0
 
   def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
-    """Starts an async save of `state` (and the iterator) at `step` if due or forced."""
-    if not (force or self.due(step)) or step in self.manager.all_steps():
+    """Starts an async save of `state` (and the iterator) at `step` if due or forced.
+
+    A step already on disk from an earlier run (one that restore skipped as corrupt, say) is
+    replaced. A state with a non-finite value raises FloatingPointError and is not saved.
+    """
+    if not (force or self.due(step)) or step in self._current:
       return False
-    items = {"state": ocp.args.StandardSave(state)}
+    checksum, nonfinite = fingerprints(state)
+    if nonfinite:
+      raise FloatingPointError(f"refusing to save step {step} to {self.directory}: non-finite "
+                               f"values in {', '.join(nonfinite)}")
+    if step in self.manager.all_steps():
+      self.manager.delete(step)
+    items = {"state": ocp.args.StandardSave(state), "checksum": ocp.args.JsonSave(checksum)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except OSError as e:
+      raise OSError(f"cannot save checkpoint step {step} in {self.directory}: {e}") from e
+    self._current.add(step)
+    return saved
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def _restore(self, step: int, abstract_state, data_iter):
+    """The state at `step`; StateMismatch if its shapes differ, another error if corrupt."""
+    items = self.manager.item_metadata(step)
+    if items.get("state") is None:
+      raise ValueError("no readable state metadata")
+    diff = differences(abstract_state, items["state"].tree)
+    if diff:
+      raise StateMismatch(f"checkpoint step {step} in {self.directory} holds a different "
+                          f"TrainState ({len(diff)} arrays differ): {'; '.join(diff[:8])}")
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if "checksum" in items:
+      args["checksum"] = ocp.args.JsonRestore()
+    if data_iter is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    if "checksum" not in items:
+      log.warning("checkpoint step %d in %s has no checksum (an older save): not verified", step,
+                  self.directory)
+      return restored["state"]
+    checksum, _ = fingerprints(restored["state"])
+    bad = [k for k in checksum if checksum[k] != restored["checksum"].get(k)]
+    if bad:
+      raise ValueError(f"checksum mismatch in {', '.join(bad)}")
+    return restored["state"]
+
   def restore_latest(self, abstract_state, data_iter=None):
-    """(state, step) from the newest loadable checkpoint, placed on the abstract state's
+    """(state, step) from the newest intact checkpoint, placed on the abstract state's
     shardings, or None when there is none."""
-    for step in reversed(self.steps()):
-      items = {"state": ocp.args.StandardRestore(abstract_state)}
-      if data_iter is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    steps, errors = self.steps(), []
+    for step in reversed(steps):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state = self._restore(step, abstract_state, data_iter)
+      except StateMismatch:
+        raise
       except Exception as e:  # a corrupt or partial step: fall back to the previous one
-        log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous",
+        log.warning("checkpoint step %d in %s is corrupt (%s: %s); trying the previous one",
                     step, self.directory, type(e).__name__, e)
+        errors.append(f"step {step}: {type(e).__name__}: {e}")
         continue
-      return restored["state"], step
+      self._current.add(step)
+      return state, step
+    if steps:
+      raise CheckpointError(
+          f"{self.directory} holds checkpoints at steps {steps}, but none can be restored "
+          f"({'; '.join(errors)}). To start over, use a new --workdir or delete this "
+          "directory and the run's metrics.jsonl")
     return None
 
   def wait(self):

@@ -2,13 +2,19 @@
 
 Outputs under `workdir`: config.json, metrics.jsonl (appended; on resume, steps after the
 checkpoint are logged again and readers keep each step's last record), TensorBoard events,
-summary.json and checkpoints/. Host 0 writes the logs; every host takes part in checkpoints.
+summary.json, checkpoints/ and .lock (held while a run owns the workdir). config.json is the
+resolved config plus `history`, one entry per start. Host 0 writes the logs; every host takes part
+in checkpoints.
 """
 
+import fcntl
 import json
 import logging
 import math
+import os
 import signal
+import socket
+import subprocess
 import time
 
 import jax
@@ -21,19 +27,22 @@ from lmhead_jax.data import pipeline
 
 log = logging.getLogger(__name__)
 
-# Keys whose change alters parameter or optimizer-state shapes: a workdir cannot resume across them.
-SHAPE_KEYS = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
-              "model.n_kv_heads", "model.d_ff", "model.head_dim", "model.family",
-              "model.tie_embeddings", "head.kind", "head.rank", "optimizer.name")
+# Keys that define the data stream whose position a checkpoint's iterator state records.
+DATA_KEYS = ("seed", "data.kind", "data.path", "data.shuffle", "data.window_mode",
+             "train.batch_size")
 
 
 class _Preemption:
-  """SIGTERM (one process) or JAX's preemption sync point (many) asks for save-and-exit."""
+  """SIGTERM (one process) or JAX's preemption sync point (many) asks for save-and-exit.
+
+  The handler is installed for the whole run, start-up included, and removed afterwards.
+  """
 
   def __init__(self):
     self.requested = False
+    self.previous = None
     if jax.process_count() == 1:
-      signal.signal(signal.SIGTERM, self._handle)
+      self.previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, *_):
     self.requested = True
@@ -43,25 +52,72 @@ class _Preemption:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
-
-def _lookup(d: dict, dotted: str):
-  for k in dotted.split("."):
-    if not isinstance(d, dict) or k not in d:
-      return None
-    d = d[k]
-  return d
+  def close(self):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
 
 
-def check_resumable(workdir: epath.Path, cfg) -> None:
-  """Refuses a workdir whose config.json differs from `cfg` on a shape-changing key."""
+def _lock(workdir: epath.Path) -> int | None:
+  """An exclusive flock on workdir/.lock (by process 0, for the whole job; local paths only).
+
+  The kernel drops the lock when its holder exits, however it dies; close the fd to release.
+  """
+  fd, holder = None, ""
+  if jax.process_index() == 0 and "://" not in str(workdir):
+    fd = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      os.ftruncate(fd, 0)
+      os.write(fd, f"host {socket.gethostname()} pid {os.getpid()}".encode())
+    except BlockingIOError:
+      holder = os.read(fd, 200).decode(errors="replace") or "another process"
+      os.close(fd)
+      fd = None
+  taken = fd is not None or jax.process_index() != 0 or "://" in str(workdir)
+  if jax.process_count() > 1:
+    taken = bool(multihost_utils.broadcast_one_to_all(np.int32(taken)))
+  if not taken:
+    raise RuntimeError(f"{workdir} is in use by another run ({holder or 'see process 0'}); "
+                       "wait for it to end or stop it, or use another --workdir")
+  return fd
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def environment() -> dict:
+  """Package versions, Python, backend, devices and the git commit behind a run."""
+  import importlib.metadata
+  import platform
+  env = {p: importlib.metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax",
+                                                    "orbax-checkpoint", "grain")}
+  env.update(python=platform.python_version(), backend=jax.default_backend(),
+             device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
+             processes=jax.process_count())
+  git = lambda *a: subprocess.run(["git", *a], cwd=os.path.dirname(__file__), text=True,
+                                  capture_output=True, timeout=10)
+  try:
+    commit = git("rev-parse", "HEAD")
+    if commit.returncode == 0:
+      env["git_commit"] = commit.stdout.strip()
+      env["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return env
+
+
+def _history(workdir: epath.Path) -> tuple[dict, list]:
+  """(flat config, history) of the workdir's config.json; ({}, []) when there is none."""
   path = workdir / "config.json"
   if not path.exists():
-    return
-  old, new = json.loads(path.read_text()), cfg.to_dict()
-  for key in SHAPE_KEYS:
-    if _lookup(old, key) != _lookup(new, key):
-      raise ValueError(f"{workdir} holds a run with {key}={_lookup(old, key)!r}, but the config "
-                       f"asks for {key}={_lookup(new, key)!r}; use a new --workdir")
+    return {}, []
+  old = json.loads(path.read_text())
+  history = old.pop("history", [])
+  return _flat(old), history
 
 
 class _Logger:
@@ -104,9 +160,8 @@ class _Logger:
       self.jsonl.close()
 
 
-def evaluate(cfg, mesh, eval_step, params) -> dict:
+def evaluate(cfg, mesh, eval_step, params, source) -> dict:
   """Mean loss and accuracy over `train.eval_batches` held-out batches (the same each time)."""
-  source = pipeline.make_source(cfg.data, cfg.model.vocab_size, split="eval", seed=cfg.seed)
   ds = pipeline.make_dataset(source, global_batch_size=cfg.train.batch_size, seed=cfg.seed,
                              shuffle=False)
   it, total, n = iter(ds), {"loss": 0.0, "accuracy": 0.0}, 0.0
@@ -119,10 +174,9 @@ def evaluate(cfg, mesh, eval_step, params) -> dict:
   return {f"eval/{k}": v / max(n, 1.0) for k, v in total.items()}
 
 
-def _last_record(workdir: epath.Path) -> dict:
+def _records(workdir: epath.Path) -> list[dict]:
   path = workdir / "metrics.jsonl"
-  lines = path.read_text().splitlines() if path.exists() else []
-  return json.loads(lines[-1]) if lines else {}
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _host(metrics) -> dict:
@@ -130,37 +184,108 @@ def _host(metrics) -> dict:
 
 
 def run(cfg, workdir) -> dict:
-  """Trains (or resumes) one run into `workdir`; returns the summary."""
+  """Trains (or resumes) one run into `workdir`; returns the summary.
+
+  A second run on the same workdir is refused while this one holds it.
+  """
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  check_resumable(workdir, cfg)
+  preempted = _Preemption()  # first: a SIGTERM during start-up ends the run cleanly
+  try:
+    lock = _lock(workdir)
+    try:
+      return _run(cfg, workdir, preempted)
+    finally:
+      if lock is not None:
+        os.close(lock)
+  finally:
+    preempted.close()
+
+
+def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
+  """(state, step) to continue from, or None to start; refuses anything but a clean resume.
+
+  Records this start in config.json: the resolved config plus `history`, one entry per start
+  with its step, environment and the keys changed since the previous start.
+  """
+  old, history = _history(workdir)
+  resolved = json.loads(cfg.to_json())
+  new = _flat(resolved)
+  changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
+             if old and old.get(k) != new.get(k)}
+  shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()) or "none"
+  try:
+    restored = ckpt.restore_latest(abstract_state, data_iter)
+  except checkpoint.StateMismatch as e:
+    raise ValueError(f"cannot resume {workdir}: {e}. Config keys that differ from its "
+                     f"config.json: {shown}. Resume with the old values, or use a new "
+                     "--workdir") from None
+  if restored is None and (records := _records(workdir)):
+    raise RuntimeError(
+        f"{workdir}/metrics.jsonl holds {len(records)} records up to step "
+        f"{records[-1].get('step')}, but {ckpt.directory} holds no checkpoint: the run cannot "
+        "resume, and starting at step 0 would log its steps twice. To start over, use a new "
+        f"--workdir or delete {workdir}/metrics.jsonl")
+  if restored is not None:
+    data_keys = DATA_KEYS + (("data.seq_len",) if cfg.data.kind == "tokens" else ())
+    moved = [k for k in data_keys if k in changed]
+    if moved:
+      raise ValueError(f"cannot resume {workdir} at step {restored[1]}: {', '.join(moved)} "
+                       f"changed ({shown}), so the saved data-iterator position no longer "
+                       "points into the same data stream. Resume with the old values, or use "
+                       "a new --workdir")
+    if changed:
+      log.warning("resuming %s at step %d with a changed config: %s", workdir, restored[1], shown)
+  entry = {"step": restored[1] if restored else 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "environment": environment()}
+  if changed:
+    entry["changed"] = changed
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(
+        json.dumps(resolved | {"history": [*history, entry]}, indent=2))
+  return restored
+
+
+def _run(cfg, workdir: epath.Path, preempted: _Preemption) -> dict:
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   train.validate(cfg, mesh)
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(cfg.to_json(indent=2))
-
-  source = pipeline.make_source(cfg.data, cfg.model.vocab_size, split="train", seed=cfg.seed)
+  has_eval = cfg.data.kind != "tokens" or bool(cfg.data.eval_path)
+  if has_eval and cfg.train.eval_every and int(cfg.train.eval_batches) < 1:
+    raise ValueError(f"train.eval_every={cfg.train.eval_every} needs train.eval_batches >= 1, "
+                     f"got {cfg.train.eval_batches}; set train.eval_every=0 for no evals")
+  v = cfg.model.vocab_size
+  # Built now, so that a bad data.eval_path fails before step 1.
+  eval_source = pipeline.make_source(cfg.data, v, split="eval", seed=cfg.seed) if has_eval else None
+  source = pipeline.make_source(cfg.data, v, split="train", seed=cfg.seed)
   data_iter = iter(pipeline.make_dataset(source, global_batch_size=cfg.train.batch_size,
                                          seed=cfg.seed, shuffle=cfg.data.shuffle))
   state, shardings = train.init_state(jax.random.key(cfg.seed), cfg, mesh)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=cfg.checkpoint.every,
                                  keep=cfg.checkpoint.keep)
-  restored = ckpt.restore_latest(checkpoint.abstract_like(state, shardings), data_iter)
-  start = 0
-  if restored is not None:
-    state, start = restored
-    log.info("resumed %s from step %d", workdir, start)
+  try:
+    restored = _resume(cfg, workdir, ckpt, checkpoint.abstract_like(state, shardings), data_iter)
+    start = 0
+    if restored is not None:
+      state, start = restored
+      log.info("resumed %s from step %d", workdir, start)
+    if preempted.requested:
+      log.warning("SIGTERM during start-up: exiting before step %d, nothing to save", start + 1)
+      raise SystemExit(0)
+    return _train(cfg, workdir, mesh, state, start, data_iter, eval_source, ckpt, preempted)
+  finally:
+    ckpt.close()
 
+
+def _train(cfg, workdir, mesh, state, start, data_iter, eval_source, ckpt, preempted) -> dict:
+  """Steps start+1 .. train.steps, then the summary."""
   every = int(cfg.train.bottleneck_every)
   steps = {True: train.make_train_step(cfg, mesh, with_bottleneck=True),
            False: train.make_train_step(cfg, mesh, with_bottleneck=False)}
   eval_step = train.make_eval_step(cfg, mesh)
-  has_eval = cfg.data.kind != "tokens" or bool(cfg.data.eval_path)
   batch_sh = sharding.batch_sharding(mesh)
   tokens_per_step = int(cfg.train.batch_size) * int(cfg.data.seq_len)
   total = int(cfg.train.steps)
   logger = _Logger(workdir, total, start)
-  preempted = _Preemption()
   pending, last = None, {}
   t_log, step_log = time.perf_counter(), start
 
@@ -168,11 +293,13 @@ def run(cfg, workdir) -> dict:
     """Host-side handling of step `step`'s metrics (fetched while the next step runs)."""
     nonlocal t_log, step_log, last
     m = _host(metrics) | extra
-    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(m[k])]
-    if m.pop("nonfinite") or bad:
+    bad = [k for k in train.GUARDED if not math.isfinite(m[k])]
+    if bad:
       ckpt.wait()
-      raise FloatingPointError(f"non-finite {', '.join(bad) or 'value'} at step {step} "
-                               f"(last checkpoint kept: {ckpt.steps()[-1:] or 'none'})")
+      raise FloatingPointError(
+          f"non-finite {bad[0]} at step {step} ({', '.join(f'{k}={m[k]}' for k in bad)}); "
+          f"its update was not applied or saved (last checkpoint kept: "
+          f"{ckpt.steps()[-1:] or 'none'})")
     m.update(step=step, tokens_seen=step * tokens_per_step)
     if step % int(cfg.train.log_every) == 0 or step == total or extra:  # never drop an eval
       now = time.perf_counter()
@@ -187,30 +314,31 @@ def run(cfg, workdir) -> dict:
       batch = pipeline.global_batch(next(data_iter), batch_sh)
       with_b = every > 0 and (step % every == 0 or step == total)
       state, metrics = steps[with_b](state, batch)
-      eval_due = has_eval and cfg.train.eval_every and step % int(cfg.train.eval_every) == 0
-      extra = evaluate(cfg, mesh, eval_step, state.params) if eval_due else {}
+      eval_due = cfg.train.eval_every and step % int(cfg.train.eval_every) == 0
+      extra = (evaluate(cfg, mesh, eval_step, state.params, eval_source)
+               if eval_due and eval_source is not None else {})
       if pending is not None:
         finish(*pending)
       pending = (step, metrics, extra)
-      ckpt.save(step, state, data_iter)
-      if preempted(step):
+      stop = preempted(step)
+      if stop or ckpt.due(step):  # a step's metrics are checked (and kept) before it is saved
         finish(*pending)
+        pending = None
         ckpt.save(step, state, data_iter, force=True)
-        ckpt.close()
-        log.warning("preempted: saved step %d to %s, exiting", step, workdir)
+      if stop:
+        log.warning("preempted: saving step %d to %s, exiting", step, workdir)
         raise SystemExit(0)
     if pending is not None:
       finish(*pending)
     ckpt.save(total, state, data_iter, force=True)
   finally:
-    ckpt.close()
     logger.close()
 
   if not last and start == total:  # resumed at the end: the last record is on disk
-    last = _last_record(workdir)
+    last = _records(workdir)[-1]
   summary = {k: v for k, v in last.items() if not k.startswith("eval/")}
-  if has_eval and cfg.train.eval_batches:
-    summary.update(evaluate(cfg, mesh, eval_step, state.params))
+  if eval_source is not None and cfg.train.eval_batches:
+    summary.update(evaluate(cfg, mesh, eval_step, state.params, eval_source))
   summary["steps"] = total
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -16,6 +16,10 @@ from lmhead_jax.loss import accuracy, cross_entropy, fused_head_loss
 from lmhead_jax.optim import make_optimizer
 
 
+# Metrics that must be finite for a step's update to be applied, in the order they are computed.
+GUARDED = ("learning_rate", "loss", "grad_norm", "update_norm", "param_norm")
+
+
 @struct.dataclass
 class TrainState:
   step: jax.Array
@@ -166,17 +170,16 @@ def make_train_step(cfg, mesh, *, with_bottleneck: bool = True):
       grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip / (grad_norm + 1e-12)), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(out["loss"]) & jnp.isfinite(grad_norm)
-    # A non-finite step leaves the state untouched; the loop sees `nonfinite` and stops.
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
     metrics = {
         "loss": out["loss"], "accuracy": out["accuracy"], "grad_norm": grad_norm,
         "clipped_grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
         "update_norm": optax.tree.norm(updates), "learning_rate": schedule(state.step),
-        "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
+    finite = jnp.all(jnp.array([jnp.isfinite(metrics[k]) for k in GUARDED]))
+    # A non-finite step leaves the state untouched; the loop sees the metric and stops.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
     if with_bottleneck:
       metrics.update(out["stats"].metrics())
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)

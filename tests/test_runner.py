@@ -5,13 +5,16 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import time
 
 import jax
+import numpy as np
 import pytest
 from conftest import tiny_config
 
 from lmhead_jax import checkpoint, runner, sharding, train
+from lmhead_jax.data.tokens import write_token_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +59,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   restored_state, step = restore(cfg, ckpt_dir)
   assert step == 3
   assert int(restored_state.step) == 3
-  assert "cannot be restored" in caplog.text
+  assert "step 6" in caplog.text and "is corrupt" in caplog.text
 
 
 def restore(cfg, ckpt_dir):
@@ -69,20 +72,125 @@ def restore(cfg, ckpt_dir):
     ckpt.close()
 
 
-def test_workdir_with_other_shapes_is_refused(tmp_path):
-  runner.run(spam_config(2), tmp_path)
-  cfg = spam_config(2)
-  cfg.model.d_model = 64
-  with pytest.raises(ValueError, match="model.d_model=32.*model.d_model=64"):
-    runner.run(cfg, tmp_path)
+def fast_config(steps, every=0, **model):
+  """spam_config without bottleneck metrics or evals: one train step to compile."""
+  cfg = spam_config(steps, every, bottleneck_every=0)
+  cfg.train.eval_batches = 0
+  cfg.model.update(model)
+  return cfg
 
 
-def test_nonfinite_stops_with_step_and_metric(tmp_path):
-  cfg = spam_config(5, every=1)
-  cfg.optimizer.learning_rate = float("nan")
-  with pytest.raises(FloatingPointError, match="non-finite loss, grad_norm at step 2"):
+def test_workdir_with_other_architecture_is_refused_before_training(tmp_path):
+  runner.run(fast_config(2, every=2), tmp_path)
+  before = (tmp_path / "metrics.jsonl").read_text()
+  with pytest.raises(ValueError, match=r"params\.layers\.mlp\.w_gate.*model\.mlp_act: None -> 'gelu'"):
+    runner.run(fast_config(4, every=2, mlp_act="gelu"), tmp_path)
+  assert (tmp_path / "metrics.jsonl").read_text() == before
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
+def test_resume_with_changes_warns_records_history_and_refuses_a_moved_data_stream(
+    tmp_path, caplog):
+  runner.run(fast_config(2, every=2), tmp_path)
+  cfg = fast_config(3, every=2)
+  cfg.optimizer.learning_rate = 3e-4
+  runner.run(cfg, tmp_path)
+  assert "optimizer.learning_rate: 0.001 -> 0.0003" in caplog.text
+  assert "train.steps: 2 -> 3" in caplog.text
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["optimizer"]["learning_rate"] == 3e-4
+  first, second = saved["history"]
+  assert first["step"] == 0 and "changed" not in first
+  assert second["step"] == 2
+  assert second["changed"] == {"optimizer.learning_rate": [1e-3, 3e-4], "train.steps": [2, 3]}
+  env = second["environment"]
+  for key in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "python", "backend",
+              "device_kind", "git_commit"):
+    assert env[key], key
+  cfg.train.update(steps=4, batch_size=16)
+  with pytest.raises(ValueError, match=r"train\.batch_size changed .*data-iterator position"):
     runner.run(cfg, tmp_path)
-  assert losses(tmp_path)[1] > 0  # step 1's metrics were written before the stop
+  assert max(losses(tmp_path)) == 3
+
+
+def test_unrestorable_workdir_never_restarts_from_step_0(tmp_path):
+  runner.run(fast_config(2, every=1), tmp_path)
+  records = (tmp_path / "metrics.jsonl").read_text()
+  for f in (tmp_path / "checkpoints").rglob("*"):
+    if f.is_file() and "state" in f.parts:
+      f.write_bytes(b"garbage")
+  with pytest.raises(checkpoint.CheckpointError, match=r"steps \[1, 2\].*new --workdir"):
+    runner.run(fast_config(4, every=1), tmp_path)
+  shutil.rmtree(tmp_path / "checkpoints")
+  with pytest.raises(RuntimeError, match=r"metrics.jsonl holds 2 records up to step 2.*--workdir"):
+    runner.run(fast_config(4, every=1), tmp_path)
+  assert (tmp_path / "metrics.jsonl").read_text() == records
+
+
+def test_second_run_on_a_workdir_is_refused_and_a_killed_holder_frees_it(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "from lmhead_jax import runner; from etils import epath; "
+       f"runner._lock(epath.Path({str(tmp_path)!r})); print('locked', flush=True); "
+       "import time; time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "locked"
+  with pytest.raises(RuntimeError, match=rf"in use by another run \(host .* pid {holder.pid}\)"):
+    runner.run(fast_config(2), tmp_path)
+  holder.kill()
+  holder.wait(timeout=60)
+  os.close(runner._lock(tmp_path))
+
+
+@pytest.mark.parametrize("over,needle", [
+    (dict(schedule="linear", warmup_steps=3, end_lr_fraction=float("inf")),
+     "non-finite learning_rate at step 4"),
+    (dict(learning_rate=1e20, warmup_steps=4), "non-finite update_norm at step 2"),
+])
+def test_nonfinite_step_is_never_saved(tmp_path, over, needle):
+  cfg = fast_config(8, every=1)
+  cfg.checkpoint.keep = 2
+  cfg.optimizer.update(over)
+  with pytest.raises(FloatingPointError, match=needle) as e:
+    runner.run(cfg, tmp_path)
+  bad = int(str(e.value).split(" at step ")[1].split()[0])
+  kept = checkpoint.Checkpointer(tmp_path / "checkpoints", every=0, keep=2).steps()
+  assert kept and max(kept) == bad - 1 and f"last checkpoint kept: [{bad - 1}]" in str(e.value)
+  assert max(losses(tmp_path)) == bad - 1
+  state, step = restore(cfg, tmp_path / "checkpoints")  # verified against its checksum
+  assert step == bad - 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state)))
+
+
+def test_bad_eval_setup_is_refused_before_step_1(tmp_path):
+  cfg = fast_config(2)
+  cfg.train.update(eval_every=1, eval_batches=0)
+  with pytest.raises(ValueError, match="train.eval_batches >= 1"):
+    runner.run(cfg, tmp_path / "a")
+  write_token_dir(tmp_path / "tok", [np.arange(4096) % 256], vocab_size=256, tokenizer="none")
+  cfg = fast_config(2)
+  cfg.data.update(kind="tokens", path=str(tmp_path / "tok"), eval_path=str(tmp_path / "nope"))
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
+    runner.run(cfg, tmp_path / "b")
+  assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+def test_sigterm_during_start_up_exits_cleanly(tmp_path):
+  code = f"""
+import os, signal, sys
+sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+import test_runner
+from lmhead_jax import runner, train
+init_state = train.init_state
+def init_and_sigterm(*a, **k):
+  os.kill(os.getpid(), signal.SIGTERM)
+  return init_state(*a, **k)
+train.init_state = init_and_sigterm
+runner.run(test_runner.fast_config(2), {str(tmp_path)!r})
+"""
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "SIGTERM during start-up" in proc.stderr
+  assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def cli(workdir, *overrides, env=None, **kw):

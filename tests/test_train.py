@@ -116,8 +116,23 @@ def test_nonfinite_is_reported_and_state_kept():
   params["final_norm"]["scale"][0] = np.nan
   state = state.replace(params=jax.device_put(params, train.state_shardings(cfg, mesh).params))
   new_state, metrics = train.make_train_step(cfg, mesh)(state, random_batch(cfg))
-  assert metrics["nonfinite"] == 1.0
+  assert not np.isfinite(metrics["loss"])
   np.testing.assert_array_equal(new_state.params["embed"]["w_VxD"], params["embed"]["w_VxD"])
+
+
+def test_nonfinite_learning_rate_is_not_applied():
+  """Loss and gradient are finite; only the update is not (it used to be applied)."""
+  cfg = tiny_config()
+  cfg.optimizer.learning_rate = float("nan")
+  mesh = one_device_mesh()
+  state, _ = train.init_state(jax.random.key(0), cfg, mesh)
+  before = copy(state.params)
+  new_state, metrics = train.make_train_step(cfg, mesh)(state, random_batch(cfg))
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+  assert [k for k in train.GUARDED if not np.isfinite(metrics[k])] == [
+      "learning_rate", "update_norm", "param_norm"]
+  for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_eval_step_matches_plain_loss():
