@@ -22,7 +22,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from lmhead_jax import checkpoint, sharding, train
+from lmhead_jax import checkpoint, config, sharding, train
 from lmhead_jax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
   with its step, environment and the keys changed since the previous start.
   """
   old, history = _history(workdir)
-  resolved = json.loads(cfg.to_json())
+  resolved = json.loads(config.resolved(cfg).to_json())
   new = _flat(resolved)
   changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
              if old and old.get(k) != new.get(k)}
@@ -249,10 +249,8 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
 def _run(cfg, workdir: epath.Path, preempted: _Preemption) -> dict:
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   train.validate(cfg, mesh)
+  config.validate(cfg)
   has_eval = cfg.data.kind != "tokens" or bool(cfg.data.eval_path)
-  if has_eval and cfg.train.eval_every and int(cfg.train.eval_batches) < 1:
-    raise ValueError(f"train.eval_every={cfg.train.eval_every} needs train.eval_batches >= 1, "
-                     f"got {cfg.train.eval_batches}; set train.eval_every=0 for no evals")
   v = cfg.model.vocab_size
   # Built now, so that a bad data.eval_path fails before step 1.
   eval_source = pipeline.make_source(cfg.data, v, split="eval", seed=cfg.seed) if has_eval else None
