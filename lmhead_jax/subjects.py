@@ -7,16 +7,24 @@ Models (`load`, in this order; config keys at the top level):
   runner workdirs (a sweep); the latest checkpoint of each, read by the data config it trained on.
 - `fresh`: random-init models of `model`/`head`, comma-separated `D` (width D, d_ff = 4D) or
   `DrR` (factorized head of rank R).
-- `train.steps > 0`: one model of `model`/`head`, first trained by `runner.run` on the token
-  data for that many steps (in WORKDIR/trained, resumed when run again).
+- `train.steps > 0`: one model of `model`/`head`, trained by `runner.run` on the stdlib corpus
+  for that many steps, once: the runner workdir is cached (below) and restored from there.
 
 Data (`source`): `data.path` (a token directory) if set; else `data.text` (comma-separated
 .txt/.jsonl/.parquet files or directories) tokenized with the model's tokenizer.json; else a
 run's own data (its eval split when it has one); else the Python standard library corpus
 (`data.stdlib`), with the model's tokenizer or, for models that have none, a byte-level BPE of
-`model.vocab_size` ids trained on it. Tokenized text is cached under WORKDIR/tokens/<key>/; the
-stdlib corpus keeps 5% of its documents as a val split, which is what gets measured (and what a
-`train.steps` model never trains on).
+`model.vocab_size` ids trained on it. The stdlib corpus keeps 5% of its documents as a val
+split, which is what gets measured (and what a `train.steps` model never trains on).
+
+Cache: `data.text` is tokenized once into WORKDIR/tokens/<key>/. The stdlib corpus tokens and the
+`train.steps` model are shared by every experiment and workdir, in `cache_dir` (default
+$LMHEAD_JAX_CACHE, else $XDG_CACHE_HOME/lmhead_jax, else ~/.cache/lmhead_jax) under tokens/<key>/
+and runs/<key>/. <key> hashes exactly what determines the entry (tokenizer or BPE size, corpus
+settings and Python version; for a model its seed, model, head, data, train and optimizer groups),
+written beside it as key.json. An entry is built in a temporary directory and renamed in, so a
+killed or concurrent build never leaves a partial one; an entry without key.json or its files is
+rebuilt with a warning.
 """
 
 import dataclasses
@@ -25,11 +33,15 @@ import json
 import logging
 import os
 import pathlib
+import platform
 import re
-from collections.abc import Iterator
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
+import numpy as np
 from jax.experimental import multihost_utils
 
 from lmhead_jax import checkpoint, hf, model, runner, sharding, train
@@ -38,6 +50,7 @@ from lmhead_jax.data import pipeline, prepare, read_index
 
 log = logging.getLogger(__name__)
 FRESH = re.compile(r"(\d+)(?:r(\d+))?")
+KEY = "key.json"  # written last into a cache entry: what it was built from
 
 
 @dataclasses.dataclass
@@ -60,6 +73,7 @@ def base_config():
     c.dtype = "float32"
     c.runs = ""
     c.fresh = ""
+    c.cache_dir = ""  # shared corpus tokens and trained models ("": see cache_root)
     c.data.update(text="", text_field="text", stdlib=True, max_chars=20_000_000)
     c.measure = ml_collections.ConfigDict(dict(batch_size=16, num_sequences=256))
   c.train.update(steps=0, batch_size=16, log_every=50, eval_every=0, eval_batches=4)
@@ -134,14 +148,17 @@ def _fresh(spec: str, cfg, mesh) -> Subject:
 
 
 def _trained(cfg, workdir: pathlib.Path, mesh) -> Subject:
-  """Trains `model`/`head` on the token data for `train.steps` steps (or resumes) and loads it."""
+  """`model`/`head` trained for `train.steps` steps on the stdlib corpus (cached) and loaded."""
   name, v = f"trained-d{cfg.model.d_model}", cfg.model.vocab_size
   run_cfg = ml_collections.ConfigDict(cfg.to_dict())
   run_cfg.data.update(kind="tokens", path=_token_dir(cfg, workdir, name, None, v, "train"),
                       eval_path=_token_dir(cfg, workdir, name, None, v, "val"))
-  summary = runner.run(run_cfg, workdir / "trained")
-  log.info("trained model: %s", {k: summary[k] for k in ("loss", "eval/loss") if k in summary})
-  return restore_run(workdir / "trained", mesh, name)
+  key = {k: run_cfg[k].to_dict() if isinstance(run_cfg[k], ml_collections.ConfigDict)
+         else run_cfg[k] for k in ("seed", "model", "head", "data", "train", "optimizer")}
+  run = cached(cache_root(cfg) / "runs", key, lambda stage: runner.run(run_cfg, stage),
+               ("config.json", f"checkpoints/{int(cfg.train.steps)}"), every_process=True)
+  log.info("trained model %s: %s", name, run)
+  return restore_run(run, mesh, name)
 
 
 def load(cfg, workdir, mesh) -> Iterator[Subject]:
@@ -169,18 +186,93 @@ def _token_dir(cfg, workdir: pathlib.Path, name: str, tokenizer: str | None, voc
                        "pass data.path (a token directory) instead")
   elif not d.stdlib:
     raise ValueError(f"model {name!r} has no data: set data.path, data.text or data.stdlib")
-  tok_key = pathlib.Path(tokenizer).read_bytes() if tokenizer else f"bpe{vocab_size}".encode()
-  key = hashlib.sha1(json.dumps([inputs, int(d.max_chars), d.text_field]).encode() + tok_key)
-  out = workdir / "tokens" / key.hexdigest()[:12]
-  split = split or ("train" if inputs else "val")
-  if jax.process_index() == 0 and not (out / split / "index.json").is_file():
-    prepare.prepare(out, inputs, tokenizer=tokenizer, stdlib=not inputs,
-                    train_bpe_vocab=None if tokenizer else vocab_size,
-                    max_chars=int(d.max_chars) or None, text_field=d.text_field,
-                    val_fraction=0.0 if inputs else 0.05)
+  elif tokenizer is None and vocab_size < 257:
+    raise ValueError(
+        f"model {name!r} has no tokenizer.json, and its vocab_size={vocab_size} is too small for "
+        "the byte-level BPE that would tokenize the stdlib corpus for it (256 bytes + 1 EOS id "
+        f"needs >= 257). Pass --config.data.path=<token dir> (made by python -m {prepare.__name__}"
+        " with this model's tokenizer), use a checkpoint that has its tokenizer.json, or, for "
+        "fresh and trained models, set --config.model.vocab_size >= 257")
+  tok = (hashlib.sha256(pathlib.Path(tokenizer).read_bytes()).hexdigest() if tokenizer
+         else f"bpe{vocab_size}")
+  max_chars = int(d.max_chars) or None
+  if inputs:
+    root, val_fraction = workdir / "tokens", 0.0
+    key = dict(text=inputs, text_field=d.text_field, max_chars=max_chars, tokenizer=tok)
+  else:
+    root, val_fraction = cache_root(cfg) / "tokens", 0.05
+    key = dict(corpus="stdlib", python=platform.python_version(), max_chars=max_chars,
+               val_fraction=val_fraction, tokenizer=tok)
+  build = lambda stage: prepare.prepare(
+      stage, inputs, tokenizer=tokenizer, stdlib=not inputs,
+      train_bpe_vocab=None if tokenizer else vocab_size, max_chars=max_chars,
+      text_field=d.text_field, val_fraction=val_fraction)
+  splits = ("train", "val") if val_fraction else ("train",)
+  out = cached(root, key, build, ("tokenizer.json",) + tuple(f"{s}/index.json" for s in splits))
+  return str(out / (split or ("train" if inputs else "val")))
+
+
+def cache_root(cfg) -> pathlib.Path:
+  """`cache_dir`, else $LMHEAD_JAX_CACHE, else $XDG_CACHE_HOME/lmhead_jax (~/.cache/...)."""
+  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  root = cfg.cache_dir or os.environ.get("LMHEAD_JAX_CACHE") or os.path.join(xdg, "lmhead_jax")
+  return pathlib.Path(root).expanduser().absolute()
+
+
+def cached(root: pathlib.Path, key: dict, build: Callable[[pathlib.Path], object],
+           need: tuple[str, ...], *, every_process: bool = False) -> pathlib.Path:
+  """root/<hash of key>: made once by `build(stage)` (on process 0 only, unless every_process)
+  into a temporary directory beside it, then renamed in with key.json. An entry whose key.json
+  or `need`ed files are missing is rebuilt with a warning."""
+  text = json.dumps(key, sort_keys=True, indent=1)
+  out = root / hashlib.sha256(text.encode()).hexdigest()[:16]
+  hit, nonce = _agree(_complete(out, text, need), secrets.randbits(31))
+  if hit:
+    return out
+  main = jax.process_index() == 0
+  stage = root / f".{out.name}.tmp-{nonce:08x}"
+  if main:
+    if out.exists():
+      log.warning("cache entry %s is incomplete (no %s or one of %s); rebuilding it", out, KEY,
+                  need)
+    root.mkdir(parents=True, exist_ok=True)
+  try:
+    if main or every_process:
+      build(stage)
+    _sync(f"built {stage}")
+    if main:
+      (stage / KEY).write_text(text)
+      if out.exists() and not _complete(out, text, need):
+        shutil.rmtree(out, ignore_errors=True)
+      try:
+        stage.rename(out)
+      except OSError:  # a concurrent build of the same key got there first
+        if not _complete(out, text, need):
+          raise
+    _sync(f"published {out}")
+  finally:
+    if main:
+      shutil.rmtree(stage, ignore_errors=True)
+  return out
+
+
+def _complete(entry: pathlib.Path, text: str, need: tuple[str, ...]) -> bool:
+  try:
+    return (entry / KEY).read_text() == text and all((entry / n).exists() for n in need)
+  except OSError:
+    return False
+
+
+def _agree(*values: int) -> list[int]:
+  """Process 0's values, on every process."""
+  if jax.process_count() == 1:
+    return list(values)
+  return [int(v) for v in multihost_utils.broadcast_one_to_all(np.array(values, np.int32))]
+
+
+def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"tokens {out}")
-  return str(out / split)
+    multihost_utils.sync_global_devices(name)
 
 
 def source(cfg, s: Subject, workdir):

@@ -11,6 +11,14 @@ import pytest
 from lmhead_jax.config import base_config
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _subjects_cache(tmp_path_factory):
+  """The shared cache of lmhead_jax.subjects in a temporary directory, never ~/.cache."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("LMHEAD_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+
+
 def tiny_config(**model):
   """A model small enough for unit tests: V=256, D=32, 2 layers, GQA 4/2."""
   cfg = base_config()

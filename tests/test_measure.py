@@ -261,7 +261,8 @@ def test_cpu_preset_runs_offline(tmp_path):
          "--config.fresh=32r8", "--config.train.steps=4", "--config.model.vocab_size=512",
          "--config.model.d_model=32", "--config.data.max_chars=300000",
          "--config.data.seq_len=32", "--config.measure.num_sequences=32",
-         "--config.measure.batch_size=8", "--config.train.eval_batches=1"]
+         "--config.measure.batch_size=8", "--config.train.eval_batches=1",
+         f"--config.cache_dir={tmp_path / 'cache'}"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -275,4 +276,4 @@ def test_cpu_preset_runs_offline(tmp_path):
         np.sqrt(1 - m["visible_cosine"]["mean"] ** 2), abs=0.01)
   assert "trained-d32" in proc.stdout.splitlines()[-1]
   assert (tmp_path / "measure_destroyed.png").stat().st_size > 10_000
-  assert (tmp_path / "trained" / "checkpoints").is_dir()
+  assert len(list((tmp_path / "cache" / "runs").glob("*/checkpoints/4"))) == 1
