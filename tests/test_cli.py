@@ -72,24 +72,34 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def slurm_task(workdir, i, port, *flags):
+  """Task i of 2 as `srun --ntasks=2` on this host starts it: SLURM's variables, no peer flags."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_VARS)}
+  env.update(SLURM, SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(i),
+             SLURM_LOCALID=str(i), JAX_COORDINATOR_PORT=port, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  return subprocess.Popen(
+      [sys.executable, "-m", "experiments.spamlang", f"--config={ROOT}/experiments/spamlang.py:smoke",
+       f"--workdir={workdir}", "--config.train.steps=2", "--config.train.log_every=1",
+       "--config.train.eval_every=0", "--config.train.eval_batches=0",
+       "--config.checkpoint.every=0", "--config.mesh.data=4", "--config.mesh.fsdp=2", *flags],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_missing_slurm_task_fails_fast_naming_the_job(tmp_path):
+  p = slurm_task(tmp_path, 0, str(_free_port()), "--distributed_timeout=3")
+  _, err = p.communicate(timeout=60)
+  assert p.returncode == 2
+  assert "not all 2 processes joined the coordinator within 3s; start every process of the " \
+         "SLURM job" in err
+
+
 @pytest.mark.slow
 def test_two_slurm_tasks_join_without_coordinator_flags(tmp_path):
-  """Two processes with the variables `srun --ntasks=2` sets, and no --coordinator_address,
-  --num_processes or --process_id: JAX's SLURM detection joins them into one 8-device job."""
+  """Two tasks with no --coordinator_address, --num_processes or --process_id: JAX's SLURM
+  detection joins them into one job of 8 devices (mesh 4 × 2; each process has 4)."""
   port = str(_free_port())
-  procs = []
-  for i in range(2):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_VARS)}
-    env.update(SLURM, SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(i),
-               SLURM_LOCALID=str(i), JAX_COORDINATOR_PORT=port, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "experiments.spamlang", f"--config={ROOT}/experiments/spamlang.py:smoke",
-         f"--workdir={tmp_path}", "--config.train.steps=2", "--config.train.log_every=1",
-         "--config.train.eval_every=0",
-         "--config.train.eval_batches=0", "--config.checkpoint.every=0", "--config.mesh.data=4",
-         "--config.mesh.fsdp=2", "--distributed_timeout=60"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  procs = [slurm_task(tmp_path, i, port, "--distributed_timeout=60") for i in range(2)]
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
