@@ -14,8 +14,8 @@ from etils import epath
 from lmhead_jax import metrics
 
 
-# Paul Tol's "muted" colours that stay readable on white (the light cyan and sand left out), then
-# black: told apart with the common colour-vision deficiencies; the markers tell them apart in grey.
+# Paul Tol's "muted" colours without the light cyan and sand (each ≥ 2.8:1 on white), then black:
+# told apart with the common colour-vision deficiencies; the markers tell them apart in grey.
 PALETTE = ("#332288", "#CC6677", "#117733", "#882255", "#44AA99", "#999933", "#AA4499", "#000000")
 GRAY = "#666666"  # reference lines without a series of their own
 FORMATS = ("png", "svg", "pdf")
