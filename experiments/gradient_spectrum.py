@@ -17,7 +17,7 @@ import time
 
 import jax
 
-from lmhead_jax import cli, figures_measure, gram, measure, sharding, subjects
+from lmhead_jax import cli, figures_measure, gram, measure, plots, sharding, subjects
 
 
 def get_config(preset: str = "cpu"):
@@ -54,6 +54,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(cfg, workdir):
+  fmt = plots.figure_format(cfg)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   sp, results = cfg.spectrum, []
   tokens = [int(t) for t in subjects.split_list(sp.tokens)]
@@ -74,7 +75,7 @@ def main(cfg, workdir):
   if jax.process_index() == 0:
     out = pathlib.Path(workdir)
     (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))
-    figures_measure.spectrum(results, out / "spectrum_rank.png")
+    figures_measure.spectrum(results, out / f"spectrum_rank.{fmt}")
 
 
 if __name__ == "__main__":

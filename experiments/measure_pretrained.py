@@ -16,7 +16,7 @@ import pathlib
 
 import jax
 
-from lmhead_jax import cli, figures_measure, measure, sharding, subjects
+from lmhead_jax import cli, figures_measure, measure, plots, sharding, subjects
 
 
 def get_config(preset: str = "cpu"):
@@ -40,6 +40,7 @@ def get_config(preset: str = "cpu"):
 
 
 def main(cfg, workdir):
+  fmt = plots.figure_format(cfg)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   results = []
   for s in subjects.load(cfg, workdir, mesh):
@@ -54,7 +55,7 @@ def main(cfg, workdir):
   if jax.process_index() == 0:
     out = pathlib.Path(workdir)
     (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))
-    figures_measure.destroyed(results, out / "measure_destroyed.png")
+    figures_measure.destroyed(results, out / f"measure_destroyed.{fmt}")
 
 
 if __name__ == "__main__":

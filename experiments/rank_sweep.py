@@ -83,17 +83,19 @@ def describe(cfg) -> dict:
           "tokens": cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len}
 
 
-def report(workdir, entries: list[dict]) -> str:
+def report(workdir, entries: list[dict], fmt: str = "png") -> str:
   """Tokens-to-target table; loss-curve and destroyed-ratio figures saved into the workdir."""
   label = lambda e: f"r={e['r']}"
   curves = plots.over_training(workdir, entries, "eval/loss", label, x="tokens_seen")
-  plots.lines(curves, f"{workdir}/loss_vs_tokens.png", xlabel="tokens",
+  plots.lines(curves, f"{workdir}/loss_vs_tokens.{fmt}", xlabel="tokens",
               ylabel="held-out loss", title="Head rank sweep", markers=False)
-  destroyed = plots.final_vs(entries, "r", "bottleneck/destroyed_ratio", lambda e: "last step")
+  destroyed = plots.final_vs(entries, "r", "bottleneck/destroyed_ratio",
+                             lambda e: "measured (last step)")
   r = np.array(sorted(e["r"] for e in entries), float)
-  destroyed["isotropic G: √(1 − r/V)"] = (r, np.sqrt(1 - r / entries[0]["V"]))
-  plots.lines(destroyed, f"{workdir}/destroyed_vs_rank.png", xlabel="head rank r",
-              ylabel="destroyed_ratio", title="Gradient destroyed by the head", logx=True)
+  plots.lines(destroyed, f"{workdir}/destroyed_vs_rank.{fmt}", xlabel="head rank r",
+              ylabel="destroyed_ratio", title="Gradient destroyed by the head", logx=True,
+              reference={"isotropic": (r, np.sqrt(1 - r / entries[0]["V"]))},
+              reference_label="isotropic G: √(1 − r/V)")
   lowest = min(entries, key=lambda e: e["r"])
   speed = metrics.speedups(curves, label(lowest)) if label(lowest) in curves else {}
   columns = {
@@ -111,9 +113,10 @@ def report(workdir, entries: list[dict]) -> str:
 
 
 def main(cfg, workdir):
+  fmt = plots.figure_format(cfg)
   use_stdlib_corpus(cfg, workdir)
   entries = sweep.run(cfg, workdir, describe)
-  sweep.publish(workdir, lambda: report(workdir, entries))
+  sweep.publish(workdir, lambda: report(workdir, entries, fmt))
 
 
 if __name__ == "__main__":

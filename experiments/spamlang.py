@@ -20,6 +20,8 @@ Presets:
   0.3} (centred on the lr that learned on CPU). Coverage is ≥ 19.5 sequences per symbol.
 """
 
+import math
+
 from lmhead_jax import cli, metrics, plots, sweep
 from lmhead_jax.config import base_config
 
@@ -84,24 +86,31 @@ COLUMNS = {
     "wall (s)": lambda e: e.get("wall_s")}
 
 
-def report(workdir, entries: list[dict]) -> str:
+def report(workdir, entries: list[dict], fmt: str = "png") -> str:
   """The results table; figures saved into the workdir."""
   plots.lines(plots.final_vs(entries, "V/D", "eval/accuracy", arm),
-              f"{workdir}/accuracy_vs_ratio.png", xlabel="V / D", ylabel="held-out accuracy",
-              title="SpamLang: final accuracy", logx=True)
+              f"{workdir}/accuracy_vs_ratio.{fmt}", xlabel="V / D", ylabel="held-out accuracy",
+              title="SpamLang: final held-out accuracy", logx=True)
   first = [e for e in entries if arm(e) == arm(entries[0])]
   by_ratio = lambda e: f"V/D={e['V/D']:g}"
-  for y, name in (("bottleneck/destroyed_ratio", "destroyed_ratio"), ("accuracy", "accuracy")):
-    plots.lines(plots.over_training(workdir, first, y, by_ratio), f"{workdir}/{name}_curves.png",
-                xlabel="step", ylabel=name, title=f"SpamLang, {arm(entries[0])}",
-                markers=False)
+  title = f"SpamLang, {arm(entries[0])}"
+  destroyed = plots.over_training(workdir, first, "bottleneck/destroyed_ratio", by_ratio)
+  baselines = {by_ratio(e): math.sqrt(1 - e["D"] / e["V"]) for e in first}
+  plots.lines(destroyed, f"{workdir}/destroyed_ratio_curves.{fmt}", xlabel="step",
+              ylabel="destroyed_ratio", title=title, markers=False,
+              reference={k: (x[[0, -1]], [baselines[k]] * 2) for k, (x, _) in destroyed.items()},
+              reference_label="isotropic G: √(1 − D/V)")
+  plots.lines(plots.over_training(workdir, first, "accuracy", by_ratio),
+              f"{workdir}/accuracy_curves.{fmt}", xlabel="step",
+              ylabel="train accuracy (each step's batch)", title=title, markers=False)
   return metrics.markdown_table(sorted(entries, key=lambda e: (arm(e), e["V/D"])), COLUMNS)
 
 
 def main(cfg, workdir):
+  fmt = plots.figure_format(cfg)
   entries = sweep.run(cfg, workdir, describe)
   if cfg.get("sweep"):
-    sweep.publish(workdir, lambda: report(workdir, entries))
+    sweep.publish(workdir, lambda: report(workdir, entries, fmt))
   else:
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in entries[0].items()})
 

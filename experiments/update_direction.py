@@ -16,7 +16,7 @@ import pathlib
 import jax
 import numpy as np
 
-from lmhead_jax import cli, directions, figures_measure, gram, measure, sharding, subjects
+from lmhead_jax import cli, directions, figures_measure, gram, measure, plots, sharding, subjects
 
 
 def get_config(preset: str = "cpu"):
@@ -40,6 +40,7 @@ def get_config(preset: str = "cpu"):
 
 
 def main(cfg, workdir):
+  fmt = plots.figure_format(cfg)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   u = cfg.update_dir
   eps = np.logspace(np.log10(u.eps_min), np.log10(u.eps_max), u.eps_points).astype(np.float32)
@@ -68,7 +69,7 @@ def main(cfg, workdir):
   if jax.process_index() == 0:
     out = pathlib.Path(workdir)
     (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))
-    figures_measure.update(results, out / "update_directions.png")
+    figures_measure.update(results, out / f"update_directions.{fmt}")
 
 
 if __name__ == "__main__":

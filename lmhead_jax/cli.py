@@ -33,29 +33,52 @@ def define_flags() -> None:
   flags.DEFINE_integer("distributed_timeout", 120, "Seconds to wait for every process to join.")
 
 
+def detected_cluster(env=os.environ) -> tuple[str, int] | None:
+  """(name, process count) of the job that `jax.distributed.initialize()` detects without
+  arguments, read from the environment as JAX reads it (Open MPI's mpirun first, then SLURM's
+  srun, then a Cloud TPU slice); None outside such a job. Kubernetes needs --num_processes."""
+  def count(key):
+    try:
+      return int(env[key])
+    except ValueError:
+      raise ValueError(f"environment variable {key}={env[key]!r} is not a process count") from None
+  slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+  if "OMPI_COMM_WORLD_SIZE" in env:
+    return "Open MPI", count("OMPI_COMM_WORLD_SIZE")
+  if all(k in env for k in slurm):
+    return "SLURM", count("SLURM_NTASKS")
+  hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
+  return ("Cloud TPU", len(hosts.split(","))) if hosts else None
+
+
 def multi_process() -> bool:
-  """Explicit flags, or a Cloud TPU slice with several workers."""
-  workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return bool(FLAGS.coordinator_address) or (FLAGS.num_processes or 1) > 1 or "," in workers
+  """Explicit flags, or a detected cluster job (SLURM, Open MPI, Cloud TPU) of several processes."""
+  cluster = detected_cluster()
+  return (bool(FLAGS.coordinator_address) or (FLAGS.num_processes or 1) > 1
+          or (cluster is not None and cluster[1] > 1))
 
 
 def start_distributed() -> None:
   """`jax.distributed.initialize` before any other JAX call; a missing peer fails fast.
 
-  JAX aborts the process from C++ when peers never arrive, so a watchdog exits first with a
-  message that says what is missing.
+  Flags left unset are detected by JAX (SLURM, Open MPI, Cloud TPU). JAX aborts the process
+  from C++ when peers never arrive, so a watchdog exits first with a message that says what is
+  missing.
   """
   import jax
   if not multi_process():
     return
   timeout = FLAGS.distributed_timeout
-  expected = FLAGS.num_processes or "all"
+  cluster = detected_cluster()
+  expected = FLAGS.num_processes or (cluster[1] if cluster else "all")
+  how = (f"start every process of the {cluster[0]} job" if cluster and not FLAGS.coordinator_address
+         else "start every process (same --coordinator_address and --num_processes, distinct "
+              "--process_id)")
 
   def give_up():
     sys.stderr.write(f"multi-process start-up failed: not all {expected} processes joined "
-                     f"{FLAGS.coordinator_address or 'the coordinator'} within {timeout}s; start every "
-                     f"process (same --coordinator_address and --num_processes, distinct "
-                     f"--process_id)\n")
+                     f"{FLAGS.coordinator_address or 'the coordinator'} within {timeout}s; "
+                     f"{how}\n")
     sys.stderr.flush()
     os._exit(2)
 

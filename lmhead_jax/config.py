@@ -221,6 +221,7 @@ def base_config() -> ml_collections.ConfigDict:
       eps=1e-8, momentum=0.9, nesterov=False, clip_norm=0.0))
   c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=3))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.figures = ml_collections.ConfigDict(dict(format="png"))  # png, svg or pdf
   c.sweep = ()  # grids of runs (lmhead_jax.sweep); empty: one run
   c.lock()
   return c

