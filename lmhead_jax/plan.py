@@ -183,8 +183,7 @@ def compile_sweep(cfg, slice_name: str, runs: list[str] | None = None,
   from lmhead_jax import aot, sweep
   named = {sweep.run_name(o) or "run": o for o in sweep.expand(cfg.get("sweep") or ({},))}
   if unknown := set(runs or ()) - set(named):
-    raise ValueError(f"--runs={','.join(runs)}: {sorted(unknown)} not in the sweep's runs "
-                     f"{list(named)}")
+    raise ValueError(f"--runs: {sorted(unknown)} not in the sweep's runs {list(named)}")
   rows = []
   for name, overrides in named.items():
     if runs is None or name in runs:
@@ -220,8 +219,8 @@ if __name__ == "__main__":
   flags.DEFINE_enum("compile", None, ["tpu", "cpu"], "tpu: compile every program with XLA:TPU "
                     "for the slice (libtpu); cpu: the train step for the current devices (fake "
                     "CPU ones via XLA_FLAGS=--xla_force_host_platform_device_count=N).")
-  flags.DEFINE_list("runs", None, "With --compile=tpu, only these runs of the sweep (e.g. "
-                    "head.rank=32); default all.")
+  flags.DEFINE_multi_string("runs", None, "With --compile=tpu, only this run of the sweep "
+                            "(e.g. head.rank=32); repeat for several; default all.")
   flags.DEFINE_list("programs", None, "With --compile=tpu, only these programs (e.g. "
                     "train_step); default all.")
   flags.mark_flags_as_required(["config"])
