@@ -13,7 +13,7 @@ Per chip (one JAX device per chip, megacore on v4/v5p), `compiled_row` reports X
 (arguments, outputs, temporaries; needed = arguments + outputs − aliased + temporaries), FLOPs
 and bytes accessed (`cost_analysis`), and a roofline lower bound on the step time,
 max(FLOPs / peak, bytes / HBM bandwidth) from `plan.CHIPS`, with the MFU that bound implies
-(model FLOPs per chip over peak × bound; train steps only).
+(model FLOPs per chip over peak × bound; the forward's third of them for eval and measure).
 
 XLA:TPU's cost_analysis counts the body of a while loop once, whatever its trip count (measured:
 the same FLOPs for 2 and 4 scanned layers), so its FLOPs and bytes cover one layer and one
@@ -88,8 +88,14 @@ def _abstract_params(c: ModelConfig, hc: HeadConfig, mesh, dtype=None):
       shapes, sharding.param_shardings(shapes, model.param_axes(c, hc), mesh))
 
 
+def forward_flops(c: ModelConfig, hc: HeadConfig, tokens: int, seq_len: int) -> float:
+  """Forward model FLOPs: a third of the training FLOPs of `costs` (2·N·P + attention)."""
+  cfg = types.SimpleNamespace(model=c, head=hc)
+  return costs.model_flops_per_token(cfg, seq_len) / 3 * tokens
+
+
 def train_programs(cfg, mesh) -> dict:
-  """{name: (lowered program, model FLOPs per step or None)} of a training config."""
+  """{name: (lowered program, model FLOPs per step)} of a training config."""
   shapes = jax.eval_shape(lambda k: train.new_state(k, cfg), jax.random.key(0))
   state = checkpoint.abstract_like(shapes, train.state_shardings(cfg, mesh))
   batch = _batch(cfg, mesh, int(cfg.train.batch_size), int(cfg.data.seq_len))
@@ -99,7 +105,8 @@ def train_programs(cfg, mesh) -> dict:
       "train_step": (train.make_train_step(cfg, mesh).lower(state, batch), flops),
       "train_step_no_metrics": (
           train.make_train_step(cfg, mesh, with_bottleneck=False).lower(state, batch), flops),
-      "eval_step": (train.make_eval_step(cfg, mesh).lower(state.params, batch), None),
+      "eval_step": (train.make_eval_step(cfg, mesh).lower(state.params, batch),
+                    forward_flops(*train.configs(cfg), tokens, int(cfg.data.seq_len))),
   }
 
 
@@ -115,7 +122,8 @@ def measured_models(cfg) -> list[tuple[str, ModelConfig, HeadConfig, object]]:
 
 
 def measure_programs(cfg, mesh) -> dict:
-  """{name: (lowered, None)}: range map of W (QR + SVD) and the measuring step, per model."""
+  """{name: (lowered, model FLOPs)}: range map of W (QR + SVD; no model FLOPs) and the
+  measuring step (the trunk and head forward), per model."""
   out = {}
   batch = _batch(cfg, mesh, int(cfg.measure.batch_size), int(cfg.data.seq_len))
   rep = sharding.replicated(mesh)
@@ -126,7 +134,9 @@ def measure_programs(cfg, mesh) -> dict:
     s = types.SimpleNamespace(model_cfg=c, head_cfg=hc)
     step = measure.make_step(s, mesh, int(cfg.measure.chunk_len or cfg.data.seq_len))
     out[f"{name}/range_map"] = (range_map.lower(heads.params_of(params, hc)), None)
-    out[f"{name}/measure_step"] = (step.lower(params, m, batch), None)
+    seq_len = int(cfg.data.seq_len)
+    flops = forward_flops(c, hc, int(cfg.measure.batch_size) * seq_len, seq_len)
+    out[f"{name}/measure_step"] = (step.lower(params, m, batch), flops)
   return out
 
 

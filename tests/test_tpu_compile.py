@@ -107,6 +107,12 @@ def test_measure_programs_from_hf_config(tmp_path):
   # The range map's argument is W (1024×128 bf16), replicated on the default data mesh.
   assert rows["tiny-llama/range_map"]["argument_gb"] * 1e9 == pytest.approx(1024 * 128 * 2)
   assert rows["tiny-llama/range_map"]["output_gb"] * 1e9 == pytest.approx(128 * 128 * 4)
+  # Forward FLOPs per token: 2·(2 layers × (4·128² attention + 3·128·256 MLP + 2·128 norms)
+  # + V·D head) + 4·layers·heads·head_dim·seq; 8 × 128 tokens over 4 chips.
+  per_token = 2 * (2 * (4 * 128**2 + 3 * 128 * 256 + 2 * 128) + 1024 * 128) + 4 * 2 * 128 * 128
+  step = rows["tiny-llama/measure_step"]
+  assert step["model_tflops"] * 1e12 == pytest.approx(per_token * 8 * 128 / 4)
+  assert 0 < step["roofline_mfu"] <= 1
   assert all(r["fits"] for r in rows.values())
 
 
