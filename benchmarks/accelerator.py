@@ -24,7 +24,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import configs, train_step

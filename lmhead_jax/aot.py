@@ -73,7 +73,7 @@ def topology_devices(slice_name: str) -> list:
   return list(topo.devices)
 
 
-def _batch(cfg, mesh, batch_size: int, seq_len: int) -> dict:
+def _batch(mesh, batch_size: int, seq_len: int) -> dict:
   b = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32,
                            sharding=sharding.batch_sharding(mesh))
   return {"inputs": b, "targets": b,
@@ -98,7 +98,7 @@ def train_programs(cfg, mesh) -> dict:
   """{name: (lowered program, model FLOPs per step)} of a training config."""
   shapes = jax.eval_shape(lambda k: train.new_state(k, cfg), jax.random.key(0))
   state = checkpoint.abstract_like(shapes, train.state_shardings(cfg, mesh))
-  batch = _batch(cfg, mesh, int(cfg.train.batch_size), int(cfg.data.seq_len))
+  batch = _batch(mesh, int(cfg.train.batch_size), int(cfg.data.seq_len))
   tokens = int(cfg.train.batch_size) * int(cfg.data.seq_len)
   flops = costs.model_flops_per_token(cfg) * tokens
   return {
@@ -125,7 +125,7 @@ def measure_programs(cfg, mesh) -> dict:
   """{name: (lowered, model FLOPs)}: range map of W (QR + SVD; no model FLOPs) and the
   measuring step (the trunk and head forward), per model."""
   out = {}
-  batch = _batch(cfg, mesh, int(cfg.measure.batch_size), int(cfg.data.seq_len))
+  batch = _batch(mesh, int(cfg.measure.batch_size), int(cfg.data.seq_len))
   rep = sharding.replicated(mesh)
   for name, c, hc, dtype in measured_models(cfg):
     params = _abstract_params(c, hc, mesh, dtype)
