@@ -107,14 +107,14 @@ def variants(cfg, mesh, compare: bool) -> list[Variant]:
   return out
 
 
-def run(cfg, compare: bool, steps: int, warmup: int) -> list[dict]:
+def run(cfg, compare: bool, steps: int, warmup: int, matmul_n: int = 4096) -> list[dict]:
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   vs = variants(cfg, mesh, compare)
   for i in range(warmup + steps):
     for v in vs:  # alternate, so drifts in machine load hit every variant alike
       if v.fits:
         v.step(timed=i >= warmup)
-  peak = matmul_peak_flops(jnp.dtype(cfg.model.dtype))
+  peak = matmul_peak_flops(jnp.dtype(cfg.model.dtype), matmul_n)
   rows = [v.report(peak) for v in vs]
   mem, source = peak_memory_bytes()
   for r in rows:

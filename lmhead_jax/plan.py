@@ -1,12 +1,19 @@
 """Paper-scale plans checked offline: parameters, FLOPs, per-device memory and step time on a slice.
 
   python -m lmhead_jax.plan --config=experiments/rank_sweep.py:paper --slice=v5p-64 [--mfu=0.4]
-      [--tokens=11e9] [--compile] [--config.mesh.fsdp=-1 ...]
+      [--tokens=11e9] [--compile=tpu|cpu] [--config.mesh.fsdp=-1 ...]
 
 Parameter and optimizer bytes come from `jax.eval_shape` of the real init and optimizer, divided
 by each leaf's real sharding on the slice's mesh. Activations are an estimate (formula in
-`activation_bytes`). With --compile, the train step is lowered and compiled for fake CPU devices
-shaped like the slice, and XLA's own per-device memory and FLOP counts are reported beside.
+`activation_bytes`). --compile=tpu compiles every program with XLA:TPU for the slice's topology
+(libtpu, no TPU needed; `lmhead_jax.aot`) and exits non-zero with "does not fit" when one needs
+more than the chip's HBM; --compile=cpu compiles the train step for the current (e.g. fake CPU)
+devices and reports XLA's per-device memory and FLOP counts beside.
+
+Chip specs (per chip; bf16 peak, HBM capacity, HBM bandwidth), from Google Cloud's TPU pages
+(cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}, "key specifications"): v4 275 TFLOP/s, 32 GiB,
+1,200 GB/s; v5e 197 TFLOP/s, 16 GB, 819 GB/s; v5p 459 TFLOP/s, 95 GB, 2,765 GB/s; v6e 918
+TFLOP/s, 32 GB, 1,640 GB/s.
 """
 
 import dataclasses
@@ -25,13 +32,14 @@ class Chip:
   tensorcores: int  # per chip; the slice name counts TensorCores for v4 and v5p
   hbm_bytes: float
   peak_bf16_flops: float
+  hbm_bytes_per_s: float
 
 
-CHIPS = {
-    "v4": Chip(2, 32e9, 275e12),
-    "v5p": Chip(2, 95e9, 459e12),
-    "v5e": Chip(1, 16e9, 197e12),
-    "v6e": Chip(1, 32e9, 918e12),
+CHIPS = {  # sources in the module docstring
+    "v4": Chip(2, 32 * 2**30, 275e12, 1200e9),
+    "v5p": Chip(2, 95e9, 459e12, 2765e9),
+    "v5e": Chip(1, 16e9, 197e12, 819e9),
+    "v6e": Chip(1, 32e9, 918e12, 1640e9),
 }
 
 
@@ -135,19 +143,24 @@ COLUMNS = ("run", "params", "flops_per_token", "mesh", "params_gb", "opt_state_g
            "tokens", "chip_hours")
 
 
-def format_table(rows: list[dict]) -> str:
+AOT_COLUMNS = ("run", "program", "argument_gb", "temp_gb", "output_gb", "alias_gb", "needed_gb",
+               "hbm_gb", "fits", "model_tflops", "xla_tflops", "xla_gb_accessed", "roofline_ms",
+               "bound", "roofline_mfu", "xla_error")
+
+
+def format_table(rows: list[dict], columns=COLUMNS) -> str:
   def fmt(v):
     if isinstance(v, float):
       return f"{v:.3g}"
     return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
-  cols = [c for c in COLUMNS if any(c in r for r in rows)]
+  cols = [c for c in columns if any(c in r for r in rows)]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
   return "\n".join(lines)
 
 
 def plan_sweep(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = None,
-               compile_: bool = False) -> list[dict]:
+               compile_: str | None = None) -> list[dict]:
   """One row per run of `cfg.sweep` (or one for a single run), plus a total row."""
   from lmhead_jax import sweep
   runs = sweep.expand(cfg.get("sweep") or ({},))
@@ -155,7 +168,7 @@ def plan_sweep(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = No
   for overrides in runs:
     run_cfg = sweep.configure(cfg, overrides)
     row = {"run": sweep.run_name(overrides) or "run", **plan(run_cfg, slice_name, mfu, tokens)}
-    if compile_:
+    if compile_ == "cpu":
       row.update(compiled_memory(run_cfg))
     rows.append(row)
   if len(rows) > 1:
@@ -164,11 +177,35 @@ def plan_sweep(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = No
   return rows
 
 
+def compile_sweep(cfg, slice_name: str, runs: list[str] | None = None,
+                  programs: list[str] | None = None) -> list[dict]:
+  """XLA:TPU's rows (`aot.compile_for_slice`) for each run of `cfg.sweep` (or those named)."""
+  from lmhead_jax import aot, sweep
+  named = {sweep.run_name(o) or "run": o for o in sweep.expand(cfg.get("sweep") or ({},))}
+  if unknown := set(runs or ()) - set(named):
+    raise ValueError(f"--runs: {sorted(unknown)} not in the sweep's runs {list(named)}")
+  rows = []
+  for name, overrides in named.items():
+    if runs is None or name in runs:
+      run_cfg = sweep.configure(cfg, overrides)
+      rows += [{"run": name, **r} for r in aot.compile_for_slice(run_cfg, slice_name, programs)]
+  return rows
+
+
 def main(argv):
   del argv
   from absl import flags
+  from lmhead_jax import aot
   f = flags.FLAGS
-  print(format_table(plan_sweep(f.config, f.slice, f.mfu, f.tokens, f.compile)))
+  if "measure" not in f.config:
+    print(format_table(plan_sweep(f.config, f.slice, f.mfu, f.tokens, f.compile)))
+  if f.compile == "tpu":
+    rows = compile_sweep(f.config, f.slice, f.runs, f.programs)
+    print(format_table(rows, AOT_COLUMNS))
+    try:
+      aot.check_fits(rows, f.slice)
+    except aot.DoesNotFit as e:
+      raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":
@@ -179,7 +216,12 @@ if __name__ == "__main__":
   flags.DEFINE_string("slice", "v5p-64", "TPU slice, e.g. v5p-64, v6e-64, v4-32.")
   flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilization for the step time.")
   flags.DEFINE_float("tokens", None, "Training tokens per run (default: steps × batch).")
-  flags.DEFINE_bool("compile", False, "Also compile for the current devices (fake CPU ones via "
-                    "XLA_FLAGS=--xla_force_host_platform_device_count=N).")
+  flags.DEFINE_enum("compile", None, ["tpu", "cpu"], "tpu: compile every program with XLA:TPU "
+                    "for the slice (libtpu); cpu: the train step for the current devices (fake "
+                    "CPU ones via XLA_FLAGS=--xla_force_host_platform_device_count=N).")
+  flags.DEFINE_multi_string("runs", None, "With --compile=tpu, only this run of the sweep "
+                            "(e.g. head.rank=32); repeat for several; default all.")
+  flags.DEFINE_list("programs", None, "With --compile=tpu, only these programs (e.g. "
+                    "train_step); default all.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

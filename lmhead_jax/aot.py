@@ -1,0 +1,200 @@
+"""Ahead-of-time compilation for a TPU slice with libtpu and no TPU: XLA:TPU's own verdict.
+
+  python -m lmhead_jax.plan --config=experiments/rank_sweep.py:paper --slice=v5p-64 --compile=tpu
+
+`topology_devices` asks libtpu for a slice's devices (`jax.experimental.topologies`, as MaxText's
+train_compile.py does), multi-host slices included. Each program is lowered with sharded
+ShapeDtypeStructs on a mesh of those devices and compiled by XLA:TPU for that topology:
+
+- training configs: the train step with the bottleneck metrics, without them, and the eval step;
+- measurement configs (a `measure` key): the range map of W (QR + SVD) and the measuring step.
+
+Per chip (one JAX device per chip, megacore on v4/v5p), `compiled_row` reports XLA's bytes
+(arguments, outputs, temporaries; needed = arguments + outputs − aliased + temporaries), FLOPs
+and bytes accessed (`cost_analysis`), and a roofline lower bound on the step time,
+max(FLOPs / peak, bytes / HBM bandwidth) from `plan.CHIPS`, with the MFU that bound implies
+(model FLOPs per chip over peak × bound; the forward's third of them for eval and measure).
+
+XLA:TPU's cost_analysis counts the body of a while loop once, whatever its trip count (measured:
+the same FLOPs for 2 and 4 scanned layers), so its FLOPs and bytes cover one layer and one
+micro-batch: lower bounds. The compute term therefore takes the larger of XLA's FLOPs and the
+model FLOPs of `costs` (6·N·P + attention, also a lower bound); the memory term stays a lower
+bound too.
+"""
+
+import math
+import os
+import pathlib
+import types
+
+import jax
+import jax.numpy as jnp
+
+from lmhead_jax import bottleneck, checkpoint, costs, heads, hf, measure, model, sharding, train
+from lmhead_jax.config import HeadConfig, ModelConfig
+from lmhead_jax.plan import parse_slice
+
+
+class DoesNotFit(Exception):
+  """A compiled program needs more bytes per chip than the chip's HBM."""
+
+
+def topology_shape(kind: str, chips: int) -> tuple[int, ...]:
+  """Chip grid of a slice: 3-D for v4/v5p (4 → 2x2x1, 8 → 2x2x2, 32 → 2x4x4), else 2-D (8 → 2x4)."""
+  if chips & (chips - 1):
+    raise ValueError(f"{kind} slice of {chips} chips: only powers of two are supported")
+  dims = [2, 2, 1] if kind in ("v4", "v5p") else [1, 1]
+  if math.prod(dims) > chips:
+    raise ValueError(f"{kind} slices start at {math.prod(dims)} chips, got {chips}")
+  while math.prod(dims) < chips:  # double the last of the smallest axes, as Cloud TPU's shapes
+    i = max(i for i, n in enumerate(dims) if n == min(dims))
+    dims[i] *= 2
+  return tuple(dims)
+
+
+def topology_devices(slice_name: str) -> list:
+  """The devices of a TPU slice, from libtpu's topology (no TPU needed).
+
+  Compiling needs no TPU, so libtpu's one-process lockfile is waived (ALLOW_MULTIPLE_LIBTPU_LOAD):
+  several compiles, or one beside a job that holds a TPU, may run at once.
+  """
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    from jax.experimental import topologies
+    import libtpu  # noqa: F401
+  except ImportError as e:
+    raise ImportError("--compile=tpu needs libtpu: pip install 'lmhead-jax[tpu-compile]'") from e
+  kind, chip, chips = parse_slice(slice_name)
+  dims = topology_shape(kind, chips)
+  topo = topologies.get_topology_desc(
+      platform="tpu", topology_name=f"{kind}:{'x'.join(map(str, dims))}",
+      chip_config_name="megacore" if chip.tensorcores > 1 else "default",
+      chips_per_host_bounds=(min(dims[0], 2), min(dims[1], 2), 1), num_slices=1)
+  return list(topo.devices)
+
+
+def _batch(mesh, batch_size: int, seq_len: int) -> dict:
+  b = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32,
+                           sharding=sharding.batch_sharding(mesh))
+  return {"inputs": b, "targets": b,
+          "mask": jax.ShapeDtypeStruct(b.shape, jnp.float32, sharding=b.sharding)}
+
+
+def _abstract_params(c: ModelConfig, hc: HeadConfig, mesh, dtype=None):
+  shapes = jax.eval_shape(lambda k: model.init(k, c, hc), jax.random.key(0))
+  if dtype is not None:
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+  return checkpoint.abstract_like(
+      shapes, sharding.param_shardings(shapes, model.param_axes(c, hc), mesh))
+
+
+def forward_flops(c: ModelConfig, hc: HeadConfig, tokens: int, seq_len: int) -> float:
+  """Forward model FLOPs: a third of the training FLOPs of `costs` (2·N·P + attention)."""
+  cfg = types.SimpleNamespace(model=c, head=hc)
+  return costs.model_flops_per_token(cfg, seq_len) / 3 * tokens
+
+
+def train_programs(cfg, mesh) -> dict:
+  """{name: (lowered program, model FLOPs per step)} of a training config."""
+  shapes = jax.eval_shape(lambda k: train.new_state(k, cfg), jax.random.key(0))
+  state = checkpoint.abstract_like(shapes, train.state_shardings(cfg, mesh))
+  batch = _batch(mesh, int(cfg.train.batch_size), int(cfg.data.seq_len))
+  tokens = int(cfg.train.batch_size) * int(cfg.data.seq_len)
+  flops = costs.model_flops_per_token(cfg) * tokens
+  return {
+      "train_step": (train.make_train_step(cfg, mesh).lower(state, batch), flops),
+      "train_step_no_metrics": (
+          train.make_train_step(cfg, mesh, with_bottleneck=False).lower(state, batch), flops),
+      "eval_step": (train.make_eval_step(cfg, mesh).lower(state.params, batch),
+                    forward_flops(*train.configs(cfg), tokens, int(cfg.data.seq_len))),
+  }
+
+
+def measured_models(cfg) -> list[tuple[str, ModelConfig, HeadConfig, object]]:
+  """(name, model, head, params dtype) of a measurement config: the HF `checkpoints` (read
+  from their config.json alone, params in `dtype`) or else `model`/`head` (float32 params)."""
+  from lmhead_jax import subjects
+  out = []
+  for path in map(pathlib.Path, subjects.split_list(cfg.get("checkpoints", ""))):
+    c = hf._model_config(hf._read_json(path / "config.json"), cfg.dtype)
+    out.append((path.name, c, hf.head_config(c), c.compute_dtype))
+  return out or [("model", *train.configs(cfg), None)]
+
+
+def measure_programs(cfg, mesh) -> dict:
+  """{name: (lowered, model FLOPs)}: range map of W (QR + SVD; no model FLOPs) and the
+  measuring step (the trunk and head forward), per model."""
+  out = {}
+  batch = _batch(mesh, int(cfg.measure.batch_size), int(cfg.data.seq_len))
+  rep = sharding.replicated(mesh)
+  for name, c, hc, dtype in measured_models(cfg):
+    params = _abstract_params(c, hc, mesh, dtype)
+    range_map = jax.jit(lambda hp: bottleneck.range_map(heads.matrix(hp)), out_shardings=rep)
+    m = jax.ShapeDtypeStruct((c.d_model, c.d_model), jnp.float32, sharding=rep)
+    s = types.SimpleNamespace(model_cfg=c, head_cfg=hc)
+    step = measure.make_step(s, mesh, int(cfg.measure.chunk_len or cfg.data.seq_len))
+    out[f"{name}/range_map"] = (range_map.lower(heads.params_of(params, hc)), None)
+    seq_len = int(cfg.data.seq_len)
+    flops = forward_flops(c, hc, int(cfg.measure.batch_size) * seq_len, seq_len)
+    out[f"{name}/measure_step"] = (step.lower(params, m, batch), flops)
+  return out
+
+
+def compiled_row(name: str, lowered, model_flops, chip, devices: int) -> dict:
+  """Per-chip memory, cost and roofline of one compiled program.
+
+  XLA:TPU refuses to compile a program whose temporaries exceed HBM; the row then carries its
+  message (with the bytes it needed and had) and fits=False.
+  """
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return {"program": name, "fits": False, "xla_error": str(e).splitlines()[0]}
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  xla_flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  needed = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes)
+  per_chip = model_flops / devices if model_flops else 0.0
+  flops = max(xla_flops, per_chip)  # both are lower bounds (module docstring)
+  compute_s, memory_s = flops / chip.peak_bf16_flops, accessed / chip.hbm_bytes_per_s
+  bound = max(compute_s, memory_s)
+  return {
+      "program": name, "argument_gb": mem.argument_size_in_bytes / 1e9,
+      "output_gb": mem.output_size_in_bytes / 1e9, "alias_gb": mem.alias_size_in_bytes / 1e9,
+      "temp_gb": mem.temp_size_in_bytes / 1e9, "needed_gb": needed / 1e9,
+      "hbm_gb": chip.hbm_bytes / 1e9, "fits": needed <= chip.hbm_bytes,
+      "model_tflops": per_chip / 1e12 if model_flops else None, "xla_tflops": xla_flops / 1e12,
+      "xla_gb_accessed": accessed / 1e9, "roofline_ms": 1e3 * bound,
+      "bound": "compute" if compute_s >= memory_s else "memory",
+      "roofline_mfu": per_chip / chip.peak_bf16_flops / bound if model_flops and bound else None,
+  }
+
+
+def compile_for_slice(cfg, slice_name: str, only: tuple[str, ...] | None = None) -> list[dict]:
+  """One row per program of `cfg` (or those in `only`), compiled by XLA:TPU for `slice_name`."""
+  _, chip, _ = parse_slice(slice_name)
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
+                            devices=topology_devices(slice_name))
+  programs = measure_programs(cfg, mesh) if "measure" in cfg else train_programs(cfg, mesh)
+  return [compiled_row(name, lowered, flops, chip, mesh.size)
+          for name, (lowered, flops) in programs.items() if only is None or name in only]
+
+
+def check_fits(rows: list[dict], slice_name: str) -> None:
+  """Raises DoesNotFit naming every program over HBM, its bytes and what to change."""
+  over = [r for r in rows if "fits" in r and not r["fits"]]
+  if over:
+    lines = [f"{r.get('run', '')} {r['program']}: ".lstrip() + (
+        r["xla_error"] if "xla_error" in r else
+        f"needs {r['needed_gb']:.2f} GB per chip (arguments {r['argument_gb']:.2f}, temporaries "
+        f"{r['temp_gb']:.2f}, outputs {r['output_gb']:.2f}), {slice_name} has "
+        f"{r['hbm_gb']:.2f} GB") for r in over]
+    raise DoesNotFit(
+        f"does not fit on {slice_name}:\n  " + "\n  ".join(lines) + "\nchange: shard more "
+        "(--config.mesh.fsdp=-1, a larger slice), recompute activations (model.remat=True), "
+        "a smaller micro-batch (train.batch_size, train.grad_accum; measure.batch_size), or a "
+        "chunked head (head.chunk_size; measure.chunk_len)")

@@ -1,0 +1,191 @@
+"""XLA:TPU ahead-of-time compilation with libtpu (no TPU): topology, per-chip bytes, fit check."""
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+from conftest import tiny_config
+
+from lmhead_jax import aot, costs, model, plan, subjects
+from lmhead_jax.config import FAMILIES, HeadConfig, ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install "
+                                  "'lmhead-jax[tpu-compile]'): the TPU compiler is unavailable")
+
+
+def aligned_config(**model_kw):
+  """Every weight dimension a multiple of 128 (TPU tiles), so XLA's bytes carry no padding."""
+  cfg = tiny_config(d_model=128, n_heads=1, n_kv_heads=1, d_ff=256, vocab_size=512,
+                    max_seq_len=128, **model_kw)
+  cfg.data.seq_len = 128
+  cfg.mesh.update(data=1, fsdp=-1, tensor=1)
+  return cfg
+
+
+def test_topology_shapes_match_cloud_tpu():
+  # Google Cloud's documented slice shapes (chips): v5p-8 2x2x1, v5p-64 2x4x4, v4-64 2x4x4,
+  # v5p-1024 8x8x8, v5e-256 16x16, v6e-64 8x8, v6e-8 2x4, v5e-1 1x1.
+  cases = {"v5p-8": (2, 2, 1), "v5p-64": (2, 4, 4), "v4-64": (2, 4, 4), "v5p-1024": (8, 8, 8),
+           "v5e-256": (16, 16), "v6e-64": (8, 8), "v6e-8": (2, 4), "v5e-1": (1, 1)}
+  for name, dims in cases.items():
+    kind, _, chips = plan.parse_slice(name)
+    assert aot.topology_shape(kind, chips) == dims, name
+  with pytest.raises(ValueError, match="powers of two"):
+    aot.topology_shape("v5e", 24)
+  with pytest.raises(ValueError, match="start at 4 chips"):
+    aot.topology_shape("v5p", 2)
+
+
+@needs_libtpu
+def test_multi_host_slice_devices():
+  devices = aot.topology_devices("v5p-64")
+  assert len(devices) == 32 and {d.device_kind for d in devices} == {"TPU v5"}
+  assert len({d.process_index for d in devices}) == 8  # 4 chips per host
+  assert len(aot.topology_devices("v5e-256")) == 256
+
+
+@needs_libtpu
+def test_train_eval_programs_bytes_and_roofline():
+  cfg = aligned_config()
+  (train,) = aot.compile_for_slice(cfg, "v5p-8", only=("train_step",))
+  c = ModelConfig.of(cfg.model)
+  shapes = jax.eval_shape(lambda k: model.init(k, c, HeadConfig.of(cfg.head, c)),
+                          jax.random.key(0))
+  param_bytes = sum(math.prod(x.shape) * 4 for x in jax.tree.leaves(shapes))
+  # Arguments per chip: params + AdamW mu + nu, each 1/4 (fsdp=4), and the batch (3 arrays).
+  batch_bytes = 3 * 8 * 128 * 4 / 4
+  assert train["argument_gb"] * 1e9 == pytest.approx(3 * param_bytes / 4 + batch_bytes, rel=0.02)
+  assert train["alias_gb"] == pytest.approx(3 * param_bytes / 4 / 1e9, rel=0.02)  # donated
+  chip = plan.CHIPS["v5p"]
+  model_per_chip = costs.model_flops_per_token(cfg) * 8 * 128 / 4
+  assert train["model_tflops"] * 1e12 == pytest.approx(model_per_chip)
+  # The bound is at least the model FLOPs at peak, and the bytes XLA counts at HBM bandwidth.
+  assert train["roofline_ms"] / 1e3 >= model_per_chip / chip.peak_bf16_flops
+  assert train["roofline_ms"] / 1e3 >= train["xla_gb_accessed"] * 1e9 / chip.hbm_bytes_per_s
+  assert train["roofline_mfu"] == pytest.approx(
+      model_per_chip / (chip.peak_bf16_flops * train["roofline_ms"] / 1e3))
+  assert 0 < train["roofline_mfu"] <= 1
+  assert train["fits"] and train["needed_gb"] < 95
+
+
+@needs_libtpu
+def test_cost_analysis_counts_a_scan_body_once():
+  """Why the roofline takes max(model, XLA) FLOPs: XLA:TPU ignores the layer scan's trip count.
+
+  If a libtpu release counts loops, this fails: XLA's FLOPs then become the better figure.
+  """
+  flops = []
+  for layers in (2, 4):
+    cfg = aligned_config(n_layers=layers)
+    (row,) = aot.compile_for_slice(cfg, "v5p-8", only=("eval_step",))
+    flops.append(row["xla_tflops"])
+  assert flops[1] == pytest.approx(flops[0], rel=0.01)
+
+
+@needs_libtpu
+def test_measure_programs_from_hf_config(tmp_path):
+  hf_config = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1,
+               "intermediate_size": 256, "max_position_embeddings": 256, "hidden_act": "silu",
+               "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+  (tmp_path / "tiny-llama").mkdir()
+  (tmp_path / "tiny-llama" / "config.json").write_text(json.dumps(hf_config))
+  cfg = subjects.base_config()
+  cfg.update(checkpoints=str(tmp_path / "tiny-llama"), dtype="bfloat16")
+  cfg.data.seq_len = 128
+  cfg.measure.update(batch_size=8, chunk_len=64)
+  rows = {r["program"]: r for r in aot.compile_for_slice(cfg, "v5p-8")}
+  assert set(rows) == {"tiny-llama/range_map", "tiny-llama/measure_step"}
+  # The range map's argument is W (1024×128 bf16), replicated on the default data mesh.
+  assert rows["tiny-llama/range_map"]["argument_gb"] * 1e9 == pytest.approx(1024 * 128 * 2)
+  assert rows["tiny-llama/range_map"]["output_gb"] * 1e9 == pytest.approx(128 * 128 * 4)
+  # Forward FLOPs per token: 2·(2 layers × (4·128² attention + 3·128·256 MLP + 2·128 norms)
+  # + V·D head) + 4·layers·heads·head_dim·seq; 8 × 128 tokens over 4 chips.
+  per_token = 2 * (2 * (4 * 128**2 + 3 * 128 * 256 + 2 * 128) + 1024 * 128) + 4 * 2 * 128 * 128
+  step = rows["tiny-llama/measure_step"]
+  assert step["model_tflops"] * 1e12 == pytest.approx(per_token * 8 * 128 / 4)
+  assert 0 < step["roofline_mfu"] <= 1
+  assert all(r["fits"] for r in rows.values())
+
+
+def big_eval_rows(vocab_size: int) -> list[dict]:
+  """The eval step of a 1-layer, D=2048 model with 2·V·D float32 parameters, replicated, v5e-4."""
+  cfg = tiny_config(vocab_size=vocab_size, d_model=2048, n_layers=1)
+  cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+  return [{"run": "big", **r} for r in aot.compile_for_slice(cfg, "v5e-4", only=("eval_step",))]
+
+
+def assert_remedies(msg: str):
+  assert msg.startswith("does not fit on v5e-4")
+  for remedy in ("mesh.fsdp", "model.remat", "train.batch_size", "head.chunk_size"):
+    assert remedy in msg
+
+
+@needs_libtpu
+def test_does_not_fit_over_the_documented_hbm():
+  """16.06 GB of parameters: XLA (15.75 GiB usable) compiles it, the 16 GB table rejects it."""
+  (row,) = rows = big_eval_rows(980_000)
+  assert row["argument_gb"] * 1e9 == pytest.approx(2 * 980_000 * 2048 * 4, rel=0.01)
+  assert not row["fits"] and row["needed_gb"] > row["hbm_gb"] == 16
+  with pytest.raises(aot.DoesNotFit) as e:
+    aot.check_fits(rows, "v5e-4")
+  assert "big eval_step: needs 16." in str(e.value) and "v5e-4 has 16.00 GB" in str(e.value)
+  assert_remedies(str(e.value))
+
+
+@needs_libtpu
+def test_does_not_fit_when_xla_runs_out_of_hbm():
+  """17.2 GB of parameters: XLA:TPU refuses to compile; its bytes needed and available show."""
+  (row,) = rows = big_eval_rows(1 << 20)
+  assert not row["fits"] and "CompileTimeHbmOom" in row["xla_error"]
+  with pytest.raises(aot.DoesNotFit) as e:
+    aot.check_fits(rows, "v5e-4")
+  needed, available = map(float, re.search(
+      r"big eval_step: .*\((\d+\.\d+)G\) exceeds available HBM \((\d+\.\d+)G\)",
+      str(e.value)).groups())
+  assert needed > 2 * (1 << 20) * 2048 * 4 / 2**30 > available
+  assert_remedies(str(e.value))
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_cli_exits_when_xla_runs_out_of_hbm():
+  """XLA:TPU itself refuses the train step (temporaries > HBM): the CLI exits non-zero."""
+  cmd = [sys.executable, "-m", "lmhead_jax.plan", "--config=experiments/spamlang.py:smoke",
+         "--config.model.vocab_size=1048576", "--config.model.d_model=1024",
+         "--config.model.n_heads=8", "--config.model.n_kv_heads=8", "--slice=v5e-4",
+         "--compile=tpu", "--programs=train_step,eval_step"]
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0
+  err = proc.stderr[proc.stderr.index("does not fit on v5e-4"):]
+  assert "run train_step:" in err and "eval_step" not in err  # eval fits
+  assert "CompileTimeHbmOom" in err
+  assert_remedies(err)
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_train_step_fits_a_v5p_slice(family):
+  """Each family's train step (metrics on) on v5p-16 (8 chips, 2 hosts), FSDP over all.
+
+  Sized for this test's compile time: XLA:TPU takes minutes to compile the metrics' QR and SVD
+  of a large W (docs/PERFORMANCE.md).
+  """
+  cfg = tiny_config(family=family, vocab_size=4096, d_model=256, n_layers=2, n_heads=4,
+                    n_kv_heads=4 if family in ("gpt2", "gpt_neox") else 2, d_ff=1024,
+                    max_seq_len=512, dtype="bfloat16", remat=True)
+  cfg.data.seq_len = 512
+  cfg.train.batch_size = 16
+  cfg.mesh.update(data=1, fsdp=-1, tensor=1)
+  (row,) = aot.compile_for_slice(cfg, "v5p-16", only=("train_step",))
+  assert row["fits"] and 0 < row["needed_gb"] < plan.CHIPS["v5p"].hbm_bytes / 1e9
