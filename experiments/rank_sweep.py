@@ -44,8 +44,10 @@ def get_config(preset: str = "cpu"):
     cfg.data.seq_len = 2048
     cfg.head.chunk_size = 4096  # fused head + CE: 4096×V logits live, not 32k×V per device
     cfg.optimizer.update(learning_rate=3e-4, warmup_steps=500)
-    cfg.train.update(steps=10_500, batch_size=512, log_every=10, bottleneck_every=50,
-                     eval_every=500, eval_batches=16)
+    # 16 micro-batches of 32 sequences: XLA:TPU keeps float32 attention scores per sequence, and
+    # the whole batch at once needs 402 GiB per v5p chip (docs/PERFORMANCE.md); same gradient.
+    cfg.train.update(steps=10_500, batch_size=512, grad_accum=16, log_every=10,
+                     bottleneck_every=50, eval_every=500, eval_batches=16)
     cfg.checkpoint.update(every=500, keep=2)
     cfg.mesh.update(data=1, fsdp=-1, tensor=1)
     cfg.sweep = ({"head.rank": (32, 64, 128, 256, 512, 1024, 2048, 4096)},)
