@@ -7,7 +7,7 @@
   paper_gpu       the rank-sweep paper model: 6 layers, D=4096, V=49,152, r=4096, bf16, seq 2048
 """
 
-from lmhead_jax.config import base_config
+from lmhead_jax.training.experiment import base_config
 
 
 def get_config(preset: str = "bottleneck_cpu"):

@@ -1,7 +1,7 @@
 """SpamLang: every sequence repeats one symbol; a head of width 2 could represent it.
 
 Any failure to learn it is an optimization failure, and the paper finds that training gets
-harder as V/D grows. Runs go to DIR/<run>/ (lmhead_jax.sweep); DIR/summary.json has one row
+harder as V/D grows. Runs go to DIR/<run>/ (lmhead_jax.training.sweep); DIR/summary.json has one row
 per run with V, D, V/D, the optimizer, the learning rate, tying and the symbol coverage
 (steps × batch / V: sequences per symbol); DIR/*.png are the figures.
 
@@ -20,8 +20,9 @@ Presets:
   0.3} (centred on the lr that learned on CPU). Coverage is ≥ 19.5 sequences per symbol.
 """
 
-from lmhead_jax import cli, metrics, plots, sweep
-from lmhead_jax.config import base_config
+from lmhead_jax.reporting import plots, runs
+from lmhead_jax.training import cli, sweep
+from lmhead_jax.training.experiment import base_config
 
 
 def get_config(preset: str = "smoke"):
@@ -95,7 +96,7 @@ def report(workdir, entries: list[dict]) -> str:
     plots.lines(plots.over_training(workdir, first, y, by_ratio), f"{workdir}/{name}_curves.png",
                 xlabel="step", ylabel=name, title=f"SpamLang, {arm(entries[0])}",
                 markers=False)
-  return metrics.markdown_table(sorted(entries, key=lambda e: (arm(e), e["V/D"])), COLUMNS)
+  return runs.markdown_table(sorted(entries, key=lambda e: (arm(e), e["V/D"])), COLUMNS)
 
 
 def main(cfg, workdir):

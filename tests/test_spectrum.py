@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmhead_jax import bottleneck, spectrum
+from lmhead_jax.analysis import spectrum
+from lmhead_jax.core import bottleneck
 
 EPS = float(np.finfo(np.float32).eps)
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lmhead_jax import bottleneck, checks
+from lmhead_jax.core import bottleneck, checks
 
 
 @struct.dataclass

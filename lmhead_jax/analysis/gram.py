@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lmhead_jax import measure, model, sharding, spectrum
+from lmhead_jax.analysis import measure, spectrum
+from lmhead_jax.core import model
 from lmhead_jax.data import pipeline
+from lmhead_jax.training import sharding
 
 EPS32 = float(np.finfo(np.float32).eps)
 

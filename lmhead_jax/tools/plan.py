@@ -15,9 +15,11 @@ import types
 
 import jax
 
-from lmhead_jax import costs, model, sharding
-from lmhead_jax.config import HeadConfig, ModelConfig
-from lmhead_jax.optim import make_optimizer
+from lmhead_jax.core import model
+from lmhead_jax.tools import costs
+from lmhead_jax.training import sharding
+from lmhead_jax.core.config import HeadConfig, ModelConfig
+from lmhead_jax.training.optim import make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +115,7 @@ def plan(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = None) ->
 
 def compiled_memory(cfg) -> dict:
   """Per-device bytes and FLOPs that XLA reports for the train step on the current devices."""
-  from lmhead_jax import checkpoint, train
+  from lmhead_jax.training import checkpoint, train
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   shapes = jax.eval_shape(lambda k: train.new_state(k, cfg), jax.random.key(0))
   abstract = checkpoint.abstract_like(shapes, train.state_shardings(cfg, mesh))
@@ -149,7 +151,7 @@ def format_table(rows: list[dict]) -> str:
 def plan_sweep(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = None,
                compile_: bool = False) -> list[dict]:
   """One row per run of `cfg.sweep` (or one for a single run), plus a total row."""
-  from lmhead_jax import sweep
+  from lmhead_jax.training import sweep
   runs = sweep.expand(cfg.get("sweep") or ({},))
   rows = []
   for overrides in runs:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 from etils import epath
 
-from lmhead_jax import metrics
+from lmhead_jax.reporting import runs as metrics
 
 
 def _pyplot():
