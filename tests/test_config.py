@@ -137,6 +137,19 @@ def test_resolved_head_kind_is_tied_with_tied_embeddings():
   assert experiment.resolved(cfg).head.kind == "tied"
 
 
+def test_tying_comes_from_model_tie_embeddings_alone():
+  tied, untied = (ModelConfig(vocab_size=64, d_model=8, n_layers=1, n_heads=2, tie_embeddings=t)
+                  for t in (True, False))
+  for kind in ("linear", "tied"):
+    assert HeadConfig.of({"kind": kind}, tied).kind == "tied"
+  assert HeadConfig.of({}, tied).kind == "tied" and HeadConfig.of({}, untied).kind == "linear"
+  assert HeadConfig.of({"kind": "linear"}, untied).kind == "linear"
+  with pytest.raises(ValueError, match="head.kind='tied' needs model.tie_embeddings=True"):
+    HeadConfig.of({"kind": "tied"}, untied)
+  with pytest.raises(ValueError, match="tie_embeddings=True conflicts with head.kind='factorized'"):
+    HeadConfig.of({"kind": "factorized", "rank": 4}, tied)
+
+
 def bad(key, value, **more):
   return pytest.param({key: value, **more}, f"{key}={value!r}", id=f"{key}={value}")
 

@@ -2,7 +2,9 @@
 the flat layout's public names still import, as the same module objects, and only when asked for."""
 
 import ast
+import importlib
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -118,3 +120,21 @@ def test_import_lmhead_jax_is_lazy_and_python_m_plan_runs():
                      capture_output=True, text=True, timeout=120)
   assert "Traceback" not in r.stderr, r.stderr  # absl's --help exits 1 after printing the usage
   assert "python -m lmhead_jax.plan --config=" in r.stdout and "--slice" in r.stdout
+
+
+def test_every_dotted_name_in_the_docs_imports():
+  """Each `lmhead_jax.a.b` in README.md and CONTRIBUTING.md is a module or an attribute of one."""
+  text = "".join((ROOT / f).read_text() for f in ("README.md", "CONTRIBUTING.md"))
+  names = set(re.findall(r"\blmhead_jax(?:\.[A-Za-z_]\w*)+", text))
+  assert {"lmhead_jax.hf.load_checkpoint", "lmhead_jax.plan"} <= names
+  for name in sorted(names):
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):  # the longest prefix that imports, then attributes
+      try:
+        obj = importlib.import_module(".".join(parts[:n]))
+        break
+      except ModuleNotFoundError:
+        continue
+    assert pathlib.Path(obj.__file__).is_relative_to(PACKAGE), f"{name}: from {obj.__file__}"
+    for attr in parts[n:]:
+      obj = getattr(obj, attr)  # AttributeError names what the docs get wrong
