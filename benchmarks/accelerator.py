@@ -27,7 +27,9 @@ import jax
 import numpy as np
 
 from benchmarks import configs, train_step
-from lmhead_jax import heads, hf, model, sharding, train
+from lmhead_jax.core import heads, model
+from lmhead_jax.data import hf
+from lmhead_jax.training import sharding, train
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "hf"
 # Dense bf16 peak FLOP/s per device by jax device_kind. NVIDIA H100/H200 SXM datasheets (989.5

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmhead_jax import costs, sharding, train
+from lmhead_jax.tools import costs
+from lmhead_jax.training import sharding, train
 
 
 def matmul_peak_flops(dtype, n: int = 4096, reps: int = 5) -> float:

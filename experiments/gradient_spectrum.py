@@ -8,16 +8,14 @@ Presets:
   `spectrum.rank_k` σ by a randomized eigensolver.
 
 Writes WORKDIR/summary.json ({"models": [{..., "points": [one summary per N]}]}, definitions in
-`lmhead_jax.gram`), prints a table and draws WORKDIR/spectrum_rank.png.
+`lmhead_jax.analysis.gram`), prints a table and draws WORKDIR/spectrum_rank.png.
 """
 
-import json
-import pathlib
 import time
 
-import jax
-
-from lmhead_jax import cli, figures_measure, gram, measure, plots, sharding, subjects
+from lmhead_jax.analysis import gram, measure, subjects
+from lmhead_jax.reporting import figures_measure, plots
+from lmhead_jax.training import cli
 
 
 def get_config(preset: str = "cpu"):
@@ -55,27 +53,21 @@ def table(results: list[dict]) -> str:
 
 def main(cfg, workdir):
   fmt = plots.figure_format(cfg)
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  sp, results = cfg.spectrum, []
+  sp = cfg.spectrum
   tokens = [int(t) for t in subjects.split_list(sp.tokens)]
-  for s in subjects.load(cfg, workdir, mesh):
+
+  def spectrum(s, source, mesh):
     method = gram.choose_method(sp.method, s.model_cfg.vocab_size, sp.gram_dtype, sp.gram_max_gib)
     t0 = time.perf_counter()
     points = gram.growing_spectrum(
-        s, subjects.source(cfg, s, workdir), mesh, tokens=tokens,
-        batch_size=cfg.measure.batch_size, method=method, gram_dtype=sp.gram_dtype,
-        k=sp.rank_k, power_iters=sp.power_iters, seed=cfg.seed)
-    results.append({"name": s.name, "vocab_size": s.model_cfg.vocab_size,
-                    "d_model": s.model_cfg.d_model, "head": s.head_cfg.kind, "method": method,
-                    "seconds": time.perf_counter() - t0, "points": points})
-    print(table(results[-1:]), flush=True)
-  if not results:
-    raise ValueError("no models to measure: set checkpoints, runs, fresh or train.steps")
-  print(table(results))
-  if jax.process_index() == 0:
-    out = pathlib.Path(workdir)
-    (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))
-    figures_measure.spectrum(results, out / f"spectrum_rank.{fmt}")
+        s, source, mesh, tokens=tokens, batch_size=cfg.measure.batch_size, method=method,
+        gram_dtype=sp.gram_dtype, k=sp.rank_k, power_iters=sp.power_iters, seed=cfg.seed)
+    return {"name": s.name, "vocab_size": s.model_cfg.vocab_size, "d_model": s.model_cfg.d_model,
+            "head": s.head_cfg.kind, "method": method, "seconds": time.perf_counter() - t0,
+            "points": points}
+
+  subjects.measure_each(cfg, workdir, spectrum, table, figures_measure.spectrum,
+                        f"spectrum_rank.{fmt}")
 
 
 if __name__ == "__main__":

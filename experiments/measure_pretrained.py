@@ -7,16 +7,13 @@ Presets:
 - `pretrained`: HF checkpoints on text, sharded over every device, e.g.
   `--config.checkpoints=/ckpt/Llama-3.2-1B,/ckpt/pythia-410m --config.data.text=/data/docs.jsonl`.
 
-Writes WORKDIR/summary.json ({"models": [...]}, see `lmhead_jax.measure`), prints a table and
-draws WORKDIR/measure_destroyed.png. Models and data: `lmhead_jax.subjects`.
+Writes WORKDIR/summary.json ({"models": [...]}, see `lmhead_jax.analysis.measure`), prints a
+table and draws WORKDIR/measure_destroyed.png. Models and data: `lmhead_jax.analysis.subjects`.
 """
 
-import json
-import pathlib
-
-import jax
-
-from lmhead_jax import cli, figures_measure, measure, plots, sharding, subjects
+from lmhead_jax.analysis import measure, subjects
+from lmhead_jax.reporting import figures_measure, plots
+from lmhead_jax.training import cli
 
 
 def get_config(preset: str = "cpu"):
@@ -41,21 +38,12 @@ def get_config(preset: str = "cpu"):
 
 def main(cfg, workdir):
   fmt = plots.figure_format(cfg)
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  results = []
-  for s in subjects.load(cfg, workdir, mesh):
-    results.append(measure.measure(
-        s, subjects.source(cfg, s, workdir), mesh, batch_size=cfg.measure.batch_size,
-        num_sequences=cfg.measure.num_sequences, seed=cfg.seed,
-        chunk_len=cfg.measure.chunk_len or None))
-    print(measure.table(results[-1:]).splitlines()[-1], flush=True)
-  if not results:
-    raise ValueError("no models to measure: set checkpoints, runs, fresh or train.steps")
-  print(measure.table(results))
-  if jax.process_index() == 0:
-    out = pathlib.Path(workdir)
-    (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))
-    figures_measure.destroyed(results, out / f"measure_destroyed.{fmt}")
+  m = cfg.measure
+  subjects.measure_each(
+      cfg, workdir, lambda s, source, mesh: measure.measure(
+          s, source, mesh, batch_size=m.batch_size, num_sequences=m.num_sequences,
+          seed=cfg.seed, chunk_len=m.chunk_len or None),
+      measure.table, figures_measure.destroyed, f"measure_destroyed.{fmt}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Controlled pretraining: one Llama-3-style trunk, a factorized head logits = A(B h) of rank r.
 
-Only `head.rank` varies between runs (DIR/<run>/, lmhead_jax.sweep). The report compares the
-held-out loss curves: for each r, the tokens it needs to reach the lowest rank's final held-out
+Only `head.rank` varies between runs (DIR/<run>/, lmhead_jax.training.sweep). The report compares
+the held-out loss curves: for each r, the tokens it needs to reach the lowest rank's final held-out
 loss (linearly interpolated between evaluations) and the speed-up against the lowest rank's
 full budget (the paper: ≈16×, r = 4096 against r = 32), with the final bottleneck metrics.
 
@@ -25,9 +25,11 @@ import os
 
 import numpy as np
 
-from lmhead_jax import cli, metrics, plots, sweep
-from lmhead_jax.config import base_config
 from lmhead_jax.data import prepare
+from lmhead_jax.reporting import plots, runs
+from lmhead_jax.tools import costs
+from lmhead_jax.training import cli, sweep
+from lmhead_jax.training.experiment import base_config
 
 
 def get_config(preset: str = "cpu"):
@@ -81,7 +83,7 @@ def use_stdlib_corpus(cfg, workdir) -> None:
 
 def describe(cfg) -> dict:
   v, r = cfg.model.vocab_size, cfg.head.rank
-  return {"r": r, "V": v, "V/r": v / r, "params": metrics.param_count(cfg),
+  return {"r": r, "V": v, "V/r": v / r, "params": costs.param_counts(cfg)["total"],
           "tokens": cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len}
 
 
@@ -99,7 +101,7 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
               reference={"isotropic": (r, np.sqrt(1 - r / entries[0]["V"]))},
               reference_label="isotropic G: √(1 − r/V)")
   lowest = min(entries, key=lambda e: e["r"])
-  speed = metrics.speedups(curves, label(lowest)) if label(lowest) in curves else {}
+  speed = runs.speedups(curves, label(lowest)) if label(lowest) in curves else {}
   columns = {
       "r": lambda e: e["r"], "V/r": lambda e: e["V/r"],
       "params": lambda e: f"{e['params'] / 1e6:.2f}M",
@@ -111,7 +113,7 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
       "wall (s)": lambda e: e.get("wall_s")}
   target = next(iter(speed.values()), {}).get("target", float("nan"))
   return (f"target: r={lowest['r']}'s final held-out loss {target:.4f}\n\n"
-          + metrics.markdown_table(sorted(entries, key=lambda e: e["r"]), columns))
+          + runs.markdown_table(sorted(entries, key=lambda e: e["r"]), columns))
 
 
 def main(cfg, workdir):

@@ -1,7 +1,7 @@
 """SpamLang: every sequence repeats one symbol; a head of width 2 could represent it.
 
 Any failure to learn it is an optimization failure, and the paper finds that training gets
-harder as V/D grows. Runs go to DIR/<run>/ (lmhead_jax.sweep); DIR/summary.json has one row
+harder as V/D grows. Runs go to DIR/<run>/ (lmhead_jax.training.sweep); DIR/summary.json has one row
 per run with V, D, V/D, the optimizer, the learning rate, tying and the symbol coverage
 (steps × batch / V: sequences per symbol); DIR/*.png are the figures.
 
@@ -22,8 +22,9 @@ Presets:
 
 import math
 
-from lmhead_jax import cli, metrics, plots, sweep
-from lmhead_jax.config import base_config
+from lmhead_jax.reporting import plots, runs
+from lmhead_jax.training import cli, sweep
+from lmhead_jax.training.experiment import base_config
 
 
 def get_config(preset: str = "smoke"):
@@ -103,7 +104,7 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
   plots.lines(plots.over_training(workdir, first, "accuracy", by_ratio),
               f"{workdir}/accuracy_curves.{fmt}", xlabel="step",
               ylabel="train accuracy (each step's batch)", title=title, markers=False)
-  return metrics.markdown_table(sorted(entries, key=lambda e: (arm(e), e["V/D"])), COLUMNS)
+  return runs.markdown_table(sorted(entries, key=lambda e: (arm(e), e["V/D"])), COLUMNS)
 
 
 def main(cfg, workdir):

@@ -6,17 +6,16 @@ Presets:
   D = 128 models and a D = 64 model trained here for 300 steps; one batch of 8×128 tokens each.
 - `pretrained`: HF checkpoints (`--config.checkpoints=...`, data as in measure_pretrained).
 
-Writes WORKDIR/summary.json ({"models": [...]}, definitions in `lmhead_jax.directions`), prints
-the ratios by which −G beats each direction, and draws WORKDIR/update_directions.png.
+Writes WORKDIR/summary.json ({"models": [...]}, definitions in `lmhead_jax.analysis.directions`),
+prints the ratios by which −G beats each direction, and draws WORKDIR/update_directions.png.
 """
-
-import json
-import pathlib
 
 import jax
 import numpy as np
 
-from lmhead_jax import cli, directions, figures_measure, gram, measure, plots, sharding, subjects
+from lmhead_jax.analysis import directions, gram, measure, subjects
+from lmhead_jax.reporting import figures_measure, plots
+from lmhead_jax.training import cli
 
 
 def get_config(preset: str = "cpu"):
@@ -39,37 +38,34 @@ def get_config(preset: str = "cpu"):
   return cfg
 
 
+def table(results: list[dict]) -> str:
+  rows = [("model", "V", "D", "direction", "cos(−G, U)", "ratio 1st order", "ratio best ε")]
+  rows += [(r["name"], r["vocab_size"], r["d_model"], r["directions"][k]["label"],
+            f"{r['directions'][k]['cosine']:.4f}", f"{q['first_order']:.1f}", f"{q['best']:.2f}")
+           for r in results for k, q in r["ratios"].items()]
+  return measure.format_rows(rows)
+
+
 def main(cfg, workdir):
   fmt = plots.figure_format(cfg)
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   u = cfg.update_dir
   eps = np.logspace(np.log10(u.eps_min), np.log10(u.eps_max), u.eps_points).astype(np.float32)
-  results, rows = [], [("model", "V", "D", "direction", "cos(−G, U)", "ratio 1st order",
-                        "ratio best ε")]
-  for s in subjects.load(cfg, workdir, mesh):
-    h, y, m, _ = next(gram.hidden_chunks(s, subjects.source(cfg, s, workdir), mesh, num_tokens=1,
+
+  def update_directions(s, source, mesh):
+    h, y, m, _ = next(gram.hidden_chunks(s, source, mesh, num_tokens=1,
                                          batch_size=cfg.measure.batch_size, seed=cfg.seed))
-    out = jax.device_get(directions.sweep(h.reshape(-1, h.shape[-1]),
-                                          measure.head_matrix(s.params, s.head_cfg),
-                                          y.reshape(-1), m.reshape(-1), eps))
+    out = jax.device_get(directions.loss_curves(h.reshape(-1, h.shape[-1]),
+                                                measure.head_matrix(s.params, s.head_cfg),
+                                                y.reshape(-1), m.reshape(-1), eps))
     res = {k: {"label": directions.LABELS[k], "cosine": float(d["cosine"]),
                "loss_change": d["loss_change"].tolist(), "first_order": d["first_order"].tolist()}
            for k, d in out.items()}
-    ratio = directions.ratios(res)
-    results.append({"name": s.name, "vocab_size": s.model_cfg.vocab_size,
-                    "d_model": s.model_cfg.d_model, "tokens": int(np.sum(jax.device_get(m))),
-                    "eps": eps.tolist(), "directions": res, "ratios": ratio})
-    rows += [(s.name, s.model_cfg.vocab_size, s.model_cfg.d_model, res[k]["label"],
-              f"{res[k]['cosine']:.4f}", f"{r['first_order']:.1f}", f"{r['best']:.2f}")
-             for k, r in ratio.items()]
-    print(measure.format_rows(rows[:1] + rows[-2:]), flush=True)
-  if not results:
-    raise ValueError("no models to measure: set checkpoints, runs, fresh or train.steps")
-  print(measure.format_rows(rows))
-  if jax.process_index() == 0:
-    out = pathlib.Path(workdir)
-    (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))
-    figures_measure.update(results, out / f"update_directions.{fmt}")
+    return {"name": s.name, "vocab_size": s.model_cfg.vocab_size, "d_model": s.model_cfg.d_model,
+            "tokens": int(np.sum(jax.device_get(m))), "eps": eps.tolist(), "directions": res,
+            "ratios": directions.ratios(res)}
+
+  subjects.measure_each(cfg, workdir, update_directions, table, figures_measure.update,
+                        f"update_directions.{fmt}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,15 @@
-"""lmhead_jax: the LM head as a gradient bottleneck, in JAX."""
+"""lmhead_jax: the LM head as a gradient bottleneck, in JAX.
 
+The modules live in layers, lowest first (LAYERS); a module never imports from a higher layer.
+The public modules of the flat layout stay importable under their old names (MOVED), as the very
+same module objects, imported only when asked for: `from lmhead_jax import bottleneck, model`.
+"""
+
+import importlib
+import importlib.abc
+import importlib.util
 import os
+import sys
 
 # XLA:CPU runs QR/SVD (the bottleneck's range map) through OpenBLAS, whose threads spin against
 # XLA's own thread pool: a step with the metrics ran 2x slower on 2 cores. One OpenBLAS thread
@@ -9,3 +18,37 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 __version__ = "0.1.0"
+
+LAYERS = ("core", "data", "training", "analysis", "tools", "reporting")
+MOVED = {f"{__name__}.{name}": f"{__name__}.{layer}.{name}" for layer, name in (
+    ("core", "bottleneck"), ("core", "model"), ("data", "hf"), ("tools", "plan"),
+    ("training", "train"))}
+
+
+class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  """Imports lmhead_jax.<old name> as the module it moved to; runs it for `python -m`."""
+
+  def find_spec(self, name, path=None, target=None):
+    if name in MOVED:
+      origin = importlib.util.find_spec(MOVED[name]).origin
+      return importlib.util.spec_from_loader(name, self, origin=origin)
+
+  def create_module(self, spec):
+    module = importlib.import_module(MOVED[spec.name])
+    spec.loader_state = module.__spec__  # module_from_spec is about to overwrite it
+    return module
+
+  def exec_module(self, module):
+    module.__spec__ = module.__spec__.loader_state
+
+  def get_code(self, name):
+    return importlib.util.find_spec(MOVED[name]).loader.get_code(MOVED[name])
+
+
+sys.meta_path.insert(0, _Moved())  # before the editable-install finders
+
+
+def __getattr__(name):
+  if f"{__name__}.{name}" in MOVED:
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

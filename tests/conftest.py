@@ -8,12 +8,12 @@ import textwrap
 
 import pytest
 
-from lmhead_jax.config import base_config
+from lmhead_jax.training.experiment import base_config
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _subjects_cache(tmp_path_factory):
-  """The shared cache of lmhead_jax.subjects in a temporary directory, never ~/.cache."""
+  """The shared cache of lmhead_jax.analysis.subjects in a temporary directory, never ~/.cache."""
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("LMHEAD_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from benchmarks import accelerator, configs
-from lmhead_jax import heads, model, train
+from lmhead_jax.core import heads, model
+from lmhead_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmhead_jax import bottleneck, heads
-from lmhead_jax.config import HeadConfig
-from lmhead_jax.loss import cross_entropy
+from lmhead_jax.core import bottleneck, heads
+from lmhead_jax.core.config import HeadConfig
+from lmhead_jax.core.loss import cross_entropy
+from lmhead_jax.core.params import materialize
 
 EPS = float(np.finfo(np.float32).eps)
 FIELDS = ("loss", "full_norm", "backbone_norm", "visible_norm", "destroyed_ratio",
@@ -128,7 +129,7 @@ def head_cases(seed=4, v=128, d=16, r=4):
     hc = HeadConfig(vocab_size=v, d_model=d, kind=kind, rank=r if kind == "factorized" else None)
     key = jax.random.key(seed)
     p = ({"w_VxD": jax.random.normal(key, (v, d)) / np.sqrt(d)} if kind == "tied"
-         else heads.init(key, hc))
+         else materialize(key, heads.specs(hc)))
     tree = {"embed": p} if kind == "tied" else {"head": p}
     p = heads.params_of(tree, hc)
     w64 = (np.asarray(p["a_VxR"], np.float64) @ np.asarray(p["b_RxD"], np.float64)

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_config
 
-from lmhead_jax import checkpoint, sharding, train
+from lmhead_jax.training import checkpoint, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,7 +133,7 @@ def test_failed_save_raises_at_once_naming_the_path(tmp_path):
 import sys; sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
 import jax
 from conftest import tiny_config
-from lmhead_jax import checkpoint, sharding, train
+from lmhead_jax.training import checkpoint, sharding, train
 state, _ = train.init_state(jax.random.key(0), tiny_config(), sharding.make_mesh())
 ckpt = checkpoint.Checkpointer({str(tmp_path)!r}, every=1, keep=2)
 try:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from lmhead_jax import cli
+from lmhead_jax.training import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[001-004]", "SLURM_NTASKS": "4",

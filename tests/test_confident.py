@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from lmhead_jax import bottleneck, heads, model, sharding, train
-from lmhead_jax.loss import fused_head_loss
+from lmhead_jax.core import bottleneck, heads, model
+from lmhead_jax.core.loss import fused_head_loss
+from lmhead_jax.training import sharding, train
 
 RTOL = 1e-4
 

@@ -14,9 +14,10 @@ import pytest
 
 from experiments import (gradient_spectrum, measure_pretrained, rank_sweep, spamlang,
                          update_direction)
-from lmhead_jax import config, subjects
-from lmhead_jax.config import HeadConfig, ModelConfig
+from lmhead_jax.analysis import subjects
+from lmhead_jax.core.config import HeadConfig, ModelConfig
 from lmhead_jax.data.tokens import write_token_dir
+from lmhead_jax.training import experiment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRESETS = {spamlang: ("smoke", "demo", "cpu", "paper"), rank_sweep: ("cpu", "paper"),
@@ -24,12 +25,12 @@ PRESETS = {spamlang: ("smoke", "demo", "cpu", "paper"), rank_sweep: ("cpu", "pap
            update_direction: ("cpu", "pretrained")}
 ALL = [(m, p) for m, presets in PRESETS.items() for p in presets]
 # Names that stand for one config group in one file (besides `cfg` and `run_cfg`).
-ALIASES = {"lmhead_jax/optim.py": {"o": "optimizer"},
+ALIASES = {"lmhead_jax/training/optim.py": {"o": "optimizer"},
            "lmhead_jax/data/pipeline.py": {"data_cfg": "data"},
-           "lmhead_jax/subjects.py": {"d": "data", "data": "data"},
+           "lmhead_jax/analysis/subjects.py": {"d": "data", "data": "data"},
            "experiments/gradient_spectrum.py": {"sp": "spectrum"},
            "experiments/update_direction.py": {"u": "update_dir"}}
-NOT_CONFIG_DICTS = {"lmhead_jax/heads.py"}  # its `cfg` is a HeadConfig
+NOT_CONFIG_DICTS = {"lmhead_jax/core/heads.py"}  # its `cfg` is a HeadConfig
 
 
 def flat_keys(c, prefix=""):
@@ -59,7 +60,7 @@ def keys_read_in_source() -> dict[str, set[str]]:
 
 
 def test_every_key_read_is_declared():
-  declared = flat_keys(config.base_config()) | flat_keys(subjects.base_config())
+  declared = flat_keys(experiment.base_config()) | flat_keys(subjects.base_config())
   for module, preset in ALL:
     declared |= flat_keys(module.get_config(preset))
   reads = keys_read_in_source()
@@ -70,7 +71,7 @@ def test_every_key_read_is_declared():
 
 
 def test_model_and_head_groups_are_the_dataclass_fields():
-  cfg = config.base_config()
+  cfg = experiment.base_config()
   assert set(cfg.model) == {f.name for f in dataclasses.fields(ModelConfig)}
   assert set(cfg.head) == {f.name for f in dataclasses.fields(HeadConfig)} - {"vocab_size",
                                                                               "d_model"}
@@ -81,7 +82,7 @@ def test_model_and_head_groups_are_the_dataclass_fields():
     ("rotary_pct", 0.5), ("parallel_residual", True), ("norm_position", "post"),
     ("qk_norm", "head"), ("rope_scaling", (8.0, 1.0, 4.0, 64)), ("d_ff", 96), ("head_dim", 8)])
 def test_optional_model_keys_are_settable(key, value):
-  cfg = config.base_config()
+  cfg = experiment.base_config()
   cfg.model[key] = value
   assert getattr(ModelConfig.of(cfg.model), key) == value
   cfg.model[key] = None  # back to the family default; the key keeps its type
@@ -92,7 +93,7 @@ def test_optional_model_keys_are_settable(key, value):
 @pytest.mark.parametrize("module,preset", ALL)
 def test_presets_refuse_unknown_keys(module, preset):
   cfg = module.get_config(preset)
-  config.validate_experiment(cfg)
+  experiment.validate_experiment(cfg)
   with pytest.raises(KeyError, match="stepz"):
     cfg.train.update(stepz=5)
   with pytest.raises(AttributeError, match="biass"):
@@ -109,14 +110,14 @@ def test_dataclass_conversion_refuses_unknown_and_missing_keys():
     ModelConfig.of({k: v for k, v in good.items() if k != "n_heads"})
   with pytest.raises(ValueError, match=r"unknown key\(s\) head\.rnak"):
     HeadConfig.of({"kind": "factorized", "rnak": 4}, ModelConfig.of(good))
-  cfg = config.base_config()  # the experiment groups convert as they are
+  cfg = experiment.base_config()  # the experiment groups convert as they are
   assert HeadConfig.of(cfg.head, ModelConfig.of(cfg.model)).vocab_size == 1024
 
 
 def test_resolved_fills_the_family_flags():
-  cfg = config.base_config()
+  cfg = experiment.base_config()
   cfg.model.update(family="gpt_neox", n_heads=4, d_model=64, qk_norm="head")
-  out = config.resolved(cfg)
+  out = experiment.resolved(cfg)
   # GPT-NeoX (Pythia): LayerNorm with biases, exact GELU, parallel residual, 25% rotary.
   assert {k: out.model[k] for k in ("norm", "bias", "mlp_act", "pos", "rotary_pct",
                                     "parallel_residual", "norm_position", "qk_norm")} == dict(
@@ -126,14 +127,27 @@ def test_resolved_fills_the_family_flags():
   assert out.train.to_dict() == cfg.train.to_dict() and out.sweep == cfg.sweep
   # config.json holds this; read back (lists for tuples), it gives the same model.
   cfg.model.rope_scaling = (8.0, 1.0, 4.0, 64)
-  back = ml_collections.ConfigDict(json.loads(config.resolved(cfg).to_json()))
+  back = ml_collections.ConfigDict(json.loads(experiment.resolved(cfg).to_json()))
   assert ModelConfig.of(back.model) == ModelConfig.of(cfg.model)
 
 
 def test_resolved_head_kind_is_tied_with_tied_embeddings():
-  cfg = config.base_config()
+  cfg = experiment.base_config()
   cfg.model.tie_embeddings = True
-  assert config.resolved(cfg).head.kind == "tied"
+  assert experiment.resolved(cfg).head.kind == "tied"
+
+
+def test_tying_comes_from_model_tie_embeddings_alone():
+  tied, untied = (ModelConfig(vocab_size=64, d_model=8, n_layers=1, n_heads=2, tie_embeddings=t)
+                  for t in (True, False))
+  for kind in ("linear", "tied"):
+    assert HeadConfig.of({"kind": kind}, tied).kind == "tied"
+  assert HeadConfig.of({}, tied).kind == "tied" and HeadConfig.of({}, untied).kind == "linear"
+  assert HeadConfig.of({"kind": "linear"}, untied).kind == "linear"
+  with pytest.raises(ValueError, match="head.kind='tied' needs model.tie_embeddings=True"):
+    HeadConfig.of({"kind": "tied"}, untied)
+  with pytest.raises(ValueError, match="tie_embeddings=True conflicts with head.kind='factorized'"):
+    HeadConfig.of({"kind": "factorized", "rank": 4}, tied)
 
 
 def bad(key, value, **more):
@@ -155,20 +169,20 @@ def test_validate_names_key_and_value(overrides, needle):
     group, name = key.split(".")
     cfg[group][name] = value
   with pytest.raises(ValueError, match=re.escape(needle)):
-    config.validate(cfg)
+    experiment.validate(cfg)
 
 
 def test_validate_accepts_the_edges():
   cfg = spamlang.get_config("smoke")
   cfg.train.update(steps=1, eval_every=0, eval_batches=0, bottleneck_every=0, log_every=1)
   cfg.checkpoint.update(every=0, keep=1)
-  config.validate(cfg)
+  experiment.validate(cfg)
   measuring = subjects.base_config()  # trains no model
   assert measuring.train.steps == 0
-  config.validate(measuring)
+  experiment.validate(measuring)
   measuring.train.steps = -1
   with pytest.raises(ValueError, match="train.steps=-1"):
-    config.validate(measuring)
+    experiment.validate(measuring)
 
 
 def test_validate_checks_token_dirs(tmp_path):
@@ -176,12 +190,12 @@ def test_validate_checks_token_dirs(tmp_path):
   cfg = rank_sweep.get_config("cpu")
   cfg.head.rank = 16  # one run of the sweep
   cfg.data.update(path=str(tmp_path / "val"), eval_path=str(tmp_path / "val"))
-  config.validate(cfg)
+  experiment.validate(cfg)
   cfg.data.eval_path = str(tmp_path / "nope")
   needle = f"data.eval_path='{tmp_path}/nope' is not a token directory: token index " \
            f"{tmp_path}/nope/index.json does not exist"
   with pytest.raises(ValueError, match=re.escape(needle)):
-    config.validate(cfg)
+    experiment.validate(cfg)
 
 
 def test_validate_experiment_checks_every_sweep_run():
@@ -189,7 +203,7 @@ def test_validate_experiment_checks_every_sweep_run():
   cfg.sweep = ({"model.d_model": (64, 8), "train.batch_size": (32, 0)},)
   with pytest.raises(ValueError, match=r"sweep run model.d_model=64,train.batch_size=0: "
                                        r"train.batch_size=0 must be an integer >= 1"):
-    config.validate_experiment(cfg)
+    experiment.validate_experiment(cfg)
 
 
 def spamlang_cli(*args, cwd=ROOT):

@@ -9,10 +9,10 @@ import threading
 import numpy as np
 import pytest
 
-from lmhead_jax.config import base_config
 from lmhead_jax.data.pipeline import make_dataset, make_source
 from lmhead_jax.data.spamlang import SpamLangSource
 from lmhead_jax.data.tokens import TokenFileSource, write_token_dir
+from lmhead_jax.training.experiment import base_config
 
 
 class IndexSource:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from experiments import rank_sweep, spamlang
-from lmhead_jax import metrics, sweep, train
 from lmhead_jax.data.tokens import write_token_dir
+from lmhead_jax.tools import costs
+from lmhead_jax.training import sweep, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = [(spamlang, p) for p in ("smoke", "demo", "cpu", "paper")] + [
@@ -39,7 +40,7 @@ def test_rank_sweep_paper_parameter_counts():
   counts = {}
   for run_cfg in runs(cfg):
     r = run_cfg.head.rank
-    counts[r] = metrics.param_count(run_cfg)
+    counts[r] = costs.param_counts(run_cfg)["total"]
     assert counts[r] == trunk + v * r + r * d
   assert sorted(counts) == [32, 64, 128, 256, 512, 1024, 2048, 4096]
   assert 1.8e9 <= min(counts.values()) and max(counts.values()) < 2.05e9
@@ -56,7 +57,7 @@ def test_spamlang_paper_trunk_and_ratios():
   for run_cfg in runs(cfg):
     v = run_cfg.model.vocab_size
     embed = v * d * (1 if run_cfg.model.tie_embeddings else 2)
-    assert metrics.param_count(run_cfg) == trunk + embed
+    assert costs.param_counts(run_cfg)["total"] == trunk + embed
     ratios.add(v / d)
     assert spamlang.describe(run_cfg)["coverage"] >= 19
   assert max(ratios) / min(ratios) >= 1000

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import run_with_devices
-from lmhead_jax import gram, model, sharding, subjects
+from lmhead_jax.analysis import gram, subjects
+from lmhead_jax.core import model
 from lmhead_jax.data import pipeline
+from lmhead_jax.training import sharding
 
 ROOT = pathlib.Path(__file__).parent.parent
 EPS32 = float(np.finfo(np.float32).eps)
@@ -187,8 +189,10 @@ def test_growing_spectrum_errors(tiny):
 def test_gram_on_eight_devices():
   out = run_with_devices("""
     import json, numpy as np
-    from lmhead_jax import gram, model, sharding, subjects
+    from lmhead_jax.analysis import gram, subjects
+    from lmhead_jax.core import model
     from lmhead_jax.data import pipeline
+    from lmhead_jax.training import sharding
     class W:
       seq_len = 16
       def __len__(self): return 64

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmhead_jax import heads, model
-from lmhead_jax.config import HeadConfig, ModelConfig
+from lmhead_jax.core import heads, model
+from lmhead_jax.core.config import HeadConfig, ModelConfig
+from lmhead_jax.core.params import materialize
 
 EPS = float(np.finfo(np.float32).eps)
 
@@ -19,14 +20,19 @@ def cfg(kind, v=96, d=24, r=6):
   return HeadConfig(vocab_size=v, d_model=d, kind=kind, rank=r if kind == "factorized" else None)
 
 
+def init_head(key, c):
+  """The head's parameters as model.init draws them."""
+  return materialize(key, heads.specs(c))
+
+
 def unit_rms(key, n, d):
   h = jax.random.normal(key, (n, d))
   return h / jnp.sqrt(jnp.mean(h * h, -1, keepdims=True))
 
 
 def test_specs_and_params_of():
-  assert heads.specs(cfg("tied")) == {} and heads.init(jax.random.key(0), cfg("tied")) == {}
-  p = heads.init(jax.random.key(0), cfg("factorized"))
+  assert heads.specs(cfg("tied")) == {} and init_head(jax.random.key(0), cfg("tied")) == {}
+  p = init_head(jax.random.key(0), cfg("factorized"))
   assert p["a_VxR"].shape == (96, 6) and p["b_RxD"].shape == (6, 24)
   assert heads.specs(cfg("linear"))["w_VxD"].axes == ("vocab", "embed")
   tree = {"embed": {"w_VxD": jnp.ones((96, 24))}, "head": p}
@@ -36,12 +42,12 @@ def test_specs_and_params_of():
 
 def test_matrix_is_the_product():
   """Each entry of float32 A·B is within the dot-product error bound r·ε·(|A||B|) of A·B."""
-  p = heads.init(jax.random.key(1), cfg("factorized"))
+  p = init_head(jax.random.key(1), cfg("factorized"))
   a, b = f64(p["a_VxR"]), f64(p["b_RxD"])
   w = heads.matrix(p)
   assert w.dtype == jnp.float32 and w.shape == (96, 24)
   assert np.all(np.abs(f64(w) - a @ b) <= 6 * EPS * (np.abs(a) @ np.abs(b)))
-  lin = heads.init(jax.random.key(1), cfg("linear"))
+  lin = init_head(jax.random.key(1), cfg("linear"))
   np.testing.assert_array_equal(heads.matrix(lin), lin["w_VxD"])
 
 
@@ -49,7 +55,7 @@ def test_matrix_is_the_product():
 def test_logits_match_float64(kind):
   c = cfg(kind)
   p = ({"w_VxD": jax.random.normal(jax.random.key(2), (96, 24))} if kind == "tied"
-       else heads.init(jax.random.key(2), c))
+       else init_head(jax.random.key(2), c))
   h = unit_rms(jax.random.key(3), 10, 24).reshape(2, 5, 24)
   z = heads.logits(p, h, c)
   assert z.dtype == jnp.float32 and z.shape == (2, 5, 96)
@@ -66,7 +72,7 @@ def test_logits_match_float64(kind):
 
 def test_bfloat16_h_gives_float32_logits_of_the_rounded_inputs():
   c = cfg("linear")
-  p = heads.init(jax.random.key(4), c)
+  p = init_head(jax.random.key(4), c)
   h = unit_rms(jax.random.key(5), 8, 24).astype(jnp.bfloat16)
   z = heads.logits(p, h, c)
   assert z.dtype == jnp.float32
@@ -85,7 +91,7 @@ def init_scale(kind, d, r=None, v=512, n=128):
     draw = lambda k: heads.params_of(model.init(k, mc, c), c)
   else:
     c = HeadConfig(vocab_size=v, d_model=d, kind=kind, rank=r)
-    draw = lambda k: heads.init(k, c)
+    draw = lambda k: init_head(k, c)
   ms = [float(jnp.mean(jnp.square(heads.logits(draw(k), h, c))))
         for k in jax.random.split(jax.random.key(7), seeds)]
   # S = HᵀH. Linear: Var mean(z²) = 2 tr(S²)/(D² N² V). Factorized: B's draw adds
@@ -109,7 +115,7 @@ def test_initial_logit_scale_is_one(kind, d, r):
 
 def test_logits_bad_width():
   with pytest.raises(ValueError, match="h has D=8 but the head expects d_model=24"):
-    heads.logits(heads.init(jax.random.key(0), cfg("linear")), jnp.ones((3, 8)), cfg("linear"))
+    heads.logits(init_head(jax.random.key(0), cfg("linear")), jnp.ones((3, 8)), cfg("linear"))
 
 
 @pytest.mark.parametrize("rank", [0, -2, 25, None])

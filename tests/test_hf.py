@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from lmhead_jax import heads, hf, model
-from lmhead_jax.params import is_spec
+from lmhead_jax.core import heads, model
+from lmhead_jax.core.params import is_spec
+from lmhead_jax.data import hf
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 TIED = {"gpt2": True, "gpt_neox": False, "llama": False, "olmo2": False, "qwen3": True}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import run_with_devices
-from lmhead_jax.loss import accuracy, cross_entropy, fused_head_loss
+from lmhead_jax.core.loss import accuracy, cross_entropy, fused_head_loss
 
 
 def reference(h, w, y, m):
@@ -216,7 +216,7 @@ def test_sharded_matches_unsharded():
     import json
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, PartitionSpec as P
-    from lmhead_jax.loss import fused_head_loss
+    from lmhead_jax.core.loss import fused_head_loss
 
     rng = np.random.default_rng(0)
     n, v, d = 96, 64, 16

@@ -14,8 +14,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import run_with_devices
-from lmhead_jax import bottleneck, measure, model, sharding, subjects
+from lmhead_jax.analysis import measure, subjects
+from lmhead_jax.core import bottleneck, model
 from lmhead_jax.data import pipeline, write_token_dir
+from lmhead_jax.training import sharding
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 ROOT = pathlib.Path(__file__).parent.parent
@@ -231,7 +233,8 @@ def test_checkpoint_on_eight_devices():
   (each reference sequence 4 times: the Frobenius ratios do not change)."""
   out = run_with_devices(f"""
     import json, numpy as np, jax
-    from lmhead_jax import measure, sharding, subjects
+    from lmhead_jax.analysis import measure, subjects
+    from lmhead_jax.training import sharding
     cfg = subjects.base_config()
     cfg.checkpoints = "{FIXTURES / 'llama'}"
     mesh = sharding.make_mesh(data=4, fsdp=2)

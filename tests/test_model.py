@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmhead_jax import model
-from lmhead_jax.config import FAMILIES, ModelConfig
-from lmhead_jax.params import is_spec
+from lmhead_jax.core import model
+from lmhead_jax.core.config import FAMILIES, ModelConfig
+from lmhead_jax.core.params import is_spec
 
 BASE = dict(vocab_size=40, d_model=16, n_layers=2, n_heads=4, d_ff=24, max_seq_len=12)
 CONFIGS = {

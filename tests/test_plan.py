@@ -6,8 +6,10 @@ import jax
 import pytest
 from conftest import tiny_config
 
-from lmhead_jax import costs, model, plan, sweep
-from lmhead_jax.config import HeadConfig, ModelConfig
+from lmhead_jax.core import model
+from lmhead_jax.core.config import HeadConfig, ModelConfig
+from lmhead_jax.tools import costs, plan
+from lmhead_jax.training import sweep
 
 
 def test_parse_slice():
@@ -57,7 +59,8 @@ def test_paper_rank_sweep_compiles_on_64_fake_devices():
     import json, sys
     sys.path.insert(0, {root!r})
     from experiments.rank_sweep import get_config
-    from lmhead_jax import plan, sweep
+    from lmhead_jax.tools import plan
+    from lmhead_jax.training import sweep
     cfg = sweep.configure(get_config("paper"), {{"head.rank": 4096}})
     # XLA:CPU's compiler dies (SIGFPE) on global arrays of 2^32+ elements, which the 1M-token
     # batch's embeddings are; 8 micro-batches keep every global array below that.

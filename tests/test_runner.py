@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from lmhead_jax import checkpoint, runner, sharding, train
 from lmhead_jax.data.tokens import write_token_dir
+from lmhead_jax.training import checkpoint, runner, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,7 +129,7 @@ def test_unrestorable_workdir_never_restarts_from_step_0(tmp_path):
 
 def test_second_run_on_a_workdir_is_refused_and_a_killed_holder_frees_it(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "from lmhead_jax import runner; from etils import epath; "
+      [sys.executable, "-c", "from lmhead_jax.training import runner; from etils import epath; "
        f"runner._lock(epath.Path({str(tmp_path)!r})); print('locked', flush=True); "
        "import time; time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == "locked"
@@ -178,7 +178,7 @@ def test_sigterm_during_start_up_exits_cleanly(tmp_path):
 import os, signal, sys
 sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
 import test_runner
-from lmhead_jax import runner, train
+from lmhead_jax.training import runner, train
 init_state = train.init_state
 def init_and_sigterm(*a, **k):
   os.kill(os.getpid(), signal.SIGTERM)

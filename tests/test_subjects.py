@@ -7,9 +7,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from lmhead_jax import runner, sharding, subjects
-from lmhead_jax.config import HeadConfig, ModelConfig
+from lmhead_jax.analysis import subjects
+from lmhead_jax.core.config import HeadConfig, ModelConfig
 from lmhead_jax.data import prepare, read_index
+from lmhead_jax.training import runner, sharding
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 NEED = ("a.txt",)
@@ -87,7 +88,7 @@ def test_cached_killed_and_half_written_entries(tmp_path, caplog):
   for corrupt in (lambda: (entry / "a.txt").unlink(), lambda: (entry / "key.json").unlink(),
                   lambda: (entry / "key.json").write_text('{"v": 2}')):
     corrupt()
-    with caplog.at_level(logging.WARNING, "lmhead_jax.subjects"):
+    with caplog.at_level(logging.WARNING, "lmhead_jax.analysis.subjects"):
       assert subjects.cached(tmp_path, {"v": 1}, writer(calls), NEED) == entry
     assert "incomplete" in caplog.text and str(entry) in caplog.text
     assert (entry / "a.txt").read_text() == "built"

@@ -6,7 +6,7 @@ import math
 import pytest
 from conftest import tiny_config
 
-from lmhead_jax import sweep
+from lmhead_jax.training import sweep
 
 
 def test_expand_is_the_union_of_grid_products_without_repeats():

@@ -12,8 +12,10 @@ import jax
 import pytest
 from conftest import tiny_config
 
-from lmhead_jax import aot, costs, model, plan, subjects
-from lmhead_jax.config import FAMILIES, HeadConfig, ModelConfig
+from lmhead_jax.analysis import subjects
+from lmhead_jax.core import model
+from lmhead_jax.tools import aot, costs, plan
+from lmhead_jax.core.config import FAMILIES, HeadConfig, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from lmhead_jax import bottleneck, heads, model, sharding, train
-from lmhead_jax.loss import cross_entropy
+from lmhead_jax.core import bottleneck, heads, model
+from lmhead_jax.core.loss import cross_entropy
+from lmhead_jax.training import sharding, train
 
 
 def one_device_mesh():
@@ -171,7 +172,7 @@ def test_bad_input_errors_name_values():
 def test_schedule_warmup_then_cosine():
   cfg = tiny_config()
   cfg.optimizer.update(learning_rate=1.0, warmup_steps=10, schedule="cosine", end_lr_fraction=0.1)
-  from lmhead_jax.optim import make_schedule
+  from lmhead_jax.training.optim import make_schedule
   s = make_schedule(cfg.optimizer, 110)
   np.testing.assert_allclose([s(0), s(5), s(10), s(60), s(110)],
                              [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1], rtol=1e-5, atol=1e-7)

@@ -8,7 +8,7 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from conftest import tiny_config
-from lmhead_jax import sharding, train
+from lmhead_jax.training import sharding, train
 
 cfg = tiny_config()
 rng = np.random.default_rng(0)

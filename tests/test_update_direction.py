@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmhead_jax import directions
+from lmhead_jax.analysis import directions
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -66,10 +66,10 @@ def test_loss_change_against_numpy(scale):
   np.testing.assert_allclose(got, want, rtol=2e-4)
 
 
-def test_sweep_ordering_and_first_order():
+def test_loss_curves_ordering_and_first_order():
   h, w, y, m = problem(3)
   eps = np.logspace(-4, 1, 11).astype(np.float32)
-  out = directions.sweep(jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), jnp.asarray(m), eps)
+  out = directions.loss_curves(jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), jnp.asarray(m), eps)
   _, g, us = np_directions(h, w, y, m)
   root_n = np.sqrt(m.sum())
   for k, u in us.items():

@@ -1,6 +1,7 @@
-"""Grain data pipelines: SpamLang and token-file sources, batching, per-process sharding.
-
-The tokenizer CLI is `python -m lmhead_jax.data.prepare`.
+"""Layer 2, data: grain pipelines (SpamLang and token-file sources, batching, per-process sharding)
+the tokenizer CLI `python -m lmhead_jax.data.prepare` (it only writes token directories), and hf,
+the import of local Hugging Face checkpoints into parameters.
+Imports: core.
 """
 
 from lmhead_jax.data.pipeline import global_batch, make_dataset, make_source

@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from lmhead_jax import bottleneck, heads, model, sharding
+from lmhead_jax.core import bottleneck, heads, model
+from lmhead_jax.core.loss import cross_entropy
 from lmhead_jax.data import pipeline
-from lmhead_jax.loss import cross_entropy
+from lmhead_jax.training import sharding
 
 FIELDS = ("loss", "g_sq", "vis_sq", "token_ratio", "n")
 HIGHEST = jax.lax.Precision.HIGHEST

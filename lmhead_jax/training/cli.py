@@ -8,7 +8,7 @@ import threading
 from absl import app, flags
 from ml_collections import config_flags
 
-from lmhead_jax import config
+from lmhead_jax.training import experiment as config
 
 FLAGS = flags.FLAGS
 

@@ -22,8 +22,8 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from lmhead_jax import checkpoint, config, sharding, train
 from lmhead_jax.data import pipeline
+from lmhead_jax.training import checkpoint, experiment, sharding, train
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
   with its step, environment and the keys changed since the previous start.
   """
   old, history = _history(workdir)
-  resolved = json.loads(config.resolved(cfg).to_json())
+  resolved = json.loads(experiment.resolved(cfg).to_json())
   new = _flat(resolved)
   changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
              if old and old.get(k) != new.get(k)}
@@ -249,7 +249,7 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
 def _run(cfg, workdir: epath.Path, preempted: _Preemption) -> dict:
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   train.validate(cfg, mesh)
-  config.validate(cfg)
+  experiment.validate(cfg)
   has_eval = cfg.data.kind != "tokens" or bool(cfg.data.eval_path)
   v = cfg.model.vocab_size
   # Built now, so that a bad data.eval_path fails before step 1.

@@ -1,14 +1,11 @@
-"""Reading runs back: metrics.jsonl, curves, tokens-to-target, tables, parameter counts."""
+"""Reading runs back: metrics.jsonl, curves, tokens-to-target, tables."""
 
 import json
 import math
 from collections.abc import Callable
 
-import jax
 import numpy as np
 from etils import epath
-
-from lmhead_jax import model, train
 
 
 def read_metrics(path) -> list[dict]:
@@ -67,9 +64,3 @@ def markdown_table(rows: list[dict], columns: dict[str, Callable[[dict], object]
   lines += ["| " + " | ".join(cell(f(r)) for f in columns.values()) + " |" for r in rows]
   return "\n".join(lines)
 
-
-def param_count(cfg) -> int:
-  """Parameters of the model (trunk and head) that `cfg` describes, from `jax.eval_shape`."""
-  c, hc = train.configs(cfg)
-  shapes = jax.eval_shape(lambda k: model.init(k, c, hc), jax.random.key(0))
-  return sum(x.size for x in jax.tree.leaves(shapes))

@@ -44,9 +44,12 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lmhead_jax import checkpoint, hf, model, runner, sharding, train
-from lmhead_jax.config import HeadConfig, ModelConfig, base_config as train_config
+from lmhead_jax.core import model
+from lmhead_jax.core.config import HeadConfig, ModelConfig
 from lmhead_jax.data import pipeline, prepare, read_index
+from lmhead_jax.data import hf
+from lmhead_jax.training import checkpoint, runner, sharding, train
+from lmhead_jax.training.experiment import base_config as train_config
 
 log = logging.getLogger(__name__)
 FRESH = re.compile(r"(\d+)(?:r(\d+))?")
@@ -159,6 +162,25 @@ def _trained(cfg, workdir: pathlib.Path, mesh) -> Subject:
                ("config.json", f"checkpoints/{int(cfg.train.steps)}"), every_process=True)
   log.info("trained model %s: %s", name, run)
   return restore_run(run, mesh, name)
+
+
+def measure_each(cfg, workdir, measure_one: Callable, table: Callable[[list[dict]], str],
+                 figure: Callable[[list[dict], pathlib.Path], None], figure_name: str) -> None:
+  """The measurement experiments' main: `measure_one(subject, source, mesh) -> dict` for every
+  subject (its table printed as it comes), then the table of all; host 0 writes
+  WORKDIR/summary.json ({"models": [...]}) and draws `figure` into WORKDIR/`figure_name`."""
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  results = []
+  for s in load(cfg, workdir, mesh):
+    results.append(measure_one(s, source(cfg, s, workdir), mesh))
+    print(table(results[-1:]), flush=True)
+  if not results:
+    raise ValueError("no models to measure: set checkpoints, runs, fresh or train.steps")
+  print(table(results))
+  if jax.process_index() == 0:
+    out = pathlib.Path(workdir)
+    (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))
+    figure(results, out / figure_name)
 
 
 def load(cfg, workdir, mesh) -> Iterator[Subject]:

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lmhead_jax import checks
-from lmhead_jax.loss import cross_entropy, fused_head_loss, valid_mask
+from lmhead_jax.core import checks
+from lmhead_jax.core.loss import cross_entropy, fused_head_loss, valid_mask
 
 
 @struct.dataclass

@@ -30,9 +30,13 @@ import types
 import jax
 import jax.numpy as jnp
 
-from lmhead_jax import bottleneck, checkpoint, costs, heads, hf, measure, model, sharding, train
-from lmhead_jax.config import HeadConfig, ModelConfig
-from lmhead_jax.plan import parse_slice
+from lmhead_jax.analysis import measure
+from lmhead_jax.core import bottleneck, heads, model
+from lmhead_jax.data import hf
+from lmhead_jax.tools import costs
+from lmhead_jax.training import checkpoint, sharding, train
+from lmhead_jax.core.config import HeadConfig, ModelConfig
+from lmhead_jax.tools.plan import parse_slice
 
 
 class DoesNotFit(Exception):
@@ -113,7 +117,7 @@ def train_programs(cfg, mesh) -> dict:
 def measured_models(cfg) -> list[tuple[str, ModelConfig, HeadConfig, object]]:
   """(name, model, head, params dtype) of a measurement config: the HF `checkpoints` (read
   from their config.json alone, params in `dtype`) or else `model`/`head` (float32 params)."""
-  from lmhead_jax import subjects
+  from lmhead_jax.analysis import subjects
   out = []
   for path in map(pathlib.Path, subjects.split_list(cfg.get("checkpoints", ""))):
     c = hf._model_config(hf._read_json(path / "config.json"), cfg.dtype)

@@ -3,7 +3,7 @@
 
 import math
 
-from lmhead_jax.plots import GRAY, PALETTE, pyplot, save
+from lmhead_jax.reporting.plots import GRAY, PALETTE, pyplot, save
 
 
 def destroyed(results: list[dict], path) -> None:

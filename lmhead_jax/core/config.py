@@ -1,13 +1,12 @@
-"""The experiment config: its schema (`base_config`), checks (`validate`) and typed views of its
-`model` and `head` groups (ModelConfig, HeadConfig), from which those groups' keys are declared."""
+"""Typed views of the experiment config's `model` and `head` groups (ModelConfig, HeadConfig), from
+which those groups' keys are declared; the schema and checks of the whole config are
+`lmhead_jax.training.experiment`."""
 
 import dataclasses
-import typing
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import ml_collections
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FAMILIES = ("llama", "qwen3", "olmo2", "gpt2", "gpt_neox")
@@ -167,7 +166,12 @@ class HeadConfig:
 
   @classmethod
   def of(cls, cfg: Any, model: ModelConfig | None = None) -> "HeadConfig":
-    """From a head mapping plus the model config that fixes V, D and tying."""
+    """From a head mapping plus the model config that fixes V, D and tying.
+
+    Tying comes from `model.tie_embeddings` alone: when it is set, the head is the embedding and
+    kind 'linear' (the default) resolves to 'tied'; 'factorized' is an error. When it is not,
+    'tied' is an error. config.json holds the resolved kind.
+    """
     if isinstance(cfg, cls):
       return cfg
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
@@ -182,112 +186,3 @@ class HeadConfig:
       elif d.get("kind") == "tied":
         raise ValueError("head.kind='tied' needs model.tie_embeddings=True")
     return _from_mapping(cls, d, "head")
-
-
-def _group(cls, skip: tuple[str, ...] = (), **defaults) -> ml_collections.ConfigDict:
-  """A config group with one key per field of `cls` (less `skip`), defaulting to the field's
-  default unless `defaults` gives one. An optional field keeps its type when set to None, so
-  that `--config.<group>.<key>=...` can still override it."""
-  group = {}
-  for f in dataclasses.fields(cls):
-    if f.name not in skip:
-      value = defaults.pop(f.name, f.default)
-      if type(None) in typing.get_args(f.type):
-        kind = next(t for t in typing.get_args(f.type) if t is not type(None))
-        value = ml_collections.FieldReference(value, field_type=typing.get_origin(kind) or kind)
-      group[f.name] = value
-  if defaults:
-    raise ValueError(f"{cls.__name__} has no field(s) {sorted(defaults)}")
-  return ml_collections.ConfigDict(group)
-
-
-def base_config() -> ml_collections.ConfigDict:
-  """Every key a training run reads, with its default; locked, so a preset or override that
-  names an unknown key fails. Experiments add their own keys inside `cfg.unlocked()`."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = _group(ModelConfig, vocab_size=1024, d_model=64, n_layers=2, n_heads=4,
-                   n_kv_heads=4, d_ff=256)
-  c.head = _group(HeadConfig, skip=("vocab_size", "d_model"))  # V and D come from `model`
-  c.data = ml_collections.ConfigDict(dict(
-      kind="spamlang", seq_len=32, path="", eval_path="", shuffle=True, exclude_first=True,
-      bos_id=0, window_mode="random"))
-  c.train = ml_collections.ConfigDict(dict(
-      steps=100, batch_size=32, log_every=10, eval_every=0, eval_batches=4,
-      bottleneck_every=1, grad_accum=1))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=1e-3, schedule="constant", warmup_steps=0,
-      end_lr_fraction=0.0, weight_decay=0.0, decay_embeddings=False, b1=0.9, b2=0.95,
-      eps=1e-8, momentum=0.9, nesterov=False, clip_norm=0.0))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=3))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.figures = ml_collections.ConfigDict(dict(format="png"))  # png, svg or pdf
-  c.sweep = ()  # grids of runs (lmhead_jax.sweep); empty: one run
-  c.lock()
-  return c
-
-
-def resolved(cfg) -> ml_collections.ConfigDict:
-  """A copy of `cfg` whose `model` and `head` groups hold what the run uses: the family flags
-  filled in, `head.kind` 'tied' when the embeddings are tied. What config.json should hold."""
-  model = ModelConfig.of(cfg.model)
-  head = dataclasses.asdict(HeadConfig.of(cfg.head, model))
-  return ml_collections.ConfigDict(cfg.to_dict() | {
-      "model": dataclasses.asdict(model), "head": {k: head[k] for k in cfg.head}})
-
-
-def _check_int(cfg, key: str, low: int) -> None:
-  group, name = key.split(".")
-  if group in cfg:
-    value = cfg[group][name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-      raise ValueError(f"{key}={value!r} must be an integer >= {low}")
-
-
-def validate(cfg) -> None:
-  """Checks a run's config before anything is built or compiled; errors name the key and value.
-
-  A measurement config (one with a `measure` group) may have train.steps=0: it trains no model.
-  """
-  from lmhead_jax.data import pipeline, read_index  # lazy: grain is slow to import
-  from lmhead_jax.optim import OPTIMIZERS, SCHEDULES
-
-  HeadConfig.of(cfg.head, ModelConfig.of(cfg.model))
-  _check_int(cfg, "train.steps", 0 if "measure" in cfg else 1)
-  for key in ("train.batch_size", "train.log_every", "train.grad_accum", "data.seq_len",
-              "checkpoint.keep", "measure.batch_size", "measure.num_sequences"):
-    _check_int(cfg, key, 1)
-  for key in ("train.eval_every", "train.eval_batches", "train.bottleneck_every",
-              "checkpoint.every", "optimizer.warmup_steps"):
-    _check_int(cfg, key, 0)
-  t = cfg.train
-  if t.eval_every > 0 and t.eval_batches < 1:
-    raise ValueError(f"train.eval_batches={t.eval_batches} must be >= 1 when evals are on "
-                     f"(train.eval_every={t.eval_every}); set train.eval_every=0 for none")
-  o = cfg.optimizer
-  for key, choices in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
-    if o[key] not in choices:
-      raise ValueError(f"optimizer.{key}={o[key]!r} is not one of {choices}")
-  for key in ("learning_rate", "weight_decay", "clip_norm"):
-    if o[key] < 0:  # NaN passes: the train step's non-finite guard reports it
-      raise ValueError(f"optimizer.{key}={o[key]!r} must be >= 0")
-  if cfg.data.kind not in pipeline.KINDS:
-    raise ValueError(f"data.kind={cfg.data.kind!r} is not one of {pipeline.KINDS}")
-  for key in ("path", "eval_path"):
-    if cfg.data.kind == "tokens" and cfg.data[key]:
-      try:
-        read_index(cfg.data[key])
-      except (OSError, ValueError) as e:
-        raise ValueError(f"data.{key}={cfg.data[key]!r} is not a token directory: {e}") from e
-
-
-def validate_experiment(cfg) -> None:
-  """`validate` on every run of `cfg.sweep` (or on `cfg`), before the first one starts."""
-  from lmhead_jax import sweep  # lazy: it imports the runner, which imports this module
-  for overrides in sweep.expand(cfg.get("sweep") or ({},)):
-    try:
-      validate(sweep.configure(cfg, overrides))
-    except ValueError as e:
-      if overrides:
-        raise ValueError(f"sweep run {sweep.run_name(overrides)}: {e}") from e
-      raise

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from lmhead_jax import bottleneck, heads, model, sharding
-from lmhead_jax.config import HeadConfig, ModelConfig
-from lmhead_jax.loss import accuracy, cross_entropy, fused_head_loss
-from lmhead_jax.optim import make_optimizer
+from lmhead_jax.core import bottleneck, heads, model
+from lmhead_jax.core.config import HeadConfig, ModelConfig
+from lmhead_jax.core.loss import accuracy, cross_entropy, fused_head_loss
+from lmhead_jax.training import sharding
+from lmhead_jax.training.optim import make_optimizer
 
 
 # Metrics that must be finite for a step's update to be applied, in the order they are computed.

@@ -15,10 +15,10 @@ import pathlib
 import jax
 import numpy as np
 
-from lmhead_jax import model
-from lmhead_jax.config import DTYPES, HeadConfig, ModelConfig
+from lmhead_jax.core import model
+from lmhead_jax.core.config import DTYPES, HeadConfig, ModelConfig
+from lmhead_jax.core.params import is_spec
 from lmhead_jax.data.tokens import inside
-from lmhead_jax.params import is_spec
 
 SUPPORTED = ("gpt2", "gpt_neox", "llama", "olmo2", "qwen3")
 _PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox."}  # others: "model."

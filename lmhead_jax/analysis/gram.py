@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lmhead_jax import measure, model, sharding, spectrum
+from lmhead_jax.analysis import measure, spectrum
+from lmhead_jax.core import model
 from lmhead_jax.data import pipeline
+from lmhead_jax.training import sharding
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -105,7 +107,7 @@ def summary(sigma, total_sq: float, shape: tuple[int, int], d_model: int,
   k, complete = len(s), len(s) == min(n, v)
   padded = s if complete else np.append(s, math.sqrt(max(total_sq - np.sum(s**2), 0.0)))
   with jax.enable_x64(True):
-    st = spectrum.spectrum_stats(jnp.asarray(padded), shape, d_model)
+    st = spectrum.spectrum_stats(jnp.asarray(padded), d_model)
   out = {f: float(getattr(st, f)) for f in ("effective_rank", "k_70", "k_999", "residual_d",
                                              "residual_2d", "max_cosine_2d")}
   out.update(k_70=int(out["k_70"]), k_999=int(out["k_999"]), sigma_1=float(s[0]))

@@ -13,7 +13,7 @@ each family sets by default (`config.FAMILY_FLAGS`):
 | qk_norm       | none   | head   | full   | none      | none              |
 
 Layers are stacked on a leading axis and run with `lax.scan`, so compile time does not grow
-with depth. The head is not part of the trunk: `lmhead_jax.heads` turns h into logits.
+with depth. The head is not part of the trunk: `lmhead_jax.core.heads` turns h into logits.
 """
 
 import math
@@ -21,9 +21,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lmhead_jax import checks, heads
-from lmhead_jax.config import HeadConfig, ModelConfig
-from lmhead_jax.params import ParamSpec, logical_axes, materialize, stack
+from lmhead_jax.core import checks, heads
+from lmhead_jax.core.config import HeadConfig, ModelConfig
+from lmhead_jax.core.params import ParamSpec, logical_axes, materialize, stack
 
 
 def _norm_specs(c: ModelConfig) -> dict:
@@ -125,10 +125,10 @@ def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, origina
 
 
 def rope_tables(length: int, dim: int, theta: float, scaling=None):
-  """cos and sin tables [L, R] in the half-split (GPT-NeoX / HF) convention.
+  """cos and sin tables [L, A] in the half-split (GPT-NeoX / HF) convention.
 
   As transformers: frequencies theta^(-2i / dim) for the even 2i < dim, each on two channels, so
-  an odd dim (GPT-NeoX head_dim 12 * rotary_pct 0.25 = 3) rotates R = dim + 1 channels.
+  an odd dim (GPT-NeoX head_dim 12 * rotary_pct 0.25 = 3) rotates A = dim + 1 channels.
   """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
   if scaling is not None:
@@ -138,17 +138,17 @@ def rope_tables(length: int, dim: int, theta: float, scaling=None):
   return jnp.cos(ang), jnp.sin(ang)
 
 
-def apply_rope(x_BxLxHxK, cos_LxR, sin_LxR):
-  """Rotates the first R dims of every head; the rest (partial rotary) pass through."""
-  r = cos_LxR.shape[-1]
-  x_rot = x_BxLxHxK[..., :r]
+def apply_rope(x_BxLxHxE, cos_LxA, sin_LxA):
+  """Rotates the first A dims of every head; the rest (partial rotary) pass through."""
+  r = cos_LxA.shape[-1]
+  x_rot = x_BxLxHxE[..., :r]
   x1, x2 = jnp.split(x_rot, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  cos, sin = cos_LxR[None, :, None, :], sin_LxR[None, :, None, :]
-  y = (x_rot * cos + rotated * sin).astype(x_BxLxHxK.dtype)
-  if r == x_BxLxHxK.shape[-1]:
+  cos, sin = cos_LxA[None, :, None, :], sin_LxA[None, :, None, :]
+  y = (x_rot * cos + rotated * sin).astype(x_BxLxHxE.dtype)
+  if r == x_BxLxHxE.shape[-1]:
     return y
-  return jnp.concatenate([y, x_BxLxHxK[..., r:]], axis=-1)
+  return jnp.concatenate([y, x_BxLxHxE[..., r:]], axis=-1)
 
 
 def _dense(p, name: str, x, contract: str):

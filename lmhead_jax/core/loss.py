@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lmhead_jax import checks
+from lmhead_jax.core import checks
 
 
 def valid_mask(targets: jax.Array, mask=None) -> jax.Array:

@@ -6,7 +6,7 @@
 Parameter and optimizer bytes come from `jax.eval_shape` of the real init and optimizer, divided
 by each leaf's real sharding on the slice's mesh. Activations are an estimate (formula in
 `activation_bytes`). --compile=tpu compiles every program with XLA:TPU for the slice's topology
-(libtpu, no TPU needed; `lmhead_jax.aot`) and exits non-zero with "does not fit" when one needs
+(libtpu, no TPU needed; `lmhead_jax.tools.aot`) and exits non-zero with "does not fit" when one needs
 more than the chip's HBM; --compile=cpu compiles the train step for the current (e.g. fake CPU)
 devices and reports XLA's per-device memory and FLOP counts beside.
 
@@ -22,9 +22,11 @@ import types
 
 import jax
 
-from lmhead_jax import costs, model, sharding
-from lmhead_jax.config import HeadConfig, ModelConfig
-from lmhead_jax.optim import make_optimizer
+from lmhead_jax.core import model
+from lmhead_jax.tools import costs
+from lmhead_jax.training import sharding
+from lmhead_jax.core.config import HeadConfig, ModelConfig
+from lmhead_jax.training.optim import make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +123,7 @@ def plan(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = None) ->
 
 def compiled_memory(cfg) -> dict:
   """Per-device bytes and FLOPs that XLA reports for the train step on the current devices."""
-  from lmhead_jax import checkpoint, train
+  from lmhead_jax.training import checkpoint, train
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   shapes = jax.eval_shape(lambda k: train.new_state(k, cfg), jax.random.key(0))
   abstract = checkpoint.abstract_like(shapes, train.state_shardings(cfg, mesh))
@@ -162,7 +164,7 @@ def format_table(rows: list[dict], columns=COLUMNS) -> str:
 def plan_sweep(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = None,
                compile_: str | None = None) -> list[dict]:
   """One row per run of `cfg.sweep` (or one for a single run), plus a total row."""
-  from lmhead_jax import sweep
+  from lmhead_jax.training import sweep
   runs = sweep.expand(cfg.get("sweep") or ({},))
   rows = []
   for overrides in runs:
@@ -180,7 +182,8 @@ def plan_sweep(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = No
 def compile_sweep(cfg, slice_name: str, runs: list[str] | None = None,
                   programs: list[str] | None = None) -> list[dict]:
   """XLA:TPU's rows (`aot.compile_for_slice`) for each run of `cfg.sweep` (or those named)."""
-  from lmhead_jax import aot, sweep
+  from lmhead_jax.tools import aot
+  from lmhead_jax.training import sweep
   named = {sweep.run_name(o) or "run": o for o in sweep.expand(cfg.get("sweep") or ({},))}
   if unknown := set(runs or ()) - set(named):
     raise ValueError(f"--runs: {sorted(unknown)} not in the sweep's runs {list(named)}")
@@ -195,7 +198,7 @@ def compile_sweep(cfg, slice_name: str, runs: list[str] | None = None,
 def main(argv):
   del argv
   from absl import flags
-  from lmhead_jax import aot
+  from lmhead_jax.tools import aot
   f = flags.FLAGS
   if "measure" not in f.config:
     print(format_table(plan_sweep(f.config, f.slice, f.mfu, f.tokens, f.compile)))

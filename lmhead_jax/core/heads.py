@@ -1,4 +1,4 @@
-"""LM heads as pure functions: specs/init, logits(head_params, h, cfg) and matrix(head_params).
+"""LM heads as pure functions: specs, logits(head_params, h, cfg) and matrix(head_params).
 
 | kind       | params                    | logits            | W (V×D) |
 |------------|---------------------------|-------------------|---------|
@@ -16,8 +16,8 @@ accumulation (the factorized head rounds B h to h's dtype in between).
 import jax
 import jax.numpy as jnp
 
-from lmhead_jax.config import HeadConfig
-from lmhead_jax.params import ParamSpec, materialize
+from lmhead_jax.core.config import HeadConfig
+from lmhead_jax.core.params import ParamSpec
 
 
 def specs(cfg: HeadConfig) -> dict:
@@ -30,10 +30,6 @@ def specs(cfg: HeadConfig) -> dict:
     return {"a_VxR": ParamSpec((v, r), ("vocab", "rank"), std=r**-0.5),
             "b_RxD": ParamSpec((r, d), ("rank", "embed"), std=d**-0.5)}
   return {}
-
-
-def init(key: jax.Array, cfg: HeadConfig) -> dict:
-  return materialize(key, specs(cfg))
 
 
 def params_of(model_params: dict, cfg: HeadConfig) -> dict:

@@ -10,8 +10,8 @@ import math
 
 import jax
 
-from lmhead_jax import model
-from lmhead_jax.config import HeadConfig, ModelConfig
+from lmhead_jax.core import model
+from lmhead_jax.core.config import HeadConfig, ModelConfig
 
 
 def param_counts(cfg) -> dict[str, int]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax
 from etils import epath
 
-from lmhead_jax import runner
+from lmhead_jax.training import runner
 
 
 def expand(grids) -> list[dict]:

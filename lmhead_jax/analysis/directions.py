@@ -13,7 +13,7 @@ always wins, by the factor 1/cos (1/visible_cosine for `hidden`).
 import jax
 import jax.numpy as jnp
 
-from lmhead_jax import bottleneck
+from lmhead_jax.core import bottleneck
 
 LABELS = {"ideal": "−G", "hidden": "−GΠ", "joint": "−(GWWᵀ + HHᵀG)"}
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -45,7 +45,7 @@ def directions(h_NxD, w_VxD, y_N, mask_N):
 
 
 @jax.jit
-def sweep(h_NxD, w_VxD, y_N, mask_N, eps):
+def loss_curves(h_NxD, w_VxD, y_N, mask_N, eps):
   """For each direction: the loss change at every ε, its first-order prediction, cos(−G, U)."""
   mask_N = mask_N.astype(jnp.float32)
   z, g, us = directions(h_NxD, w_VxD, y_N, mask_N)
