@@ -184,6 +184,8 @@ def head_loss(h, w, targets, mask=None, *, chunk_size=None) -> tuple[jax.Array, 
   G, G W and Gᵀ H once (`loss.fused_head_loss`, dense or chunk_size tokens at a time) and the
   backward pass reuses them: the stats cost the range map of W and one reduction over G.
   The matmuls run in h's dtype (float32 accumulation); gradients come in h's and w's dtypes.
+  With bf16 h, G is rounded to bf16 for G W as for the gradient: the norms read off G W (and
+  the ratios) carry ≈ 2⁻⁹ relative error; linear_head_stats computes in float32 throughout.
   """
   w = _matrix(w)
   h_NxD, targets, mask = flatten_batch(h, targets, mask, w.shape[1])
