@@ -16,9 +16,14 @@ keeps every direction up to condition number 1/(max(D, √V)·ε) (2.3e4 at V = 
 
 Accuracy (float32): visible_norm and visible_cosine to a relative ≈ κ(W)·ε (b's round-off is
 scaled by S⁻¹); destroyed_ratio = √(1 − cosine²), so near 0 (D ≥ V) only to an absolute √ε.
-Ids out of [0, V) raise in eager calls; under jit see `checks`.
+Target ids out of [0, V) raise in eager calls (under jit see `checks`), except −100, which is
+masked (`loss.IGNORE_INDEX`).
+
+`head_loss` and `head_fn_loss` are training losses that return the stats beside the loss, for
+`jax.value_and_grad(..., has_aux=True)` in anyone's train step, at no second pass over the head.
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -26,7 +31,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from lmhead_jax.core import checks
-from lmhead_jax.core.loss import cross_entropy, fused_head_loss, valid_mask
+from lmhead_jax.core.loss import IGNORE_INDEX, cross_entropy, fused_head_loss, valid_mask
 
 
 @struct.dataclass
@@ -107,17 +112,22 @@ def flatten_batch(h, targets, mask=None, d_expected=None):
   return h.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
 
 
+def _matrix(w) -> jax.Array:
+  w = jnp.asarray(w)
+  if w.ndim != 2:
+    raise ValueError(f"w must be a [V, D] matrix, got shape {w.shape}")
+  return w
+
+
 def linear_head_stats(h, w, targets, mask=None, *, chunk_size=None) -> BottleneckStats:
   """Bottleneck stats of a linear head z = h Wᵀ (W[V, D], any rank) on a batch h[..., D].
 
   With `chunk_size`, the loss and G W come from `loss.fused_head_loss`, which never holds more
   than chunk_size × V logits; the result is the same.
   """
-  w = jnp.asarray(w)
-  if w.ndim != 2:
-    raise ValueError(f"w must be a [V, D] matrix, got shape {w.shape}")
+  w = _matrix(w)
   h, targets, mask = flatten_batch(h, targets, mask, w.shape[1])
-  checks.token_ids(targets, w.shape[0], "targets")
+  checks.token_ids(targets, w.shape[0], "targets", IGNORE_INDEX)
   w32 = w.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(mask), 1.0)
   if chunk_size is None:
@@ -150,13 +160,99 @@ def head_stats(head_fn: Callable[[jax.Array], jax.Array], h, targets, mask=None,
   """
   h, targets, mask = flatten_batch(h, targets, mask)
   z, head_vjp = jax.vjp(head_fn, h)
-  checks.token_ids(targets, z.shape[-1], "targets")
+  checks.token_ids(targets, z.shape[-1], "targets", IGNORE_INDEX)
   loss, g = jax.value_and_grad(cross_entropy)(z, targets, mask)
   g = g * jnp.maximum(jnp.sum(mask), 1.0)  # unscaled rows, for `summarize`
   (b,) = head_vjp(g)
+  vis = jacobian_visible_sq(head_fn, h, b, linear_in_h)
+  return summarize(loss, jnp.sum(jnp.square(g), -1), b, vis, mask)
+
+
+def jacobian_visible_sq(head_fn, h_NxD, b_NxD, linear_in_h: bool) -> jax.Array:
+  """Per-token ‖g_t Π‖², Π onto the range of ∂z/∂h: at the first token, or at each token."""
   jac = jax.jacfwd(lambda x: head_fn(x[None])[0])
   if linear_in_h:
-    vis = visible_sq(b, range_map(jac(h[0])))
-  else:
-    vis = jax.lax.map(lambda hb: visible_sq(hb[1][None], range_map(jac(hb[0])))[0], (h, b))
-  return summarize(loss, jnp.sum(jnp.square(g), -1), b, vis, mask)
+    return visible_sq(b_NxD, range_map(jac(h_NxD[0])))
+  per_token = lambda hb: visible_sq(hb[1][None], range_map(jac(hb[0])))[0]
+  return jax.lax.map(per_token, (h_NxD, b_NxD))
+
+
+def head_loss(h, w, targets, mask=None, *, chunk_size=None) -> tuple[jax.Array, BottleneckStats]:
+  """(mean CE of z = h Wᵀ, its BottleneckStats), differentiable in h[..., D] and W[V, D].
+
+  For `jax.value_and_grad(..., has_aux=True)`; the stats are constants. The forward pass forms
+  G, G W and Gᵀ H once (`loss.fused_head_loss`, dense or chunk_size tokens at a time) and the
+  backward pass reuses them: the stats cost the range map of W and one reduction over G.
+  The matmuls run in h's dtype (float32 accumulation); gradients come in h's and w's dtypes.
+  With bf16 h, G is rounded to bf16 for G W as for the gradient: the norms read off G W (and
+  the ratios) carry ≈ 2⁻⁹ relative error; linear_head_stats computes in float32 throughout.
+  """
+  w = _matrix(w)
+  h_NxD, targets, mask = flatten_batch(h, targets, mask, w.shape[1])
+  checks.token_ids(targets, w.shape[0], "targets", IGNORE_INDEX)
+  value_grads = functools.partial(_fused_value_grads, chunk_size)
+  loss, g_sq, dh = _one_pass(value_grads, w, h_NxD, targets, mask)
+  m_DxK = range_map(jax.lax.stop_gradient(w))
+  return loss, _stats(loss, g_sq, dh, mask, lambda b: visible_sq(b, m_DxK))
+
+
+def head_fn_loss(head_fn: Callable, head_params, h, targets, mask=None, *,
+                 linear_in_h: bool = True) -> tuple[jax.Array, BottleneckStats]:
+  """(mean CE of z = head_fn(head_params, h), its BottleneckStats), differentiable in head_params
+  and h[..., D]: `head_loss` for any head. head_fn maps h[N, D] to float logits z[N, V]; Π is as
+  in `head_stats`. head_fn must not close over values being differentiated (pass them in
+  head_params)."""
+  h_NxD, targets, mask = flatten_batch(h, targets, mask)
+  z = jax.eval_shape(head_fn, head_params, h_NxD)
+  checks.token_ids(targets, z.shape[-1], "targets", IGNORE_INDEX)
+  loss, g_sq, dh = _one_pass(functools.partial(_head_fn_value_grads, head_fn), head_params,
+                             h_NxD, targets, mask)
+  params = jax.lax.stop_gradient(head_params)
+  vis = lambda b: jacobian_visible_sq(functools.partial(head_fn, params),
+                                      jax.lax.stop_gradient(h_NxD), b, linear_in_h)
+  return loss, _stats(loss, g_sq, dh, mask, vis)
+
+
+def _stats(loss, g_sq_N, dh_NxD, mask_N, visible_sq_of) -> BottleneckStats:
+  """Stats from ‖n·g_t‖² and dh = G·∂z/∂h; visible_sq_of(b) gives ‖g_t Π‖² of b = n·dh."""
+  g_sq_N, dh_NxD, loss = jax.lax.stop_gradient((g_sq_N, dh_NxD, loss))
+  b = dh_NxD.astype(jnp.float32) * jnp.maximum(jnp.sum(mask_N), 1.0)
+  return summarize(loss, g_sq_N, b, visible_sq_of(b), mask_N)
+
+
+def _fused_value_grads(chunk_size, w, h_NxD, targets_N, mask_N):
+  """Loss, ‖n·g_t‖² and (∂ℒ/∂W, ∂ℒ/∂h in float32) of `fused_head_loss`."""
+  fused = lambda w, h: fused_head_loss(h, w, targets_N, mask_N, chunk_size=chunk_size,
+                                       compute_dtype=h_NxD.dtype)
+  loss, head_vjp, tokens = jax.vjp(fused, w, h_NxD.astype(jnp.float32), has_aux=True)
+  return loss, tokens.g_sq_N, head_vjp(jnp.ones_like(loss))
+
+
+def _head_fn_value_grads(head_fn, params, h_NxD, targets_N, mask_N):
+  """Loss, ‖n·g_t‖² and (∂ℒ/∂params, ∂ℒ/∂h) of the mean CE of head_fn(params, h)."""
+  z, head_vjp = jax.vjp(head_fn, params, h_NxD)
+  loss, g = jax.value_and_grad(cross_entropy)(z, targets_N, mask_N)
+  g_sq = jnp.sum(jnp.square(g * jnp.maximum(jnp.sum(mask_N), 1.0)), -1)
+  return loss, g_sq, head_vjp(g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _one_pass(value_grads, params, h_NxD, targets_N, mask_N):
+  """(loss, ‖n·g_t‖², ∂ℒ/∂h) of value_grads(params, h, targets, mask) -> (loss, g_sq,
+  (∂ℒ/∂params, ∂ℒ/∂h)). Its VJP scales those gradients, so differentiating the loss costs no
+  second pass; g_sq and ∂ℒ/∂h are constants."""
+  return _one_pass_fwd(value_grads, params, h_NxD, targets_N, mask_N)[0]
+
+
+def _one_pass_fwd(value_grads, params, h_NxD, targets_N, mask_N):
+  loss, g_sq_N, grads = value_grads(params, h_NxD, targets_N, mask_N)
+  res = jax.tree.map(lambda g, x: g.astype(x.dtype), grads, (params, h_NxD))
+  return (loss, g_sq_N, grads[1]), res
+
+
+def _one_pass_bwd(value_grads, res, ct):
+  del value_grads
+  return *jax.tree.map(lambda g: (ct[0] * g).astype(g.dtype), res), None, None
+
+
+_one_pass.defvjp(_one_pass_fwd, _one_pass_bwd)

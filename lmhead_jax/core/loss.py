@@ -20,14 +20,16 @@ from flax import struct
 
 from lmhead_jax.core import checks
 
+IGNORE_INDEX = -100  # a target equal to it is masked (Hugging Face's ignore_index convention)
+
 
 def valid_mask(targets: jax.Array, mask=None) -> jax.Array:
-  """The float32 0/1 mask of valid positions (all valid when mask is None)."""
+  """The float32 0/1 mask of valid positions: `mask` (all when None) less IGNORE_INDEX targets."""
   m = jnp.ones(targets.shape, jnp.float32) if mask is None else jnp.asarray(mask).astype(
       jnp.float32)
   if m.shape != targets.shape:
     raise ValueError(f"mask shape {m.shape} does not match targets shape {targets.shape}")
-  return m
+  return m * (jnp.asarray(targets) != IGNORE_INDEX)
 
 
 def cross_entropy(z: jax.Array, targets: jax.Array, mask=None) -> jax.Array:
@@ -82,13 +84,15 @@ def _finish(stats, y_C, m_C, vocab_size):
 
   With q = Σ_{j≠y} p_j = 1 − p_y: ‖p − e_y‖² = Σ_{j≠y} p_j² + q², and −log p_y = −log1p(−q) when
   p_y ≥ ½, else log s1 − (z_y − z_max) (never z − lse, which is rounded at |z|·ε). Autodiff of the
-  loss gives G with g_y = −q to a relative few ε. A target outside [0, V) makes the loss NaN.
+  loss gives G with g_y = −q to a relative few ε. A target outside [0, V) makes the loss NaN,
+  except IGNORE_INDEX (masked by `valid_mask`).
   """
   z_max, s1, r1, r2, arg, z_y = stats
   q = r1 / s1
   sure = q < 0.5
   loss = jnp.where(sure, -jnp.log1p(-jnp.where(sure, q, 0.0)), jnp.log(s1) - (z_y - z_max))
-  loss_C = jnp.where((y_C >= 0) & (y_C < vocab_size), loss, jnp.nan) * m_C
+  ok = ((y_C >= 0) & (y_C < vocab_size)) | (y_C == IGNORE_INDEX)
+  loss_C = jnp.where(ok, loss, jnp.nan) * m_C
   g_sq = r2 / (s1 * s1) + q * q
   correct = (arg == y_C).astype(jnp.float32)
   tok = TokenStats(g_sq * m_C, correct * m_C, loss_C)
@@ -213,7 +217,7 @@ def fused_head_loss(h, w_VxD, targets, mask=None, *, chunk_size, vocab_block=Non
   v, d = w_VxD.shape
   if h.ndim < 1 or h.shape[-1] != d:
     raise ValueError(f"h has shape {h.shape} but w has shape {w_VxD.shape} (D={d})")
-  targets = checks.token_ids(targets, v, "targets")
+  targets = checks.token_ids(targets, v, "targets", ignore_index=IGNORE_INDEX)
   if targets.shape != h.shape[:-1]:
     raise ValueError(f"targets shape {targets.shape} does not match h shape {h.shape}[:-1]")
   m_N = valid_mask(targets, mask).reshape(-1)
