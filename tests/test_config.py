@@ -196,6 +196,11 @@ def test_validate_checks_token_dirs(tmp_path):
            f"{tmp_path}/nope/index.json does not exist"
   with pytest.raises(ValueError, match=re.escape(needle)):
     experiment.validate(cfg)
+  cfg.data.eval_path = str(tmp_path / "val")
+  cfg.model.vocab_size = 127  # the data holds ids up to 127
+  with pytest.raises(ValueError, match=re.escape(
+      f"data.path='{tmp_path}/val' holds ids of vocab_size=128, more than model.vocab_size=127")):
+    experiment.validate(cfg)
 
 
 def test_validate_experiment_checks_every_sweep_run():

@@ -102,9 +102,12 @@ def validate(cfg) -> None:
   for key in ("path", "eval_path"):
     if cfg.data.kind == "tokens" and cfg.data[key]:
       try:
-        read_index(cfg.data[key])
+        data_vocab = int(read_index(cfg.data[key])["vocab_size"])
       except (OSError, ValueError) as e:
         raise ValueError(f"data.{key}={cfg.data[key]!r} is not a token directory: {e}") from e
+      if "measure" not in cfg and data_vocab > cfg.model.vocab_size:  # measuring: V from the model
+        raise ValueError(f"data.{key}={cfg.data[key]!r} holds ids of vocab_size={data_vocab}, "
+                         f"more than model.vocab_size={cfg.model.vocab_size}")
 
 
 def validate_experiment(cfg) -> None:
