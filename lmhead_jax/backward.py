@@ -5,7 +5,8 @@
   init) from the run's seed (`feedback_matrix`): a constant of the step, not a parameter, not in
   the optimizer state. Needs G, so only the dense head (no head.chunk_size).
 - `whitened`: G W (WᵀW + λI)⁻¹, rescaled to the Frobenius norm of G W over the batch, with
-  λ = LAMBDA · tr(WᵀW)/D (a fraction of W's mean squared singular value). The hidden-only logit
+  λ = LAMBDA · tr(WᵀW)/D (a fraction of W's mean squared singular value), on the directions
+  that W spans (`whiten`). The hidden-only logit
   change it asks for, ∝ G W (WᵀW + λI)⁻¹ Wᵀ, tends to G Π as λ → 0: the best direction the head
   can realize, instead of G W Wᵀ.
 
@@ -28,14 +29,20 @@ def feedback_matrix(seed: int, v: int, d: int) -> jax.Array:
 
 
 def whiten(b_NxD: jax.Array, w_VxD: jax.Array, rel_lambda: float = LAMBDA) -> jax.Array:
-  """b (WᵀW + λI)⁻¹ · ‖b‖/‖b (WᵀW + λI)⁻¹‖ (Frobenius over all rows), λ = rel_lambda·tr(WᵀW)/D."""
+  """b (WᵀW + λI)⁻¹ · ‖b‖/‖b (WᵀW + λI)⁻¹‖ (Frobenius over all rows), λ = rel_lambda·tr(WᵀW)/D.
+
+  The inverse is taken on the directions W spans: eigenvalues of WᵀW below D·ε·max are
+  round-off (a factorized W of rank r < D) and are dropped, so noise in b is not amplified by 1/λ.
+  """
   w = w_VxD.astype(jnp.float32)
   d = w.shape[-1]
-  s_DxD = jnp.matmul(w.T, w, precision=jax.lax.Precision.HIGHEST)
-  lam = rel_lambda * jnp.trace(s_DxD) / d
+  s_D, v_DxD = jnp.linalg.eigh(jnp.matmul(w.T, w, precision=jax.lax.Precision.HIGHEST))
+  lam = rel_lambda * jnp.sum(s_D) / d
+  keep = s_D > jnp.max(s_D) * d * jnp.finfo(jnp.float32).eps
+  inv_D = jnp.where(keep, 1.0 / (jnp.where(keep, s_D, 1.0) + lam), 0.0)
   b = b_NxD.reshape(-1, d).astype(jnp.float32)
-  factor = jax.scipy.linalg.cho_factor(s_DxD + lam * jnp.eye(d))
-  x = jax.scipy.linalg.cho_solve(factor, b.T).T  # (WᵀW + λI) is symmetric
+  x = jnp.matmul(jnp.matmul(b, v_DxD, precision=jax.lax.Precision.HIGHEST) * inv_D, v_DxD.T,
+                 precision=jax.lax.Precision.HIGHEST)
   norm_x = jnp.linalg.norm(x)
   x = x * (jnp.linalg.norm(b) / jnp.where(norm_x > 0, norm_x, 1.0))
   return x.reshape(b_NxD.shape).astype(b_NxD.dtype)
