@@ -41,7 +41,7 @@ def lab_config(kind="linear", **head):
 
 # --- realized_cosine -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("opt,lr", [("sgd", 1e-2), ("adamw", 1e-5)])
+@pytest.mark.parametrize("opt,lr", [("sgd", 1e-4), ("adamw", 1e-5)])
 def test_realized_cosine_equals_finite_difference(opt, lr):
   cfg = lab_config()
   cfg.optimizer.update(name=opt, learning_rate=lr, momentum=0.9, weight_decay=0.1)
@@ -56,18 +56,19 @@ def test_realized_cosine_equals_finite_difference(opt, lr):
   dz = (z1 - z0).reshape(len(y), -1) * msk[:, None]
   expected = np_cos(-g, dz)
   assert 0.05 < abs(expected)  # a real signal, not noise around 0
-  np.testing.assert_allclose(float(m["bottleneck/realized_cosine"]), expected, atol=2e-3)
+  # the gap is second order: it shrinks with lr (sgd: 7.7e-5 at 1e-3, 3e-6 at 1e-4)
+  np.testing.assert_allclose(float(m["bottleneck/realized_cosine"]), expected, atol=1e-4)
 
 
 def test_realized_cosine_chunked_equals_dense():
-  got = []
-  for chunk in (None, 24):
-    cfg = lab_config("factorized", chunk_size=chunk)
-    mesh = one_device_mesh()
-    state, _ = train.init_state(jax.random.key(1), cfg, mesh)
-    got.append(float(train.make_train_step(cfg, mesh)(state, random_batch(cfg))[1][
-        "bottleneck/realized_cosine"]))
-  np.testing.assert_allclose(got[1], got[0], rtol=1e-5)
+  cfg = lab_config("factorized")
+  params = model.init(jax.random.key(1), *train.configs(cfg))
+  batch = random_batch(cfg)
+  updates = jax.tree.map(lambda g: -0.1 * g, jax.grad(plain_loss)(params, batch, cfg))
+  dense = train.realized_cosine(params, updates, batch, cfg)
+  cfg.head.chunk_size = 24  # 128 tokens: 6 chunks, the last one padded
+  np.testing.assert_allclose(train.realized_cosine(params, updates, batch, cfg), dense, rtol=1e-5)
+  assert dense > 0.05
 
 
 # --- head.backward ---------------------------------------------------------------------------
