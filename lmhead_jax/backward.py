@@ -5,10 +5,10 @@
   init) from the run's seed (`feedback_matrix`): a constant of the step, not a parameter, not in
   the optimizer state. Needs G, so only the dense head (no head.chunk_size).
 - `whitened`: G W (WᵀW + λI)⁻¹, rescaled to the Frobenius norm of G W over the batch, with
-  λ = LAMBDA · tr(WᵀW)/D (a fraction of W's mean squared singular value), on the directions
-  that W spans (`whiten`). The hidden-only logit
-  change it asks for, ∝ G W (WᵀW + λI)⁻¹ Wᵀ, tends to G Π as λ → 0: the best direction the head
-  can realize, instead of G W Wᵀ.
+  λ = LAMBDA · tr(WᵀW)/D (a fraction of W's mean squared singular value), inverted on the
+  directions that W spans (`whiten`). The hidden-only logit change it asks for,
+  ∝ G W (WᵀW + λI)⁻¹ Wᵀ, tends to G Π as λ → 0: the best direction the head can realize,
+  instead of G W Wᵀ.
 
 The head's own parameter gradient stays exact. The train step applies these rules to the exact
 G W it already holds (it needs G W for the metrics too); `whitened` and `feedback` are the same
