@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FAMILIES = ("llama", "qwen3", "olmo2", "gpt2", "gpt_neox")
-HEAD_KINDS = ("linear", "tied", "factorized")
+HEAD_KINDS = ("linear", "tied", "factorized", "mos")
+HEAD_BACKWARDS = ("exact", "feedback_alignment", "whitened")
 
 # Architecture flags each family sets unless the config gives them (None = family default).
 _LLAMA = dict(norm="rms", bias=False, mlp_act="swiglu", pos="rope", rotary_pct=1.0,
@@ -146,13 +147,18 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
-  """LM head: kind (linear / tied / factorized), rank for factorized, chunk_size for the loss."""
+  """LM head: kind (linear / tied / factorized / mos), rank for factorized, mixtures for mos,
+  chunk_size for the loss; backward (what the trunk receives, `lmhead_jax.backward`) and
+  ortho_weight (`lmhead_jax.regularize.ortho`)."""
 
   vocab_size: int
   d_model: int
   kind: str = "linear"
   rank: int | None = None
   chunk_size: int | None = None  # tokens per chunk in the fused loss; None = dense
+  mixtures: int | None = None  # K softmaxes of the mos head
+  backward: str = "exact"  # exact | feedback_alignment | whitened
+  ortho_weight: float = 0.0
 
   def __post_init__(self):
     if self.kind not in HEAD_KINDS:
@@ -163,6 +169,23 @@ class HeadConfig:
             f"head.rank={self.rank} must satisfy 0 < rank <= d_model={self.d_model}")
     if self.chunk_size is not None and int(self.chunk_size) <= 0:
       raise ValueError(f"head.chunk_size={self.chunk_size} must be positive or None")
+    if self.kind == "mos" and (self.mixtures is None or int(self.mixtures) < 1):
+      raise ValueError(f"head.kind='mos' needs head.mixtures >= 1, got {self.mixtures}")
+    if self.backward not in HEAD_BACKWARDS:
+      raise ValueError(f"head.backward={self.backward!r} is not one of {HEAD_BACKWARDS}")
+    if not float(self.ortho_weight) >= 0:
+      raise ValueError(f"head.ortho_weight={self.ortho_weight!r} must be >= 0")
+    # The mos head has no single matrix W: no chunked loss, no W-based backward or regularizer.
+    if self.kind == "mos":
+      for key, value, plain in (("chunk_size", self.chunk_size, None),
+                                ("backward", self.backward, "exact"),
+                                ("ortho_weight", float(self.ortho_weight), 0.0)):
+        if value != plain:
+          raise ValueError(f"head.kind='mos' does not support head.{key}={value!r} "
+                           f"(needs {plain!r})")
+    if self.backward == "feedback_alignment" and self.chunk_size is not None:
+      raise ValueError("head.backward='feedback_alignment' needs G, which head.chunk_size="
+                       f"{self.chunk_size} never forms; set head.chunk_size=None")
 
   @classmethod
   def of(cls, cfg: Any, model: ModelConfig | None = None) -> "HeadConfig":

@@ -5,6 +5,7 @@
 | linear     | w_VxD                     | h Wᵀ              | W       |
 | tied       | (the input embedding)     | h Eᵀ              | E       |
 | factorized | a_VxR, b_RxD              | A (B h)           | A B     |
+| mos        | w_VxD, p_KxDxD, pi_KxD    | log p (`mos`)     | none    |
 
 Initialization keeps the initial logits' scale independent of D and r: with h at unit RMS
 (final norm), W ~ N(0, 1/D) gives Var(z) = 1; for the factorized head B ~ N(0, 1/D) keeps B h at
@@ -16,8 +17,9 @@ accumulation (the factorized head rounds B h to h's dtype in between).
 import jax
 import jax.numpy as jnp
 
+from lmhead_jax.core import mos
 from lmhead_jax.core.config import HeadConfig
-from lmhead_jax.core.params import ParamSpec
+from lmhead_jax.core.params import ParamSpec, materialize
 
 
 def specs(cfg: HeadConfig) -> dict:
@@ -29,6 +31,8 @@ def specs(cfg: HeadConfig) -> dict:
     r = int(cfg.rank)
     return {"a_VxR": ParamSpec((v, r), ("vocab", "rank"), std=r**-0.5),
             "b_RxD": ParamSpec((r, d), ("rank", "embed"), std=d**-0.5)}
+  if cfg.kind == "mos":
+    return mos.specs(v, d, int(cfg.mixtures))
   return {}
 
 
@@ -50,11 +54,15 @@ def logits(head_params: dict, h: jax.Array, cfg: HeadConfig) -> jax.Array:
   if cfg.kind == "factorized":
     u = _project(h, head_params["b_RxD"], "...d,rd->...r").astype(h.dtype)
     return _project(u, head_params["a_VxR"], "...r,vr->...v")
+  if cfg.kind == "mos":
+    return mos.logits(head_params, h)
   return _project(h, head_params["w_VxD"], "...d,vd->...v")
 
 
 def matrix(head_params: dict) -> jax.Array:
-  """The effective head matrix W[V, D] (float32)."""
+  """The effective head matrix W[V, D] (float32); the mos head has none."""
+  if "p_KxDxD" in head_params:
+    raise ValueError("the mos head is not linear in h: it has no matrix W")
   if "a_VxR" in head_params:
     return jnp.matmul(head_params["a_VxR"], head_params["b_RxD"],
                       precision=jax.lax.Precision.HIGHEST)

@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
       bos_id=0, window_mode="random"))
   c.train = ml_collections.ConfigDict(dict(
       steps=100, batch_size=32, log_every=10, eval_every=0, eval_batches=4,
-      bottleneck_every=1, grad_accum=1))
+      bottleneck_every=1, grad_accum=1, alignment_weight=0.0))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=1e-3, schedule="constant", warmup_steps=0,
       end_lr_fraction=0.0, weight_decay=0.0, decay_embeddings=False, b1=0.9, b2=0.95,
@@ -78,7 +78,7 @@ def validate(cfg) -> None:
   """
   from lmhead_jax.data import pipeline, read_index  # lazy: grain is slow to import
 
-  HeadConfig.of(cfg.head, ModelConfig.of(cfg.model))
+  head = HeadConfig.of(cfg.head, ModelConfig.of(cfg.model))
   _check_int(cfg, "train.steps", 0 if "measure" in cfg else 1)
   for key in ("train.batch_size", "train.log_every", "train.grad_accum", "data.seq_len",
               "checkpoint.keep", "measure.batch_size", "measure.num_sequences"):
@@ -87,6 +87,11 @@ def validate(cfg) -> None:
               "checkpoint.every", "optimizer.warmup_steps"):
     _check_int(cfg, key, 0)
   t = cfg.train
+  if not float(t.alignment_weight) >= 0:
+    raise ValueError(f"train.alignment_weight={t.alignment_weight!r} must be >= 0")
+  if t.alignment_weight > 0 and (head.kind == "mos" or head.chunk_size is not None):
+    raise ValueError(f"train.alignment_weight={t.alignment_weight} needs G and one matrix W: "
+                     f"not with head.kind={head.kind!r}, head.chunk_size={head.chunk_size}")
   if t.eval_every > 0 and t.eval_batches < 1:
     raise ValueError(f"train.eval_batches={t.eval_batches} must be >= 1 when evals are on "
                      f"(train.eval_every={t.eval_every}); set train.eval_every=0 for none")

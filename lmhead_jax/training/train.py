@@ -2,7 +2,10 @@
 
 One forward pass: h = trunk(params, x); z = head(params, h). `jax.vjp` through the head gives,
 from the same computation, the loss, the logit gradient G, what the head passes back to the trunk
-(G W) and the parameter gradient. The bottleneck metrics are read off G, G W and W.
+(G W) and the parameter gradient. The bottleneck metrics are read off G, G W and W. On the
+steps that compute them, `realized_cosine` also measures what the optimizer's update realizes.
+`head.backward` changes what the trunk receives, `head.ortho_weight` and
+`train.alignment_weight` add regularizers (`lmhead_jax.backward`, `lmhead_jax.regularize`).
 """
 
 import jax
@@ -10,15 +13,17 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from lmhead_jax.core import bottleneck, heads, model
+from lmhead_jax.core import backward, bottleneck, heads, model, regularize
 from lmhead_jax.core.config import HeadConfig, ModelConfig
-from lmhead_jax.core.loss import accuracy, cross_entropy, fused_head_loss
+from lmhead_jax.core.loss import _to_chunks, accuracy, cross_entropy, fused_head_loss
 from lmhead_jax.training import sharding
 from lmhead_jax.training.optim import make_optimizer
 
 
 # Metrics that must be finite for a step's update to be applied, in the order they are computed.
 GUARDED = ("learning_rate", "loss", "grad_norm", "update_norm", "param_norm")
+# Tokens per metric step whose per-token Jacobian (V×D) gives the mos head's bottleneck stats.
+MOS_STAT_TOKENS = 64
 
 
 @struct.dataclass
@@ -49,7 +54,7 @@ def validate(cfg, mesh) -> None:
 
 
 def _head_backward(params, h, batch, hc: HeadConfig):
-  """(loss, accuracy, per-token ‖n·g_t‖², G W, head-parameter grads) of the head on h.
+  """(loss, accuracy, per-token ‖n·g_t‖², G W, head-parameter grads, G or None) of the head on h.
 
   Dense: `jax.vjp` through any head function, then G = ∂ℒ/∂z. Chunked (`head.chunk_size`): the
   fused head + CE of `loss.fused_head_loss` on the effective matrix W, never forming N×V logits.
@@ -59,25 +64,70 @@ def _head_backward(params, h, batch, hc: HeadConfig):
     z, head_vjp = jax.vjp(lambda p, h: heads.logits(heads.params_of(p, hc), h, hc), params, h)
     loss, g = jax.value_and_grad(cross_entropy)(z, targets, mask)
     head_grads, d_h = head_vjp(g)
-    g = g * jnp.maximum(jnp.sum(mask), 1.0)
-    return loss, accuracy(z, targets, mask), jnp.sum(g * g, -1), d_h, head_grads
+    g_sq = jnp.sum(jnp.square(g * jnp.maximum(jnp.sum(mask), 1.0)), -1)
+    return loss, accuracy(z, targets, mask), g_sq, d_h, head_grads, g
   fused = lambda p, h: fused_head_loss(h, heads.matrix(heads.params_of(p, hc)), targets, mask,
                                        chunk_size=hc.chunk_size)
   loss, head_vjp, tokens = jax.vjp(fused, params, h, has_aux=True)
   head_grads, d_h = head_vjp(jnp.ones_like(loss))
   n = jnp.maximum(jnp.sum(mask), 1.0)
-  return loss, jnp.sum(tokens.correct_N) / n, tokens.g_sq_N, d_h, head_grads
+  return loss, jnp.sum(tokens.correct_N) / n, tokens.g_sq_N, d_h, head_grads, None
 
 
-def _loss_parts(params, batch, c: ModelConfig, hc: HeadConfig, with_bottleneck: bool):
+def _escape(params, h, g, d_h, mask, cfg, hc: HeadConfig):
+  """What the trunk receives (`head.backward`), and the regularizers' gradients and values."""
+  w_of = lambda p: heads.matrix(heads.params_of(p, hc))
+  d_trunk = d_h
+  if hc.backward == "whitened":
+    d_trunk = backward.whiten(d_h, w_of(params))
+  elif hc.backward == "feedback_alignment":
+    b_VxD = backward.feedback_matrix(int(cfg.seed), hc.vocab_size, hc.d_model)
+    d_trunk = jnp.einsum("...v,vd->...d", g, b_VxD).astype(d_h.dtype)
+  weights = {"ortho_penalty": float(hc.ortho_weight),
+             "alignment_loss": float(cfg.train.alignment_weight)}
+  weights = {k: w for k, w in weights.items() if w > 0}
+  if not weights:
+    return d_trunk, None, {}
+
+  def penalty(p, h):
+    terms = {}
+    if "ortho_penalty" in weights:
+      terms["ortho_penalty"] = regularize.ortho(w_of(p))
+    if "alignment_loss" in weights:
+      terms["alignment_loss"] = regularize.alignment(g, h, w_of(p), mask)
+    return sum(weights[k] * v for k, v in terms.items()), terms
+
+  (_, terms), (d_params, d_hidden) = jax.value_and_grad(penalty, (0, 1), has_aux=True)(params, h)
+  return d_trunk + d_hidden.astype(d_trunk.dtype), d_params, terms
+
+
+def _mos_stats(params, h, batch, hc: HeadConfig):
+  """`bottleneck.head_stats` (per-token Jacobians) on MOS_STAT_TOKENS evenly strided tokens of
+  the flattened batch; costs about MOS_STAT_TOKENS · D forward passes of the head."""
+  h_NxD = h.reshape(-1, h.shape[-1])
+  n = h_NxD.shape[0]
+  s = min(n, MOS_STAT_TOKENS)
+  idx = jnp.arange(s) * (n // s)
+  hp = heads.params_of(params, hc)
+  return bottleneck.head_stats(lambda x: heads.logits(hp, x, hc), h_NxD[idx],
+                               batch["targets"].reshape(-1)[idx], batch["mask"].reshape(-1)[idx],
+                               linear_in_h=False)
+
+
+def _loss_parts(params, batch, cfg, c: ModelConfig, hc: HeadConfig, with_bottleneck: bool):
   """Loss, parameter gradient, accuracy and (optionally) bottleneck stats of one micro-batch."""
   mask = batch["mask"]
   h, trunk_vjp = jax.vjp(lambda p: model.hidden(p, batch["inputs"], c), params)
-  loss, acc, g_sq, d_h, head_grads = _head_backward(params, h, batch, hc)
-  (trunk_grads,) = trunk_vjp(d_h)
+  loss, acc, g_sq, d_h, head_grads, g = _head_backward(params, h, batch, hc)
+  d_trunk, reg_grads, terms = _escape(params, h, g, d_h, mask, cfg, hc)
+  (trunk_grads,) = trunk_vjp(d_trunk)
   grads = jax.tree.map(jnp.add, trunk_grads, head_grads)
-  out = {"loss": loss, "accuracy": acc, "n": jnp.sum(mask)}
-  if with_bottleneck:
+  if reg_grads is not None:
+    grads = jax.tree.map(jnp.add, grads, reg_grads)
+  out = {"loss": loss, "accuracy": acc, "n": jnp.sum(mask), **terms}
+  if with_bottleneck and hc.kind == "mos":
+    out["stats"] = _mos_stats(params, h, batch, hc)
+  elif with_bottleneck:
     b = d_h.reshape(-1, d_h.shape[-1]).astype(jnp.float32) * jnp.maximum(jnp.sum(mask), 1.0)
     vis = bottleneck.visible_sq(b, bottleneck.range_map(heads.matrix(heads.params_of(params, hc))))
     out["stats"] = bottleneck.summarize(loss, g_sq.reshape(-1), b, vis,
@@ -88,7 +138,7 @@ def _loss_parts(params, batch, c: ModelConfig, hc: HeadConfig, with_bottleneck: 
 def _combine(outs, n_total):
   """Merges stacked per-micro-batch outputs into the big batch's (G scales with 1/n)."""
   w = outs["n"] / jnp.maximum(n_total, 1.0)
-  merged = {"loss": jnp.sum(w * outs["loss"]), "accuracy": jnp.sum(w * outs["accuracy"])}
+  merged = {k: jnp.sum(w * outs[k]) for k in outs if k not in ("n", "stats")}
   if "stats" in outs:
     s = outs["stats"]
     sq = lambda x: jnp.sum(jnp.square(w * x))
@@ -106,12 +156,12 @@ def loss_and_grads(params, batch, cfg, with_bottleneck: bool = True):
   c, hc = configs(cfg)
   k = int(cfg.train.grad_accum)
   if k == 1:
-    return _loss_parts(params, batch, c, hc, with_bottleneck)
+    return _loss_parts(params, batch, cfg, c, hc, with_bottleneck)
   # Micro-batch i takes rows i, i+k, ...: each device keeps its own rows.
   micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), batch)
 
   def body(acc, mb):
-    out, grads = _loss_parts(params, mb, c, hc, with_bottleneck)
+    out, grads = _loss_parts(params, mb, cfg, c, hc, with_bottleneck)
     return jax.tree.map(lambda a, g: a + g * out["n"], acc, grads), out
 
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -121,6 +171,30 @@ def loss_and_grads(params, batch, cfg, with_bottleneck: bool = True):
   merged = _combine(outs, n_total)
   merged["n"] = n_total
   return merged, grads
+
+
+def realized_cosine(params, updates, batch, cfg) -> jax.Array:
+  """cos(−G, J_θ Δθ): −G against the first-order change of the logits that the update Δθ makes,
+  from a jvp of the trunk and then of the head along Δθ, on the same batch (the head a token
+  chunk at a time with `head.chunk_size`). Costs about one forward pass with tangents."""
+  c, hc = configs(cfg)
+  h, dh = jax.jvp(lambda p: model.hidden(p, batch["inputs"], c), (params,), (updates,))
+  hp, dhp = heads.params_of(params, hc), heads.params_of(updates, hc)
+  n = batch["targets"].size
+  size = min(hc.chunk_size or n, n)
+  k = -(-n // size)
+  chunks = [_to_chunks(x.reshape(n, *x.shape[2:]), k, size)
+            for x in (h, dh, batch["targets"], batch["mask"])]
+
+  def sums(x):
+    h_CxD, dh_CxD, y_C, m_C = x
+    z, dz = jax.jvp(lambda p, h: heads.logits(p, h, hc), (hp, h_CxD), (dhp, dh_CxD))
+    g = jax.grad(cross_entropy)(z, y_C, m_C) * jnp.maximum(jnp.sum(m_C), 1.0)  # rows p − e_y
+    dz = dz * m_C[:, None]
+    return jnp.stack([jnp.sum(g * dz), jnp.sum(g * g), jnp.sum(dz * dz)])
+
+  s = jnp.sum(jax.lax.map(sums, chunks), axis=0)
+  return -s[0] / jnp.sqrt(jnp.maximum(s[1] * s[2], jnp.finfo(jnp.float32).tiny))
 
 
 def new_state(key, cfg) -> TrainState:
@@ -181,8 +255,10 @@ def make_train_step(cfg, mesh, *, with_bottleneck: bool = True):
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+    metrics.update({k: out[k] for k in ("ortho_penalty", "alignment_loss") if k in out})
     if with_bottleneck:
       metrics.update(out["stats"].metrics())
+      metrics["bottleneck/realized_cosine"] = realized_cosine(state.params, updates, batch, cfg)
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
   state_sh = state_shardings(cfg, mesh)

@@ -1,0 +1,84 @@
+"""What the trunk receives from the head (`head.backward`) instead of ∂ℒ/∂h = G W.
+
+- `exact`: G W.
+- `feedback_alignment`: G B, with B a fixed random V×D matrix drawn N(0, 1/D) (the scale of W's
+  init) from the run's seed (`feedback_matrix`): a constant of the step, not a parameter, not in
+  the optimizer state. Needs G, so only the dense head (no head.chunk_size).
+- `whitened`: G W (WᵀW + λI)⁻¹, rescaled to the Frobenius norm of G W over the batch, with
+  λ = LAMBDA · tr(WᵀW)/D (a fraction of W's mean squared singular value), inverted on the
+  directions that W spans (`whiten`). The hidden-only logit change it asks for,
+  ∝ G W (WᵀW + λI)⁻¹ Wᵀ, tends to G Π as λ → 0: the best direction the head can realize,
+  instead of G W Wᵀ.
+
+The head's own parameter gradient stays exact. The train step applies these rules to the exact
+G W it already holds (it needs G W for the metrics too); `whitened` and `feedback` are the same
+rules as custom_vjp taps on the head's h-input, for anyone's `jax.grad` train step.
+"""
+
+import jax
+import jax.numpy as jnp
+
+LAMBDA = 1e-3
+FEEDBACK_SALT = 0xFA  # folded into the run's seed key to draw B
+
+
+def feedback_matrix(seed: int, v: int, d: int) -> jax.Array:
+  """B[V, D] ~ N(0, 1/D), the same for every step of a run with this seed."""
+  key = jax.random.fold_in(jax.random.key(seed), FEEDBACK_SALT)
+  return jax.random.normal(key, (v, d), jnp.float32) * d**-0.5
+
+
+def whiten(b_NxD: jax.Array, w_VxD: jax.Array, rel_lambda: float = LAMBDA) -> jax.Array:
+  """b (WᵀW + λI)⁻¹ · ‖b‖/‖b (WᵀW + λI)⁻¹‖ (Frobenius over all rows), λ = rel_lambda·tr(WᵀW)/D.
+
+  The inverse is taken on the directions W spans: eigenvalues of WᵀW below D·ε·max are
+  round-off (a factorized W of rank r < D) and are dropped, so noise in b is not amplified by 1/λ.
+  """
+  w = w_VxD.astype(jnp.float32)
+  d = w.shape[-1]
+  s_D, v_DxD = jnp.linalg.eigh(jnp.matmul(w.T, w, precision=jax.lax.Precision.HIGHEST))
+  lam = rel_lambda * jnp.sum(s_D) / d
+  keep = s_D > jnp.max(s_D) * d * jnp.finfo(jnp.float32).eps
+  inv_D = jnp.where(keep, 1.0 / (jnp.where(keep, s_D, 1.0) + lam), 0.0)
+  b = b_NxD.reshape(-1, d).astype(jnp.float32)
+  x = jnp.matmul(jnp.matmul(b, v_DxD, precision=jax.lax.Precision.HIGHEST) * inv_D, v_DxD.T,
+                 precision=jax.lax.Precision.HIGHEST)
+  norm_x = jnp.linalg.norm(x)
+  x = x * (jnp.linalg.norm(b) / jnp.where(norm_x > 0, norm_x, 1.0))
+  return x.reshape(b_NxD.shape).astype(b_NxD.dtype)
+
+
+@jax.custom_vjp
+def whitened(h: jax.Array, w_VxD: jax.Array) -> jax.Array:
+  """Identity on h; its cotangent G W leaves as `whiten(G W, W)`. Use: head(params, whitened(h, W))."""
+  return h
+
+
+def _whitened_fwd(h, w_VxD):
+  return h, w_VxD
+
+
+def _whitened_bwd(w_VxD, ct):
+  return whiten(ct, w_VxD), None
+
+
+whitened.defvjp(_whitened_fwd, _whitened_bwd)
+
+
+@jax.custom_vjp
+def feedback(z: jax.Array, h: jax.Array, b_VxD: jax.Array) -> jax.Array:
+  """Identity on the logits z; h receives G B. Use: feedback(head(params, stop_gradient(h)), h, B)."""
+  return z
+
+
+def _feedback_fwd(z, h, b_VxD):
+  return z, (h, b_VxD)
+
+
+def _feedback_bwd(res, g):
+  h, b_VxD = res
+  d_h = jnp.einsum("...v,vd->...d", g, b_VxD, preferred_element_type=jnp.float32)
+  return g, d_h.astype(h.dtype), None
+
+
+feedback.defvjp(_feedback_fwd, _feedback_bwd)
