@@ -12,7 +12,7 @@ import jax
 import pytest
 from conftest import tiny_config
 
-from lmhead_jax.analysis import subjects
+from experiments import measure_pretrained
 from lmhead_jax.core import model
 from lmhead_jax.tools import aot, costs, plan
 from lmhead_jax.core.config import FAMILIES, HeadConfig, ModelConfig
@@ -100,7 +100,7 @@ def test_measure_programs_from_hf_config(tmp_path):
                "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
   (tmp_path / "tiny-llama").mkdir()
   (tmp_path / "tiny-llama" / "config.json").write_text(json.dumps(hf_config))
-  cfg = subjects.base_config()
+  cfg = measure_pretrained.get_config("pretrained")  # declares measure.chunk_len
   cfg.update(checkpoints=str(tmp_path / "tiny-llama"), dtype="bfloat16")
   cfg.data.seq_len = 128
   cfg.measure.update(batch_size=8, chunk_len=64)

@@ -178,7 +178,7 @@ def test_schedule_warmup_then_cosine():
                              [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["linear", "tied", "factorized"])
+@pytest.mark.parametrize("kind", ["linear", pytest.param("tied", marks=pytest.mark.slow), "factorized"])
 def test_chunked_head_equals_dense(kind):
   """head.chunk_size gives the dense step's loss, gradients and bottleneck metrics (7 ∤ N)."""
   cfg = tiny_config(tie_embeddings=kind == "tied")
