@@ -137,7 +137,7 @@ def _fresh_subject(spec="16"):
   return ml_collections.ConfigDict(cfg.to_dict()), s
 
 
-@pytest.mark.parametrize("spec,rank", [("16", 16), ("16r4", 4)])
+@pytest.mark.parametrize("spec,rank", [pytest.param("16", 16, marks=pytest.mark.slow), ("16r4", 4)])
 def test_measure_fresh_model_against_numpy(spec, rank):
   cfg, s = _fresh_subject(spec)
   assert s.name == ("fresh-d16" if rank == 16 else "fresh-d16-r4")

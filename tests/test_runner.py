@@ -264,6 +264,7 @@ def test_eval_off_the_log_grid_is_logged_and_finished_run_resumes_to_summary(tmp
   assert again["loss"] == records[4]["loss"]
 
 
+@pytest.mark.slow
 def test_relative_workdir(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   runner.run(spam_config(2, every=1), "runs/rel")

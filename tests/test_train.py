@@ -41,7 +41,7 @@ def copy(tree):
   return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
 
-@pytest.mark.parametrize("kind", ["linear", "tied", "factorized"])
+@pytest.mark.parametrize("kind", ["linear", pytest.param("tied", marks=pytest.mark.slow), "factorized"])
 def test_step_gradient_equals_jax_grad(kind):
   cfg = sgd_lr1(tiny_config(tie_embeddings=kind == "tied"))
   cfg.head.kind, cfg.head.rank = kind, 8
@@ -56,7 +56,7 @@ def test_step_gradient_equals_jax_grad(kind):
     np.testing.assert_allclose(g, e, rtol=2e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("kind", ["linear", "factorized"])
+@pytest.mark.parametrize("kind", ["linear", pytest.param("factorized", marks=pytest.mark.slow)])
 def test_step_bottleneck_equals_linear_head_stats(kind):
   cfg = tiny_config()
   cfg.head.kind, cfg.head.rank = kind, 8
@@ -178,7 +178,8 @@ def test_schedule_warmup_then_cosine():
                              [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["linear", pytest.param("tied", marks=pytest.mark.slow), "factorized"])
+@pytest.mark.parametrize("kind", ["linear", pytest.param("tied", marks=pytest.mark.slow),
+                                  pytest.param("factorized", marks=pytest.mark.slow)])
 def test_chunked_head_equals_dense(kind):
   """head.chunk_size gives the dense step's loss, gradients and bottleneck metrics (7 ∤ N)."""
   cfg = tiny_config(tie_embeddings=kind == "tied")
