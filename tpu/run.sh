@@ -24,6 +24,8 @@
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
+# shellcheck source-path=SCRIPTDIR source=../scripts/experiment_args.sh
+source "$ROOT/scripts/experiment_args.sh"
 
 RUN=''
 WAIT=${LMHEAD_WAIT:-30}
@@ -42,19 +44,8 @@ if (( STOP )); then
   exit 0
 fi
 
-(( $# >= 3 )) || die "expected EXPERIMENT PRESET WORKDIR [overrides...], got $# argument(s) (see --help)"
-experiment=$1 preset=$2 workdir=$3
+experiment_args "$@"
 shift 3
-experiments=${LMHEAD_EXPERIMENTS_DIR:-$ROOT/experiments}
-if [[ ! $experiment =~ ^[A-Za-z_][A-Za-z0-9_]*$ || ! -f $experiments/$experiment.py ]]; then
-  known=()
-  for f in "$experiments"/*.py; do
-    [[ $f == */__init__.py || ! -f $f ]] || known+=("$(basename "$f" .py)")
-  done
-  die "unknown experiment '$experiment': no file $experiments/$experiment.py (known: ${known[*]:-none})"
-fi
-[[ $preset =~ ^[A-Za-z0-9_.-]+$ ]] || die "bad PRESET '$preset': use letters, digits, '_', '.', '-'"
-[[ -n $workdir ]] || die "empty WORKDIR"
 [[ $workdir == gs://* ]] || warn "WORKDIR '$workdir' is not on GCS: each worker writes its own copy"
 RUN=${RUN:-$experiment-$preset-$(date +%Y%m%d-%H%M%S)}
 [[ $RUN =~ ^[A-Za-z0-9_.-]+$ ]] || die "bad --run '$RUN': use letters, digits, '_', '.', '-'"
