@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from lmhead_jax.training import checkpoint, sharding, train
 
@@ -132,7 +132,7 @@ def test_failed_save_raises_at_once_naming_the_path(tmp_path):
   code = f"""
 import sys; sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
 import jax
-from conftest import tiny_config
+from helpers import tiny_config
 from lmhead_jax.training import checkpoint, sharding, train
 state, _ = train.init_state(jax.random.key(0), tiny_config(), sharding.make_mesh())
 ckpt = checkpoint.Checkpointer({str(tmp_path)!r}, every=1, keep=2)

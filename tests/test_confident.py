@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from lmhead_jax.core import bottleneck, heads, model
 from lmhead_jax.core.loss import fused_head_loss

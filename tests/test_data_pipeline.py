@@ -1,9 +1,4 @@
 import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 import threading
 
 import numpy as np
@@ -122,50 +117,3 @@ def test_make_source_from_config(tmp_path):
   cfg.kind = "images"
   with pytest.raises(ValueError, match="data.kind='images'"):
     make_source(cfg, 100)
-
-
-_WORKER = textwrap.dedent("""
-    import sys
-    import jax
-    import numpy as np
-    from lmhead_jax.data.pipeline import global_batch, make_dataset
-    from lmhead_jax.data.spamlang import SpamLangSource
-
-    port, pid, nproc = map(int, sys.argv[1:])
-    if nproc > 1:
-      jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-    sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
-    src = SpamLangSource(1000, 6, seed=0)
-    expected = next(iter(make_dataset(src, global_batch_size=8, seed=1, process_index=0,
-                                      process_count=1)))
-    local = next(iter(make_dataset(src, global_batch_size=8, seed=1)))  # jax's process index
-    assert local["inputs"].shape == (8 // nproc, 6)
-    batch = global_batch(local, sharding)
-    for k, v in batch.items():
-      assert v.shape == (8, 6) and v.sharding == sharding
-      for shard in v.addressable_shards:
-        np.testing.assert_array_equal(np.asarray(shard.data), expected[k][shard.index])
-    print("ok", pid, sorted(s.index[0].start for s in batch["inputs"].addressable_shards))
-""")
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_global_batch_across_processes(nproc):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // nproc}")
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(port), str(p), str(nproc)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for p in range(nproc)]
-  outs = [p.communicate(timeout=120) for p in procs]
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  rows = [[0, 2, 4, 6]] if nproc == 1 else [[0, 2], [4, 6]]
-  assert [o.split("\n")[0] for o, _ in outs] == [f"ok {p} {rows[p]}" for p in range(nproc)]

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
-from test_train import copy, one_device_mesh, plain_loss, random_batch, sgd_lr1
+from helpers import (copy, one_device_mesh, plain_loss, random_batch, sgd_lr1,
+                     tiny_config)
 
 from lmhead_jax.core import backward, bottleneck, config, heads, model, mos, regularize
 from lmhead_jax.training import experiment, train

@@ -3,7 +3,6 @@
 import functools
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -11,16 +10,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from conftest import run_with_devices
+from helpers import FIXTURES, ROOT, reference_stats
 from lmhead_jax.analysis import measure, subjects
 from lmhead_jax.core import bottleneck, model
 from lmhead_jax.data import pipeline, write_token_dir
 from lmhead_jax.training import sharding
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
-ROOT = pathlib.Path(__file__).parent.parent
 
 
 def np_token_stats(h, w, y, w_range=None):
@@ -186,27 +182,6 @@ def test_hf_checkpoint_against_transformers_logits(family):
   np.testing.assert_allclose(r["baseline"], np.sqrt(1 - 32 / 128))
 
 
-def reference_stats(family: str) -> tuple[float, float]:
-  """visible_cosine and loss of the fixture's reference batch, from transformers' logits and
-  the head read from the safetensors files, in float64."""
-  ref, w = np.load(FIXTURES / family / "reference.npz"), head_weight(family).astype(np.float64)
-  logits, y = ref["logits"][:, :-1].reshape(-1, w.shape[0]), ref["tokens"][:, 1:].reshape(-1)
-  z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-  p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-  g = p - np.eye(w.shape[0])[y]
-  cos = np.linalg.norm(g @ (w @ np.linalg.pinv(w))) / np.linalg.norm(g)
-  return cos, -np.log(p[np.arange(len(y)), y]).mean()
-
-
-def head_weight(family: str) -> np.ndarray:
-  """The head matrix read straight from the safetensors files (tied: the token embedding)."""
-  name = {"gpt2": "transformer.wte.weight", "llama": "lm_head.weight"}[family]
-  index = FIXTURES / family / "model.safetensors.index.json"
-  file = (json.loads(index.read_text())["weight_map"][name] if index.is_file()
-          else "model.safetensors")
-  return load_file(FIXTURES / family / file)[name]
-
-
 def test_source_and_load_errors(tmp_path):
   cfg = subjects.base_config()
   cfg.fresh = "64x2"
@@ -226,35 +201,6 @@ def test_source_and_load_errors(tmp_path):
   cfg.data.path = str(tmp_path / "big")
   with pytest.raises(ValueError, match="vocab_size=4096 .* more than the model's 1024"):
     subjects.source(cfg, s, tmp_path)
-
-
-def test_checkpoint_on_eight_devices():
-  """A sharded (data 4 × fsdp 2) measurement of the llama fixture, against transformers' logits
-  (each reference sequence 4 times: the Frobenius ratios do not change)."""
-  out = run_with_devices(f"""
-    import json, numpy as np, jax
-    from lmhead_jax.analysis import measure, subjects
-    from lmhead_jax.training import sharding
-    cfg = subjects.base_config()
-    cfg.checkpoints = "{FIXTURES / 'llama'}"
-    mesh = sharding.make_mesh(data=4, fsdp=2)
-    s = next(subjects.load(cfg, "/nonexistent", mesh))
-    tokens = np.repeat(np.load("{FIXTURES / 'llama' / 'reference.npz'}")["tokens"], 4, axis=0)
-    class Src:
-      seq_len = 15
-      def __len__(self): return 8
-      def __getitem__(self, i):
-        return {{"inputs": tokens[i, :-1], "targets": tokens[i, 1:],
-                 "mask": np.ones(15, np.float32)}}
-    r = measure.measure(s, Src(), mesh, batch_size=8, num_sequences=8, chunk_len=5)
-    print(json.dumps(dict(cos=r["visible_cosine"]["mean"], loss=r["loss"]["mean"],
-                          devices=len(jax.devices()),
-                          spec=str(s.params["head"]["w_VxD"].sharding.spec))))
-  """)
-  assert out["devices"] == 8 and "fsdp" in out["spec"]
-  want_cos, want_loss = reference_stats("llama")
-  np.testing.assert_allclose(out["cos"], want_cos, rtol=1e-4)
-  np.testing.assert_allclose(out["loss"], want_loss, rtol=1e-4)
 
 
 def test_cpu_preset_runs_offline(tmp_path):

@@ -2,30 +2,29 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from helpers import ROOT, free_port
+
 OVERRIDES = ["--config.train.steps=5", "--config.train.log_every=1", "--config.train.eval_every=0",
              "--config.train.eval_batches=0", "--config.checkpoint.every=0",
              "--config.mesh.data=4", "--config.mesh.fsdp=2"]
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+def cpu_env(devices):
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def launch(workdir, devices, *flags):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   cmd = [sys.executable, "-m", "experiments.spamlang",
          f"--config={ROOT}/experiments/spamlang.py:smoke", f"--workdir={workdir}",
          *OVERRIDES, *flags]
-  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+  return subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(devices), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -56,3 +55,18 @@ def test_missing_process_fails_fast(tmp_path):
   assert p.returncode != 0
   assert time.time() - start < 60
   assert "not all 2 processes joined" in err
+
+
+@pytest.mark.slow  # test_two_processes_equal_one covers it end to end
+def test_global_batch_across_processes():
+  """2 processes × 2 devices (tests/multidevice checks 1 process × 4)."""
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, "tests/global_batch_check.py", str(port), str(p), "2"],
+                            cwd=ROOT, env=cpu_env(2), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for p in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  rows = [[0, 2], [4, 6]]
+  assert [o.split("\n")[0] for o, _ in outs] == [f"ok {p} {rows[p]}" for p in range(2)]

@@ -4,7 +4,7 @@ import math
 
 import jax
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from lmhead_jax.core import model
 from lmhead_jax.core.config import HeadConfig, ModelConfig
@@ -53,7 +53,7 @@ def test_flops_per_token_formula():
 def test_paper_rank_sweep_compiles_on_64_fake_devices():
   """The r=4096 paper model (≈2B parameters) lowers and compiles for fsdp=64."""
   import os
-  from conftest import run_with_devices
+  from helpers import run_with_devices
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = run_with_devices(f"""
     import json, sys

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from lmhead_jax.data.tokens import write_token_dir
 from lmhead_jax.training import checkpoint, runner, sharding, train

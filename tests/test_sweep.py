@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from lmhead_jax.training import sweep
 

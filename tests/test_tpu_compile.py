@@ -10,7 +10,7 @@ import sys
 
 import jax
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from experiments import measure_pretrained
 from lmhead_jax.core import model

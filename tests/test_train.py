@@ -1,44 +1,13 @@
 """The train step on one device: gradients, bottleneck metrics, accumulation, bad input."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from helpers import (copy, one_device_mesh, plain_loss, random_batch, sgd_lr1,
+                     tiny_config)
 
 from lmhead_jax.core import bottleneck, heads, model
-from lmhead_jax.core.loss import cross_entropy
 from lmhead_jax.training import sharding, train
-
-
-def one_device_mesh():
-  return sharding.make_mesh(devices=jax.devices()[:1])
-
-
-def random_batch(cfg, seed=0, masked=True):
-  rng = np.random.default_rng(seed)
-  shape = (cfg.train.batch_size, cfg.data.seq_len)
-  mask = (rng.random(shape) > 0.3) if masked else np.ones(shape)
-  return {"inputs": rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32),
-          "targets": rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32),
-          "mask": mask.astype(np.float32)}
-
-
-def plain_loss(params, batch, cfg):
-  c, hc = train.configs(cfg)
-  h = model.hidden(params, batch["inputs"], c)
-  return cross_entropy(heads.logits(heads.params_of(params, hc), h, hc), batch["targets"],
-                       batch["mask"])
-
-
-def sgd_lr1(cfg):
-  cfg.optimizer.update(name="sgd", learning_rate=1.0, momentum=0.0, clip_norm=0.0,
-                       weight_decay=0.0)
-  return cfg
-
-
-def copy(tree):
-  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
 
 @pytest.mark.parametrize("kind", ["linear", pytest.param("tied", marks=pytest.mark.slow), "factorized"])

