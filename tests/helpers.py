@@ -71,12 +71,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def cpu_env(devices: int, **more) -> dict:
+  """os.environ for a JAX process on `devices` fake CPU devices (keeping the other XLA flags)."""
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **more)
+
+
 def run_with_devices(code: str, n_devices: int = 8, timeout: int = 600) -> dict:
   """Runs `code` in a fresh Python with n fake CPU devices; returns the JSON it prints last.
   For device counts other than the 8 of tests/multidevice, where plain test functions go."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=cpu_env(n_devices),
                         capture_output=True, text=True, timeout=timeout)
   if proc.returncode:
     pytest.fail(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -3,15 +3,14 @@ a real 2-process run that finds its peers from SLURM's variables alone, as under
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from helpers import ROOT, free_port
 from lmhead_jax.training import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[001-004]", "SLURM_NTASKS": "4",
          "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}
 CLUSTER_VARS = ("SLURM_", "OMPI_", "TPU_")
@@ -66,12 +65,6 @@ def test_multi_process(flags, monkeypatch, env, argv, want):
   assert cli.multi_process() is want
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def slurm_task(workdir, i, port, *flags):
   """Task i of 2 as `srun --ntasks=2` on this host starts it: SLURM's variables, no peer flags."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_VARS)}
@@ -87,7 +80,7 @@ def slurm_task(workdir, i, port, *flags):
 
 
 def test_a_missing_slurm_task_fails_fast_naming_the_job(tmp_path):
-  p = slurm_task(tmp_path, 0, str(_free_port()), "--distributed_timeout=3")
+  p = slurm_task(tmp_path, 0, str(free_port()), "--distributed_timeout=3")
   _, err = p.communicate(timeout=60)
   assert p.returncode == 2
   assert "not all 2 processes joined the coordinator within 3s; start every process of the " \
@@ -98,7 +91,7 @@ def test_a_missing_slurm_task_fails_fast_naming_the_job(tmp_path):
 def test_two_slurm_tasks_join_without_coordinator_flags(tmp_path):
   """Two tasks with no --coordinator_address, --num_processes or --process_id: JAX's SLURM
   detection joins them into one job of 8 devices (mesh 4 × 2; each process has 4)."""
-  port = str(_free_port())
+  port = str(free_port())
   procs = [slurm_task(tmp_path, i, port, "--distributed_timeout=60") for i in range(2)]
   for p in procs:
     _, err = p.communicate(timeout=300)

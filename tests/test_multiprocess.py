@@ -8,16 +8,11 @@ import time
 
 import pytest
 
-from helpers import ROOT, free_port
+from helpers import ROOT, cpu_env, free_port
 
 OVERRIDES = ["--config.train.steps=5", "--config.train.log_every=1", "--config.train.eval_every=0",
              "--config.train.eval_batches=0", "--config.checkpoint.every=0",
              "--config.mesh.data=4", "--config.mesh.fsdp=2"]
-
-
-def cpu_env(devices):
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def launch(workdir, devices, *flags):
@@ -50,7 +45,7 @@ def test_two_processes_equal_one(tmp_path):
 def test_missing_process_fails_fast(tmp_path):
   start = time.time()
   p = launch(tmp_path, 4, f"--coordinator_address=localhost:{free_port()}", "--num_processes=2",
-             "--process_id=0", "--distributed_timeout=20")
+             "--process_id=0", "--distributed_timeout=5")
   _, err = p.communicate(timeout=120)
   assert p.returncode != 0
   assert time.time() - start < 60
