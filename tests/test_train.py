@@ -7,10 +7,11 @@ from helpers import (copy, one_device_mesh, plain_loss, random_batch, sgd_lr1,
                      tiny_config)
 
 from lmhead_jax.core import bottleneck, heads, model
-from lmhead_jax.training import sharding, train
+from lmhead_jax.training import train
 
 
-@pytest.mark.parametrize("kind", ["linear", pytest.param("tied", marks=pytest.mark.slow), "factorized"])
+@pytest.mark.parametrize("kind", ["linear", pytest.param("tied", marks=pytest.mark.slow),
+                                  pytest.param("factorized", marks=pytest.mark.slow)])
 def test_step_gradient_equals_jax_grad(kind):
   cfg = sgd_lr1(tiny_config(tie_embeddings=kind == "tied"))
   cfg.head.kind, cfg.head.rank = kind, 8
@@ -45,9 +46,19 @@ def test_step_bottleneck_equals_linear_head_stats(kind):
     assert metrics["bottleneck/destroyed_ratio"] > np.sqrt(1 - 32 / 256)
 
 
-def test_grad_accumulation_equals_big_batch():
+@pytest.fixture(scope="module")
+def initial():
+  """The initial state of tiny_config() on one device, on the host (one compile of init_state);
+  `fresh()` puts a copy on the device (a train step donates its input)."""
+  cfg, mesh = tiny_config(), one_device_mesh()
+  state, shardings = train.init_state(jax.random.key(0), cfg, mesh)
+  host = copy(state)
+  return lambda: jax.device_put(host, shardings)
+
+
+def test_grad_accumulation_equals_big_batch(initial):
   cfg = tiny_config()
-  state, _ = train.init_state(jax.random.key(2), cfg, one_device_mesh())
+  state = initial()
   batch = random_batch(cfg, seed=3)
   results = []
   for k in (1, 4):
@@ -62,10 +73,10 @@ def test_grad_accumulation_equals_big_batch():
     np.testing.assert_allclose(out4["stats"].metrics()[name], value, rtol=1e-5, err_msg=name)
 
 
-def test_bottleneck_off_has_no_extra_outputs():
+def test_bottleneck_off_has_no_extra_outputs(initial):
   cfg = tiny_config()
   mesh = one_device_mesh()
-  state, _ = train.init_state(jax.random.key(0), cfg, mesh)
+  state = initial()
   batch = random_batch(cfg)
   on = train.make_train_step(cfg, mesh, with_bottleneck=True)
   off = train.make_train_step(cfg, mesh, with_bottleneck=False)
@@ -78,10 +89,10 @@ def test_bottleneck_off_has_no_extra_outputs():
     assert kernel in hlo_on and kernel not in hlo_off
 
 
-def test_nonfinite_is_reported_and_state_kept():
+def test_nonfinite_is_reported_and_state_kept(initial):
   cfg = tiny_config()
   mesh = one_device_mesh()
-  state, _ = train.init_state(jax.random.key(0), cfg, mesh)
+  state = initial()
   params = copy(state.params)
   params["final_norm"]["scale"][0] = np.nan
   state = state.replace(params=jax.device_put(params, train.state_shardings(cfg, mesh).params))
@@ -105,20 +116,16 @@ def test_nonfinite_learning_rate_is_not_applied():
     np.testing.assert_array_equal(a, b)
 
 
-def test_eval_step_matches_plain_loss():
+def test_eval_step_matches_plain_loss(initial):
   cfg = tiny_config()
   mesh = one_device_mesh()
-  state, _ = train.init_state(jax.random.key(0), cfg, mesh)
+  state = initial()
   batch = random_batch(cfg)
   out = train.make_eval_step(cfg, mesh)(state.params, batch)
   np.testing.assert_allclose(out["loss"], plain_loss(state.params, batch, cfg), rtol=1e-6)
 
 
 def test_bad_input_errors_name_values():
-  with pytest.raises(ValueError, match="3 devices but 1"):
-    sharding.mesh_shape(3, 1, 1, 1)
-  with pytest.raises(ValueError, match="does not divide the 8 devices"):
-    sharding.mesh_shape(-1, 3, 1, 8)
   cfg = tiny_config()
   mesh = one_device_mesh()
   cfg.train.batch_size, cfg.train.grad_accum = 10, 4
@@ -136,15 +143,6 @@ def test_bad_input_errors_name_values():
   cfg.optimizer.schedule = "step"
   with pytest.raises(ValueError, match="'step'"):
     train.make_train_step(cfg, mesh)
-
-
-def test_schedule_warmup_then_cosine():
-  cfg = tiny_config()
-  cfg.optimizer.update(learning_rate=1.0, warmup_steps=10, schedule="cosine", end_lr_fraction=0.1)
-  from lmhead_jax.training.optim import make_schedule
-  s = make_schedule(cfg.optimizer, 110)
-  np.testing.assert_allclose([s(0), s(5), s(10), s(60), s(110)],
-                             [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["linear", pytest.param("tied", marks=pytest.mark.slow),
