@@ -49,6 +49,7 @@ def test_resume_is_bitwise_exact(tmp_path):
   assert summary["steps"] == 2 * k and "bottleneck/destroyed_ratio" in summary
 
 
+@pytest.mark.slow  # test_checkpoint's flipped-bytes test checks the fallback without a runner
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   cfg = spam_config(6, every=3)
   runner.run(cfg, tmp_path)
@@ -143,7 +144,8 @@ def test_second_run_on_a_workdir_is_refused_and_a_killed_holder_frees_it(tmp_pat
 @pytest.mark.parametrize("over,needle", [
     (dict(schedule="linear", warmup_steps=3, end_lr_fraction=float("inf")),
      "non-finite learning_rate at step 4"),
-    (dict(learning_rate=1e20, warmup_steps=4), "non-finite update_norm at step 2"),
+    pytest.param(dict(learning_rate=1e20, warmup_steps=4), "non-finite update_norm at step 2",
+                 marks=pytest.mark.slow),  # the same path as a non-finite learning_rate
 ])
 def test_nonfinite_step_is_never_saved(tmp_path, over, needle):
   cfg = fast_config(8, every=1)
