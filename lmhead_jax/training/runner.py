@@ -2,9 +2,9 @@
 
 Outputs under `workdir`: config.json, metrics.jsonl (appended; on resume, steps after the
 checkpoint are logged again and readers keep each step's last record), TensorBoard events,
-summary.json, checkpoints/ and .lock (held while a run owns the workdir). config.json is the
-resolved config plus `history`, one entry per start. Host 0 writes the logs; every host takes part
-in checkpoints.
+summary.json, checkpoints/, .lock (held while a run owns the workdir) and, with W&B, wandb_id.
+config.json is the resolved config plus `history`, one entry per start. Host 0 writes the logs
+(lmhead_jax.training.logs); every host takes part in checkpoints.
 """
 
 import fcntl

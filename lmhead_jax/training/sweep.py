@@ -11,6 +11,8 @@ DIR/summary.json is a list with one entry per run: `run`, `overrides`, the exper
 whose summary.json covers `train.steps` is skipped when the sweep is started again; an
 unfinished one resumes from its checkpoint. A run that hits a non-finite loss is recorded as
 `diverged` and the sweep goes on. A config without `sweep` is a single run into DIR itself.
+A run's progress names it (`<DIR's name>/<run> [i/n]`) and gives the sweep's ETA: the runs left
+to train take the mean wall time of those this call trained.
 """
 
 import copy
