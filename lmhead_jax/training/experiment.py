@@ -10,6 +10,8 @@ import ml_collections
 from lmhead_jax.core.config import HeadConfig, ModelConfig
 from lmhead_jax.training.optim import OPTIMIZERS, SCHEDULES
 
+WANDB_MODES = ("", "online", "offline", "disabled")
+
 
 def _group(cls, skip: tuple[str, ...] = (), **defaults) -> ml_collections.ConfigDict:
   """A config group with one key per field of `cls` (less `skip`), defaulting to the field's
@@ -49,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=3))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.figures = ml_collections.ConfigDict(dict(format="png"))  # png, svg or pdf
+  # W&B is on when wandb_project is set; wandb_mode "" is W&B's own default ($WANDB_MODE, else
+  # online). Off a terminal, progress is a plain line every progress_every_s seconds.
+  c.logging = ml_collections.ConfigDict(dict(
+      wandb_project="", wandb_entity="", wandb_mode="", progress_every_s=30.0))
   c.sweep = ()  # grids of runs (lmhead_jax.training.sweep); empty: one run
   c.lock()
   return c
@@ -102,6 +108,17 @@ def validate(cfg) -> None:
   for key in ("learning_rate", "weight_decay", "clip_norm"):
     if o[key] < 0:  # NaN passes: the train step's non-finite guard reports it
       raise ValueError(f"optimizer.{key}={o[key]!r} must be >= 0")
+  mode, project = cfg.logging.wandb_mode, cfg.logging.wandb_project
+  if mode not in WANDB_MODES:
+    raise ValueError(f"logging.wandb_mode={mode!r} is not one of {WANDB_MODES}")
+  if project and mode != "disabled":
+    try:
+      import wandb  # noqa: F401
+    except ImportError:
+      raise ValueError(f"logging.wandb_project={project!r} needs the wandb package: "
+                       'pip install -e ".[wandb]"') from None
+  if not cfg.logging.progress_every_s >= 0:
+    raise ValueError(f"logging.progress_every_s={cfg.logging.progress_every_s!r} must be >= 0")
   if cfg.data.kind not in pipeline.KINDS:
     raise ValueError(f"data.kind={cfg.data.kind!r} is not one of {pipeline.KINDS}")
   for key in ("path", "eval_path"):

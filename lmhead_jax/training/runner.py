@@ -2,9 +2,9 @@
 
 Outputs under `workdir`: config.json, metrics.jsonl (appended; on resume, steps after the
 checkpoint are logged again and readers keep each step's last record), TensorBoard events,
-summary.json, checkpoints/ and .lock (held while a run owns the workdir). config.json is the
-resolved config plus `history`, one entry per start. Host 0 writes the logs; every host takes part
-in checkpoints.
+summary.json, checkpoints/, .lock (held while a run owns the workdir) and, with W&B, wandb_id.
+config.json is the resolved config plus `history`, one entry per start. Host 0 writes the logs
+(lmhead_jax.training.logs); every host takes part in checkpoints.
 """
 
 import fcntl
@@ -23,7 +23,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from lmhead_jax.data import pipeline
-from lmhead_jax.training import checkpoint, experiment, sharding, train
+from lmhead_jax.training import checkpoint, experiment, logs, sharding, train
 
 log = logging.getLogger(__name__)
 
@@ -120,46 +120,6 @@ def _history(workdir: epath.Path) -> tuple[dict, list]:
   return _flat(old), history
 
 
-class _Logger:
-  """metrics.jsonl, TensorBoard and a progress bar, on host 0 only."""
-
-  def __init__(self, workdir: epath.Path, total: int, start: int):
-    self.active = jax.process_index() == 0
-    if not self.active:
-      return
-    import tqdm
-    from tensorboardX import SummaryWriter
-    self.jsonl = (workdir / "metrics.jsonl").open("a")
-    self.tb = SummaryWriter(str(workdir))
-    self.bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
-                         mininterval=1.0)
-
-  def write(self, record: dict):
-    if not self.active:
-      return
-    self.jsonl.write(json.dumps(record) + "\n")
-    self.jsonl.flush()
-    for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-        self.tb.add_scalar(k, v, record["step"])
-
-  def progress(self, step: int, m: dict):
-    if not self.active:
-      return
-    self.bar.n = step
-    post = {"loss": f"{m['loss']:.4f}", "tok/s": f"{m.get('tokens_per_sec', 0):.0f}"}
-    if "bottleneck/destroyed_ratio" in m:
-      post["destroyed"] = f"{m['bottleneck/destroyed_ratio']:.4f}"
-    self.bar.set_postfix(post, refresh=False)
-    self.bar.refresh()
-
-  def close(self):
-    if self.active:
-      self.bar.close()
-      self.tb.close()
-      self.jsonl.close()
-
-
 def evaluate(cfg, mesh, eval_step, params, source) -> dict:
   """Mean loss and accuracy over `train.eval_batches` held-out batches (the same each time)."""
   ds = pipeline.make_dataset(source, global_batch_size=cfg.train.batch_size, seed=cfg.seed,
@@ -183,10 +143,11 @@ def _host(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def run(cfg, workdir) -> dict:
+def run(cfg, workdir, position: logs.Position | None = None) -> dict:
   """Trains (or resumes) one run into `workdir`; returns the summary.
 
-  A second run on the same workdir is refused while this one holds it.
+  A second run on the same workdir is refused while this one holds it. `position` names the
+  run of a sweep in its progress; a run outside a sweep lists the workdir's files at the end.
   """
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -194,12 +155,15 @@ def run(cfg, workdir) -> dict:
   try:
     lock = _lock(workdir)
     try:
-      return _run(cfg, workdir, preempted)
+      summary = _run(cfg, workdir, preempted, position)
     finally:
       if lock is not None:
         os.close(lock)
   finally:
     preempted.close()
+  if position is None and jax.process_index() == 0:
+    print(logs.listing(workdir), flush=True)
+  return summary
 
 
 def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
@@ -246,7 +210,7 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
   return restored
 
 
-def _run(cfg, workdir: epath.Path, preempted: _Preemption) -> dict:
+def _run(cfg, workdir: epath.Path, preempted: _Preemption, position) -> dict:
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   train.validate(cfg, mesh)
   experiment.validate(cfg)
@@ -269,12 +233,14 @@ def _run(cfg, workdir: epath.Path, preempted: _Preemption) -> dict:
     if preempted.requested:
       log.warning("SIGTERM during start-up: exiting before step %d, nothing to save", start + 1)
       raise SystemExit(0)
-    return _train(cfg, workdir, mesh, state, start, data_iter, eval_source, ckpt, preempted)
+    return _train(cfg, workdir, mesh, state, start, data_iter, eval_source, ckpt, preempted,
+                  position)
   finally:
     ckpt.close()
 
 
-def _train(cfg, workdir, mesh, state, start, data_iter, eval_source, ckpt, preempted) -> dict:
+def _train(cfg, workdir, mesh, state, start, data_iter, eval_source, ckpt, preempted,
+           position) -> dict:
   """Steps start+1 .. train.steps, then the summary."""
   every = int(cfg.train.bottleneck_every)
   steps = {True: train.make_train_step(cfg, mesh, with_bottleneck=True),
@@ -283,7 +249,7 @@ def _train(cfg, workdir, mesh, state, start, data_iter, eval_source, ckpt, preem
   batch_sh = sharding.batch_sharding(mesh)
   tokens_per_step = int(cfg.train.batch_size) * int(cfg.data.seq_len)
   total = int(cfg.train.steps)
-  logger = _Logger(workdir, total, start)
+  logger = logs.Logger(cfg, workdir, total, start, position)
   pending, last = None, {}
   t_log, step_log = time.perf_counter(), start
 
@@ -312,7 +278,8 @@ def _train(cfg, workdir, mesh, state, start, data_iter, eval_source, ckpt, preem
       batch = pipeline.global_batch(next(data_iter), batch_sh)
       with_b = every > 0 and (step % every == 0 or step == total)
       state, metrics = steps[with_b](state, batch)
-      eval_due = cfg.train.eval_every and step % int(cfg.train.eval_every) == 0
+      eval_due = ((cfg.train.eval_every and step % int(cfg.train.eval_every) == 0)
+                  or (step == total and cfg.train.eval_batches))  # the final eval is logged too
       extra = (evaluate(cfg, mesh, eval_step, state.params, eval_source)
                if eval_due and eval_source is not None else {})
       if pending is not None:
@@ -334,10 +301,7 @@ def _train(cfg, workdir, mesh, state, start, data_iter, eval_source, ckpt, preem
 
   if not last and start == total:  # resumed at the end: the last record is on disk
     last = _records(workdir)[-1]
-  summary = {k: v for k, v in last.items() if not k.startswith("eval/")}
-  if eval_source is not None and cfg.train.eval_batches:
-    summary.update(evaluate(cfg, mesh, eval_step, state.params, eval_source))
-  summary["steps"] = total
+  summary = last | {"steps": total}
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary

@@ -11,6 +11,8 @@ DIR/summary.json is a list with one entry per run: `run`, `overrides`, the exper
 whose summary.json covers `train.steps` is skipped when the sweep is started again; an
 unfinished one resumes from its checkpoint. A run that hits a non-finite loss is recorded as
 `diverged` and the sweep goes on. A config without `sweep` is a single run into DIR itself.
+A run's progress names it (`<DIR's name>/<run> [i/n]`) and gives the sweep's ETA: the runs left
+to train take the mean wall time of those this call trained.
 """
 
 import copy
@@ -23,7 +25,7 @@ from collections.abc import Callable
 import jax
 from etils import epath
 
-from lmhead_jax.training import runner
+from lmhead_jax.training import logs, runner
 
 
 def expand(grids) -> list[dict]:
@@ -87,10 +89,10 @@ def _line(i: int, n: int, entry: dict) -> str:
   return f"[{i}/{n}] {entry['run']}: {' '.join(parts)}"
 
 
-def _run_one(cfg, run_dir: epath.Path) -> dict:
+def _run_one(cfg, run_dir: epath.Path, position: logs.Position) -> dict:
   """The run's summary; a non-finite loss ends it as `diverged` (written, so it is not redone)."""
   try:
-    return runner.run(cfg, run_dir)
+    return runner.run(cfg, run_dir, position)
   except FloatingPointError as e:
     summary = {"diverged": True, "error": str(e), "steps": int(cfg.train.steps)}
     if jax.process_index() == 0:
@@ -111,17 +113,21 @@ def run(cfg, workdir, describe: Callable[[object], dict] | None = None) -> list[
   runs = expand(grids)
   configs = [configure(cfg, o) for o in runs]  # every key is checked before anything trains
   previous = {e["run"]: e for e in _read_json(workdir / "summary.json") or []}
-  entries = []
-  for i, (overrides, run_cfg) in enumerate(zip(runs, configs), 1):
-    name = run_name(overrides)
-    run_dir = workdir / name
-    summary = _read_json(run_dir / "summary.json")
-    if summary and summary.get("steps") == int(run_cfg.train.steps):
+  names = [run_name(o) for o in runs]
+  summaries = [_read_json(workdir / name / "summary.json") for name in names]
+  todo = [not (s and s.get("steps") == int(c.train.steps)) for s, c in zip(summaries, configs)]
+  entries, walls = [], []  # walls: of the runs trained by this call
+  sweep_name = workdir.name or workdir.resolve().name
+  for i, (overrides, run_cfg, name, summary) in enumerate(zip(runs, configs, names, summaries), 1):
+    if not todo[i - 1]:
       wall = previous.get(name, {}).get("wall_s")
     else:
+      mean = sum(walls) / len(walls) if walls else None
+      position = logs.Position(f"{sweep_name}/{name}", i, len(runs), sum(todo[i:]), mean)
       t = time.perf_counter()
-      summary = _run_one(run_cfg, run_dir)
+      summary = _run_one(run_cfg, workdir / name, position)
       wall = time.perf_counter() - t
+      walls.append(wall)
     entries.append({"run": name, "overrides": overrides, **describe(run_cfg), **summary,
                     "wall_s": wall})
     if jax.process_index() == 0:
@@ -132,8 +138,10 @@ def run(cfg, workdir, describe: Callable[[object], dict] | None = None) -> list[
 
 
 def publish(workdir, report: Callable[[], str]) -> None:
-  """On host 0: `report()` (which may save figures), written to DIR/results.md and printed."""
+  """On host 0: `report()` (which may save figures), written to DIR/results.md and printed,
+  then the list of DIR's figures and files."""
   if jax.process_index() == 0:
     text = report()
     (epath.Path(workdir) / "results.md").write_text(text + "\n")
     print(text)
+    print(logs.listing(workdir), flush=True)

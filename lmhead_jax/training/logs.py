@@ -1,0 +1,158 @@
+"""A run's logs, written on host 0: metrics.jsonl, TensorBoard, Weights & Biases (optional) and
+progress on stderr (a tqdm bar on a terminal, otherwise a plain line every
+`logging.progress_every_s` seconds); and the listing of a workdir's files printed at the end."""
+
+import dataclasses
+import json
+import math
+import os
+import secrets
+import sys
+import time
+
+import jax
+from etils import epath
+
+from lmhead_jax.training import experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+  """Where a run stands in a sweep: its `name` (`<sweep dir>/<run>`), `index` of `count`, how
+  many runs still train after it, and the mean wall time of the runs trained so far."""
+  name: str
+  index: int
+  count: int
+  after: int = 0
+  run_s: float | None = None
+
+  def __str__(self):
+    return f"{self.name} [{self.index}/{self.count}]"
+
+
+def duration(seconds: float) -> str:
+  """`1h02m`, `4m05s` or `12s`."""
+  s = round(seconds)
+  h, m = s // 3600, s // 60 % 60
+  return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
+
+
+def _size(n: float) -> str:
+  for unit in ("B", "KB", "MB", "GB"):
+    if n < 1024 or unit == "GB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+
+
+def listing(workdir) -> str:
+  """The workdir's files with their sizes, paths relative to it; a folder is one line with its
+  file count and total size. Hidden names (`.lock`) are left out."""
+  workdir = epath.Path(workdir)
+  lines = []
+  for path in sorted(workdir.iterdir()):
+    if path.name.startswith("."):
+      continue
+    if path.is_dir():
+      sizes = [(d / f).stat().length for d, _, files in path.walk() for f in files]
+      lines.append(f"  {path.name}/  {len(sizes)} files, {_size(sum(sizes))}")
+    else:
+      lines.append(f"  {path.name}  {_size(path.stat().length)}")
+  return f"files in {workdir}:\n" + "\n".join(lines)
+
+
+def _wandb(cfg, workdir: epath.Path, position: Position | None):
+  """A W&B run for `logging.wandb_project` (None when off), named after the run; its files go to
+  $WANDB_DIR, else the (local) workdir. The same W&B run continues when the workdir resumes."""
+  project, mode = cfg.logging.wandb_project, cfg.logging.wandb_mode
+  if not project or mode == "disabled":
+    return None
+  import wandb
+  id_file = workdir / "wandb_id"
+  run_id = id_file.read_text() if id_file.exists() else secrets.token_hex(6)
+  id_file.write_text(run_id)
+  local = "://" not in str(workdir)
+  return wandb.init(
+      project=project, entity=cfg.logging.wandb_entity or None, mode=mode or None,
+      name=position.name if position else workdir.name, id=run_id, resume="allow",
+      group=position.name.rpartition("/")[0] if position else None,
+      dir=os.environ.get("WANDB_DIR") or (str(workdir) if local else None),
+      config=experiment.resolved(cfg).to_dict())
+
+
+class Logger:
+  """Every record goes to metrics.jsonl, TensorBoard and W&B; `progress` shows where the run is."""
+
+  def __init__(self, cfg, workdir: epath.Path, total: int, start: int,
+               position: Position | None = None):
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    from tensorboardX import SummaryWriter
+    self.total, self.position = total, position
+    self.every_s = float(cfg.logging.progress_every_s)
+    self.started = time.perf_counter()
+    self.first = None  # (time, step) of the first progress, after compiling: the rate's origin
+    self.printed = -math.inf
+    self.wandb = _wandb(cfg, workdir, position)  # first: nothing is left open if it fails
+    self.jsonl = (workdir / "metrics.jsonl").open("a")
+    self.tb = SummaryWriter(str(workdir))
+    self.bar = None
+    if sys.stderr.isatty():
+      import tqdm
+      self.bar = tqdm.tqdm(total=total, initial=start, desc=str(position or "train"),
+                           dynamic_ncols=True, mininterval=1.0)
+
+  def write(self, record: dict):
+    if not self.active:
+      return
+    self.jsonl.write(json.dumps(record) + "\n")
+    self.jsonl.flush()
+    for k, v in record.items():
+      if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+        self.tb.add_scalar(k, v, record["step"])
+    if self.wandb is not None:
+      self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+  def _etas(self, step: int, now: float) -> dict:
+    """The run's ETA and, in a sweep, the sweep's: runs yet to train take the mean wall time
+    of those trained so far (this run's own projected time while there are none)."""
+    t0, step0 = self.first
+    if step <= step0:
+      return {}
+    run = (self.total - step) * (now - t0) / (step - step0)
+    out = {"ETA": duration(run)}
+    if self.position and self.position.after:
+      each = self.position.run_s or now - self.started + run
+      out["sweep ETA"] = duration(run + self.position.after * each)
+    return out
+
+  def progress(self, step: int, m: dict):
+    if not self.active:
+      return
+    now = time.perf_counter()
+    self.first = self.first or (now, step)
+    post = {"loss": f"{m['loss']:.4f}", "tok/s": f"{m.get('tokens_per_sec', 0):.0f}"}
+    if "bottleneck/destroyed_ratio" in m:
+      post["destroyed"] = f"{m['bottleneck/destroyed_ratio']:.4f}"
+    if "eval/loss" in m:
+      post["eval/loss"] = f"{m['eval/loss']:.4f}"
+    etas = self._etas(step, now)
+    if self.bar is not None:
+      self.bar.n = step
+      etas.pop("ETA", None)  # the bar shows its own
+      self.bar.set_postfix(post | etas, refresh=False)
+      self.bar.refresh()
+    elif step == self.total or now - self.printed >= self.every_s:
+      self.printed = now
+      fields = " ".join(f"{k} {v}" for k, v in (post | etas).items())
+      print(f"{self.position or 'train'} step {step}/{self.total} {fields}", file=sys.stderr,
+            flush=True)
+
+  def close(self):
+    if self.active:
+      if self.bar is not None:
+        self.bar.close()
+      if self.wandb is not None:
+        self.wandb.finish()
+      self.tb.close()
+      self.jsonl.close()
