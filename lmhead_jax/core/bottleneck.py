@@ -86,8 +86,12 @@ def range_map(w_VxD: jax.Array, method: str = "auto") -> jax.Array:
   _, s, vt = jnp.linalg.svd(r, full_matrices=False)
   s, vt = s[:min(v, d)], vt[:min(v, d)]
   tol = s[0] * max(d, v**0.5) * jnp.finfo(jnp.float32).eps
-  inv = jnp.where(s > tol, 1.0 / jnp.where(s > tol, s, 1.0), 0.0)
-  return vt.T * inv[None, :]
+  return vt.T * _inverse_where(s > tol, s)[None, :]
+
+
+def _inverse_where(keep, x):
+  """1 / x where keep, else 0 (no inf or nan)."""
+  return jnp.where(keep, 1.0 / jnp.where(keep, x, 1.0), 0.0)
 
 
 def _qr_r(w_VxD):
@@ -102,7 +106,7 @@ def _gram_r(w_VxD):
   lam_D, u_DxD = jnp.linalg.eigh(mm(w_VxD.T, w_VxD))
   lam_D = jnp.maximum(lam_D, lam_D[-1] * w_VxD.shape[1] * jnp.finfo(jnp.float32).eps)
   scale_D = jnp.sqrt(lam_D)
-  w1_VxD = mm(w_VxD, u_DxD * jnp.where(lam_D > 0, 1.0 / jnp.where(lam_D > 0, scale_D, 1.0), 0.0))
+  w1_VxD = mm(w_VxD, u_DxD * _inverse_where(lam_D > 0, scale_D))
   lam1_D, u1_DxD = jnp.linalg.eigh(mm(w1_VxD.T, w1_VxD))
   return mm(jnp.sqrt(jnp.maximum(lam1_D, 0.0))[:, None] * u1_DxD.T, scale_D[:, None] * u_DxD.T)
 
