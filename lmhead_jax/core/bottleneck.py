@@ -13,10 +13,11 @@ program is lowered for TPU, AOT from a CPU host included, else "qr"):
   the whole QR (docs/PERFORMANCE.md).
 - "gram": W's D×D Gram matrices only (an all-reduce over a sharded V, matmuls on the V-long
   side): A = WᵀW = U Λ Uᵀ, W₁ = W U Λ⁻½ (λ floored at D·ε·λ_max), W₁ᵀW₁ = U₁ Λ₁ U₁ᵀ, R =
-  Λ₁½ U₁ᵀ Λ½ Uᵀ. W₁ is well conditioned, so the second eigh resolves σ(W) down to ≈ √D·ε·σ_max,
-  under the rank rule's tolerance; one eigh of the float32 Gram alone resolves only down to
-  √ε·σ_max (it squares κ) and misses κ ≥ 1e3. Max relative error of ‖g_t Π‖ against float64
-  (V=8192, D=256, s log-spaced, on CPU; tests/test_range_map.py):
+  Λ₁½ U₁ᵀ Λ½ Uᵀ. W₁ is well conditioned, so the second eigh resolves σ(W) down to ≈ 2√D·ε·σ_max
+  (measured on rank-r heads, D = 128–1024; the QR's: ≈ ε·σ_max), 5–15× under the rank rule's
+  tolerance; one eigh of the float32 Gram alone resolves only down to √ε·σ_max (it squares κ)
+  and misses κ ≥ 1e3. Max relative error of ‖g_t Π‖ against float64 (V=8192, D=256, s
+  log-spaced, on CPU; tests/test_range_map.py):
 
     κ(W)              1        1e2      1e3      1e4
     qr                1.8e-7   1.1e-6   6.9e-6   5.8e-5
