@@ -229,7 +229,8 @@ def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
     plots.lines(_mean_curves(lm_dir, entries["lm"], f"bottleneck/{m}", label),
                 f"{workdir}/head_lab_lm_{m}.{fmt}", xlabel="step", ylabel=m,
                 title=f"Head lab, LM: {m} (mean over seeds)", markers=False)
-  columns = {"method": lambda r: r[0]}
+  columns, text = {"method": lambda r: r[0]}, ""
+  metrics = {m: (lambda r, m=m: _fmt(r[-1][m], 3)) for m in BOTTLENECK}
   if "spamlang" in found:
     spam = found["spamlang"]
     series = {m: tuple(np.array([(float(k), v["accuracy"]["mean"] or 0.0)
@@ -238,16 +239,20 @@ def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
     plots.lines(series, f"{workdir}/head_lab_spamlang_accuracy.{fmt}", xlabel="V / D",
                 ylabel="held-out accuracy (best lr)", title="Head lab, SpamLang", logx=True)
     columns["SpamLang largest V/D ≥ 99%"] = lambda r: _fmt(spam[r[0]]["largest_ratio"], 3)
+    rows = [(m, k, v) for m, s in spam.items() for k, v in s["by_ratio"].items()]
+    text = ("\n\nSpamLang at each V/D, the lr with the highest mean held-out accuracy; bottleneck "
+            "metrics: mean over logged steps, then over seeds\n\n" + runs.markdown_table(rows, {
+                "method": lambda r: r[0], "V/D": lambda r: r[1], "lr": lambda r: r[2]["lr"],
+                "held-out accuracy": lambda r: _fmt(r[2]["accuracy"]), **metrics}))
   lm = found["lm"]
   columns |= {
       "LM held-out loss": lambda r: _fmt(r[1]["eval_loss"]),
       "LM tokens to target": lambda r: _fmt(r[1]["tokens_to_target"], 3),
-      "speed-up": lambda r: r[1]["speedup"],
-      **{m: (lambda r, m=m: _fmt(r[1][m], 3)) for m in BOTTLENECK}}
+      "speed-up": lambda r: r[1]["speedup"], **metrics}
   target = next(iter(lm.values()))["target"]
   return (f"LM target: the baseline seeds' highest final held-out loss ({target:.4f}); bottleneck "
           "metrics: LM, mean over logged steps, then over seeds (mean ± 95% CI)\n\n"
-          + runs.markdown_table(list(lm.items()), columns))
+          + runs.markdown_table(list(lm.items()), columns) + text)
 
 
 def by_method(found: dict) -> dict:
