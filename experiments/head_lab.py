@@ -22,9 +22,9 @@ Presets:
 - `cpu` (≤ 60 min on 2 cores): SpamLang V=512, 1 layer, 1 head, d_ff=4·D, batch 32, seq 32, 500
   steps (coverage 31), AdamW lr ∈ {1e-2, 3e-2}, 10 warmup steps, D ∈ {16, 8} (V/D 32, 64); LM:
   the rank sweep's `cpu` trunk (D=128, stdlib corpus, BPE 4096) with the full-width factorized
-  head r=128, 200 steps of 16×128 tokens (410k tokens), 10 warmup steps, held-out loss every 20
-  steps on 4 batches. 3 seeds, 6 methods: 90 runs, compile-bound (≈ 20 s per SpamLang run on
-  quiet cores).
+  head r=128, 100 steps of 16×128 tokens (205k tokens), 10 warmup steps, cosine decay to 10%,
+  held-out loss every 10 steps on 4 batches, bottleneck metrics every 20. 3 seeds, 6 methods: 90
+  runs, compile-bound (≈ 20 s per SpamLang run on quiet cores).
 - `paper`: the rank sweep's `paper` trunk (2B) at r ∈ {4096, 256} (the mos head has no rank: one
   run), one seed, dense loss (head.chunk_size=None: feedback alignment, the alignment loss and mos
   need G), for TPU; not run here.
@@ -95,7 +95,7 @@ def get_config(preset: str = "cpu"):
                       eval_batches=4)
     spam_axes = {"model.d_model": (16, 8), "optimizer.learning_rate": (1e-2, 3e-2)}
     cfg.optimizer.warmup_steps = 10
-    cfg.train.update(steps=200, log_every=20, bottleneck_every=20, eval_every=20, eval_batches=4)
+    cfg.train.update(steps=100, log_every=10, bottleneck_every=20, eval_every=10, eval_batches=4)
     cfg.checkpoint.every = 0
     cfg.head.rank, lm_axes = 128, {}
   else:
