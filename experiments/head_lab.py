@@ -18,7 +18,8 @@ Choices (the paper's forms are not public): ortho weight 0.01, alignment weight 
 K = 2 mixtures, not tuned.
 
 Presets:
-- `smoke` (seconds per run): baseline and whitened, 2 seeds, one SpamLang point, a tiny LM.
+- `smoke` (seconds per run): baseline and whitened, 2 seeds, one SpamLang point, a tiny LM (its
+  stdlib corpus takes minutes to build once, unless `data.path` names token directories).
 - `cpu` (≤ 60 min on 2 cores): SpamLang V=512, 1 layer, 1 head, d_ff=4·D, batch 32, seq 32, 500
   steps (coverage 31), AdamW lr ∈ {1e-2, 3e-2}, 10 warmup steps, D ∈ {16, 8} (V/D 32, 64); LM:
   the rank sweep's `cpu` trunk (D=128, stdlib corpus, BPE 4096) with the full-width factorized
@@ -188,7 +189,7 @@ def summarize_lm(workdir, entries: list[dict]) -> dict:
   label, out = lm_label(entries), {}
   for (method, rank), group in groups.items():
     base = groups[("baseline", rank or widest)]
-    target = float(max(e["eval/loss"] for e in base))
+    target = max((e["eval/loss"] for e in base if "eval/loss" in e), default=math.nan)  # diverged
     tokens = lambda es: [runs.tokens_to_target(*_curve(workdir, e, "eval/loss", "tokens_seen"),
                                                target) for e in es]
     reach, base_reach = stat(tokens(group)), stat(tokens(base))
