@@ -1,0 +1,285 @@
+"""Head lab: do heads and backward rules that pass more of the logit gradient train faster?
+
+Every method is a set of config overrides of the ordinary train step (METHODS; README, "Escaping
+the bottleneck"), run with the same seeds, data and budget on two tasks:
+
+- `spamlang` (DIR/spamlang/<run>/): the largest V/D each seed learns (held-out accuracy ≥ 99%),
+  best over a small learning-rate grid, on a short V/D ladder (experiments/spamlang.py's task);
+- `lm` (DIR/lm/<run>/): experiments/rank_sweep.py's trunk and data at one head width: held-out loss
+  against tokens, and the tokens each run needs to reach the baseline's final held-out loss (the
+  highest over its seeds, so that every baseline seed reaches it).
+
+DIR/summary.json has, per method and task, the numbers as mean ± 95% CI (Student t) over seeds with
+the per-seed values; DIR/results.md the table; DIR/*.png the figures. destroyed_ratio,
+visible_cosine and realized_cosine are averaged over each run's logged steps, then over seeds.
+The top-level config is the `lm` task; the `spamlang` key holds the SpamLang task's config.
+
+Choices (the paper's forms are not public): ortho weight 0.01, alignment weight 0.1, MoS with
+K = 2 mixtures, not tuned.
+
+Presets:
+- `smoke` (seconds per run): baseline and whitened, 2 seeds, one SpamLang point, a tiny LM (its
+  stdlib corpus takes minutes to build once, unless `data.path` names token directories).
+- `cpu` (≤ 60 min on 2 cores): SpamLang V=512, 1 layer, 1 head, d_ff=4·D, batch 32, seq 32, 500
+  steps (coverage 31), AdamW lr ∈ {1e-2, 3e-2}, 10 warmup steps, D ∈ {16, 8} (V/D 32, 64); LM:
+  the rank sweep's `cpu` trunk (D=128, stdlib corpus, BPE 4096) with the full-width factorized
+  head r=128, 100 steps of 16×128 tokens (205k tokens), 10 warmup steps, cosine decay to 10%,
+  held-out loss every 10 steps on 4 batches, bottleneck metrics every 20. 3 seeds, 6 methods: 90
+  runs, compile-bound (≈ 20 s per SpamLang run on quiet cores).
+- `paper`: the rank sweep's `paper` trunk (2B) at r ∈ {4096, 256} (the mos head has no rank: one
+  run), one seed, dense loss (head.chunk_size=None: feedback alignment, the alignment loss and mos
+  need G), for TPU; not run here.
+"""
+
+import copy
+import json
+import math
+
+import numpy as np
+from etils import epath
+
+from experiments import rank_sweep, spamlang
+from lmhead_jax.analysis.measure import ci95
+from lmhead_jax.reporting import plots, runs
+from lmhead_jax.training import cli, experiment, sweep
+
+LEARNED = 0.99  # held-out accuracy that counts as learned
+METHODS = {
+    "baseline": {},
+    "whitened": {"head.backward": "whitened"},
+    "feedback_alignment": {"head.backward": "feedback_alignment"},
+    "ortho": {"head.ortho_weight": 0.01},
+    "alignment": {"train.alignment_weight": 0.1},
+    "mos": {"head.kind": "mos", "head.mixtures": 2},
+}
+BOTTLENECK = ("destroyed_ratio", "visible_cosine", "realized_cosine")
+
+
+def grids(methods, axes: dict) -> tuple:
+  """One sweep grid per method: its overrides and `method` key, times `axes` (no rank for mos)."""
+  return tuple({"method": (m,)} | {k: (v,) for k, v in METHODS[m].items()}
+               | {k: v for k, v in axes.items() if not (m == "mos" and k == "head.rank")}
+               for m in methods)
+
+
+def with_method(cfg):
+  with cfg.unlocked():
+    cfg.method = "baseline"
+  return cfg
+
+
+def get_config(preset: str = "cpu"):
+  spam = with_method(spamlang.get_config("smoke"))
+  rank = {"smoke": "cpu"}.get(preset, preset)
+  if rank not in ("cpu", "paper"):
+    raise ValueError(f"unknown preset {preset!r} for experiments/head_lab.py "
+                     "(known: smoke, cpu, paper)")
+  cfg = with_method(rank_sweep.get_config(rank))
+  methods, seeds = tuple(METHODS), (0, 1, 2)
+  if preset == "smoke":
+    methods, seeds = ("baseline", "whitened"), (0, 1)
+    spam.model.update(vocab_size=64, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=None)
+    spam.train.update(steps=30, batch_size=8, log_every=10, bottleneck_every=10, eval_every=0,
+                      eval_batches=1)
+    spam_axes = {"model.d_model": (8,), "optimizer.learning_rate": (3e-2,)}
+    cfg.model.update(vocab_size=320, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                     max_seq_len=32)
+    cfg.data.seq_len = 32
+    cfg.optimizer.warmup_steps = 2
+    cfg.train.update(steps=20, batch_size=4, log_every=5, bottleneck_every=5, eval_every=5,
+                     eval_batches=1)
+    cfg.checkpoint.every = 0
+    cfg.head.rank, lm_axes = 16, {}
+  elif preset == "cpu":
+    spam.model.update(vocab_size=512, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=None)
+    spam.train.update(steps=500, batch_size=32, log_every=25, bottleneck_every=25, eval_every=0,
+                      eval_batches=4)
+    spam_axes = {"model.d_model": (16, 8), "optimizer.learning_rate": (1e-2, 3e-2)}
+    cfg.optimizer.warmup_steps = 10
+    cfg.train.update(steps=100, log_every=10, bottleneck_every=20, eval_every=10, eval_batches=4)
+    cfg.checkpoint.every = 0
+    cfg.head.rank, lm_axes = 128, {}
+  else:
+    spam, seeds = None, (0,)
+    cfg.head.chunk_size = None
+    cfg.head.rank, lm_axes = 4096, {"head.rank": (4096, 256)}
+  if spam is not None:
+    spam.checkpoint.every = 0
+    spam.sweep = grids(methods, {"seed": seeds} | spam_axes)
+  cfg.sweep = grids(methods, {"seed": seeds} | lm_axes)
+  with cfg.unlocked():
+    cfg.spamlang = spam
+  return cfg
+
+
+def tasks(cfg) -> dict:
+  """The task configs, each a sweep: {'spamlang': ..., 'lm': ...} (no spamlang in `paper`)."""
+  lm = copy.deepcopy(cfg)
+  with lm.unlocked():
+    del lm["spamlang"]
+  return ({"spamlang": cfg.spamlang} if cfg.get("spamlang") else {}) | {"lm": lm}
+
+
+def describe(cfg) -> dict:
+  return {"method": cfg.method, "seed": cfg.seed, "V": cfg.model.vocab_size,
+          "D": cfg.model.d_model, "V/D": cfg.model.vocab_size / cfg.model.d_model,
+          "lr": cfg.optimizer.learning_rate,
+          "head_rank": cfg.head.rank if cfg.head.kind == "factorized" else None}
+
+
+def stat(values) -> dict:
+  """mean ± 95% CI over the finite values; `values` keeps every seed's (None: not reached)."""
+  finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+  kept = [float(v) if v is not None and math.isfinite(v) else None for v in values]
+  return {"values": kept, **(ci95(finite) if finite else dict(mean=None, sd=None, ci95=None, n=0))}
+
+
+def _curve(workdir, entry, y, x="step"):
+  return runs.curve(runs.read_metrics(f"{workdir}/{entry['run']}/metrics.jsonl"), y, x)
+
+
+def _training_mean(workdir, entry, metric) -> float:
+  _, y = _curve(workdir, entry, f"bottleneck/{metric}")
+  return float(np.mean(y)) if y.size else math.nan
+
+
+def _by(entries, *keys) -> dict:
+  out = {}
+  for e in entries:
+    out.setdefault(tuple(e[k] for k in keys), []).append(e)
+  return out
+
+
+def _bottleneck(workdir, entries) -> dict:
+  return {m: stat([_training_mean(workdir, e, m) for e in entries]) for m in BOTTLENECK}
+
+
+def summarize_spamlang(workdir, entries: list[dict]) -> dict:
+  """Per method: the largest V/D each seed learns over the lr grid (0: none), and per V/D the
+  best lr's (highest mean accuracy) held-out accuracy and bottleneck metrics over seeds."""
+  out = {}
+  for (method,), group in _by(entries, "method").items():
+    learned = {s: max([e["V/D"] for e in g if (e.get("eval/accuracy") or 0) >= LEARNED],
+                      default=0.0) for (s,), g in _by(group, "seed").items()}
+    ratios = {}
+    for (ratio,), at in sorted(_by(group, "V/D").items()):
+      by_lr = _by(at, "lr")
+      lr = max(by_lr, key=lambda k: np.mean([e.get("eval/accuracy") or 0 for e in by_lr[k]]))
+      best = sorted(by_lr[lr], key=lambda e: e["seed"])
+      ratios[f"{ratio:g}"] = {"lr": lr[0], "accuracy": stat([e.get("eval/accuracy")
+                                                            for e in best]),
+                              **_bottleneck(workdir, best)}
+    out[method] = {"largest_ratio": stat([learned[s] for s in sorted(learned)]),
+                   "by_ratio": ratios}
+  return out
+
+
+def lm_label(entries: list[dict]):
+  """Runs' labels: the method, with the head rank when the runs have several."""
+  several = len({e["head_rank"] for e in entries if e["head_rank"]}) > 1
+  return lambda e: e["method"] + (f" r={e['head_rank']}" if several and e["head_rank"] else "")
+
+
+def summarize_lm(workdir, entries: list[dict]) -> dict:
+  """Per method (and head rank): final held-out loss, tokens to the target (the highest final
+  held-out loss of the baseline's seeds, which each of them reaches; the full-width baseline's for
+  mos), the speed-up against the baseline's tokens to it, bottleneck metrics; over seeds."""
+  groups = _by(entries, "method", "head_rank")
+  widest = max(r for m, r in groups if m == "baseline")
+  label, out = lm_label(entries), {}
+  for (method, rank), group in groups.items():
+    base = groups[("baseline", rank or widest)]
+    target = max((e["eval/loss"] for e in base if "eval/loss" in e), default=math.nan)  # diverged
+    tokens = lambda es: [runs.tokens_to_target(*_curve(workdir, e, "eval/loss", "tokens_seen"),
+                                               target) for e in es]
+    reach, base_reach = stat(tokens(group)), stat(tokens(base))
+    speedup = (base_reach["mean"] / reach["mean"]
+               if reach["mean"] and base_reach["mean"] and reach["n"] == len(group) else None)
+    out[label(group[0])] = {"eval_loss": stat([e.get("eval/loss") for e in group]),
+                            "target": target, "tokens_to_target": reach, "speedup": speedup,
+                            **_bottleneck(workdir, group)}
+  return out
+
+
+def _mean_curves(workdir, entries, y, label, x="step") -> dict:
+  """Per label, the mean over seeds of y against x (runs of one label share their x)."""
+  out = {}
+  for (name,), group in _by([e | {"label": label(e)} for e in entries], "label").items():
+    curves = [_curve(workdir, e, y, x) for e in group]
+    n = min(len(c[0]) for c in curves)
+    if n:
+      out[name] = (curves[0][0][:n], np.mean([c[1][:n] for c in curves], axis=0))
+  return out
+
+
+def _fmt(s: dict, digits: int = 4) -> str:
+  """mean ± CI, with how many seeds count when some never reached it."""
+  if s["mean"] is None:
+    return "not reached"
+  text = f"{s['mean']:.{digits}g}" + (f" ± {s['ci95']:.2g}" if s["ci95"] is not None else "")
+  return text + (f" ({s['n']}/{len(s['values'])} seeds)" if s["n"] < len(s["values"]) else "")
+
+
+def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
+  """The results table (method × task); figures saved into the workdir."""
+  lm_dir, label = f"{workdir}/lm", lm_label(entries["lm"])
+  plots.lines(_mean_curves(lm_dir, entries["lm"], "eval/loss", label, "tokens_seen"),
+              f"{workdir}/head_lab_lm_loss.{fmt}", xlabel="tokens", ylabel="held-out loss",
+              title="Head lab, LM: held-out loss (mean over seeds)", markers=False)
+  for m in BOTTLENECK:
+    plots.lines(_mean_curves(lm_dir, entries["lm"], f"bottleneck/{m}", label),
+                f"{workdir}/head_lab_lm_{m}.{fmt}", xlabel="step", ylabel=m,
+                title=f"Head lab, LM: {m} (mean over seeds)", markers=False)
+  columns, text = {"method": lambda r: r[0]}, ""
+  metrics = {m: (lambda r, m=m: _fmt(r[-1][m], 3)) for m in BOTTLENECK}
+  if "spamlang" in found:
+    spam = found["spamlang"]
+    series = {m: tuple(np.array([(float(k), v["accuracy"]["mean"] or 0.0)
+                                 for k, v in s["by_ratio"].items()]).T)
+              for m, s in spam.items()}
+    plots.lines(series, f"{workdir}/head_lab_spamlang_accuracy.{fmt}", xlabel="V / D",
+                ylabel="held-out accuracy (best lr)", title="Head lab, SpamLang", logx=True)
+    columns["SpamLang largest V/D ≥ 99%"] = lambda r: _fmt(spam[r[0]]["largest_ratio"], 3)
+    rows = [(m, k, v) for m, s in spam.items() for k, v in s["by_ratio"].items()]
+    text = ("\n\nSpamLang at each V/D, the lr with the highest mean held-out accuracy; bottleneck "
+            "metrics: mean over logged steps, then over seeds\n\n" + runs.markdown_table(rows, {
+                "method": lambda r: r[0], "V/D": lambda r: r[1], "lr": lambda r: r[2]["lr"],
+                "held-out accuracy": lambda r: _fmt(r[2]["accuracy"]), **metrics}))
+  lm = found["lm"]
+  columns |= {
+      "LM held-out loss": lambda r: _fmt(r[1]["eval_loss"]),
+      "LM tokens to target": lambda r: _fmt(r[1]["tokens_to_target"], 3),
+      "speed-up": lambda r: r[1]["speedup"], **metrics}
+  target = next(iter(lm.values()))["target"]
+  return (f"LM target: the baseline seeds' highest final held-out loss ({target:.4f}); bottleneck "
+          "metrics: LM, mean over logged steps, then over seeds (mean ± 95% CI)\n\n"
+          + runs.markdown_table(list(lm.items()), columns) + text)
+
+
+def by_method(found: dict) -> dict:
+  """{task: {method: numbers}} as {method: {task: numbers}}."""
+  methods = dict.fromkeys(m for numbers in found.values() for m in numbers)
+  return {m: {t: found[t][m] for t in found if m in found[t]} for m in methods}
+
+
+def main(cfg, workdir):
+  fmt = plots.figure_format(cfg)
+  todo = tasks(cfg)
+  for task in todo.values():
+    experiment.validate_experiment(task)  # both tasks, before anything trains
+  rank_sweep.use_stdlib_corpus(todo["lm"], f"{workdir}/lm")
+  entries = {name: sweep.run(task, f"{workdir}/{name}", describe) for name, task in todo.items()}
+  found = {}
+  if "spamlang" in entries:
+    found["spamlang"] = summarize_spamlang(f"{workdir}/spamlang", entries["spamlang"])
+  found["lm"] = summarize_lm(f"{workdir}/lm", entries["lm"])
+
+  def write():
+    (epath.Path(workdir) / "summary.json").write_text(json.dumps(by_method(found), indent=2))
+    return report(workdir, found, entries, fmt)
+
+  sweep.publish(workdir, write)
+
+
+if __name__ == "__main__":
+  cli.main(main)
