@@ -48,7 +48,7 @@ from lmhead_jax.core import model
 from lmhead_jax.core.config import HeadConfig, ModelConfig
 from lmhead_jax.data import pipeline, prepare, read_index
 from lmhead_jax.data import hf
-from lmhead_jax.training import checkpoint, runner, sharding, train
+from lmhead_jax.training import checkpoint, runner, setup, sharding
 from lmhead_jax.training.experiment import base_config as train_config
 
 log = logging.getLogger(__name__)
@@ -122,18 +122,16 @@ def _tokenizer_of(data) -> str | None:
 def restore_run(run_dir: pathlib.Path, mesh, name: str | None = None) -> Subject:
   """The latest checkpoint of a runner workdir."""
   cfg = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
-  c, hc = train.configs(cfg)
-  shapes = jax.eval_shape(lambda k: train.init_state(k, cfg, mesh)[0], jax.random.key(0))
+  s = setup.resolve(cfg, mesh)
   ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every=0, keep=cfg.checkpoint.keep)
   try:
-    restored = ckpt.restore_latest(
-        checkpoint.abstract_like(shapes, train.state_shardings(cfg, mesh)))
+    restored = ckpt.restore_latest(s.abstract_state())
   finally:
     ckpt.close()
   if restored is None:
     raise FileNotFoundError(f"runs: {run_dir} has no restorable checkpoint in checkpoints/")
   state, step = restored
-  return Subject(name or f"{run_dir.name}@{step}", c, hc, state.params, _tokenizer_of(cfg.data),
+  return Subject(name or f"{run_dir.name}@{step}", s.model, s.head, state.params, _tokenizer_of(cfg.data),
                  cfg.data)
 
 

@@ -34,7 +34,7 @@ from lmhead_jax.analysis import measure
 from lmhead_jax.core import bottleneck, heads, model
 from lmhead_jax.data import hf
 from lmhead_jax.tools import costs
-from lmhead_jax.training import checkpoint, sharding, train
+from lmhead_jax.training import checkpoint, setup, sharding, train
 from lmhead_jax.core.config import HeadConfig, ModelConfig
 from lmhead_jax.tools.plan import parse_slice
 
@@ -100,17 +100,17 @@ def forward_flops(c: ModelConfig, hc: HeadConfig, tokens: int, seq_len: int) -> 
 
 def train_programs(cfg, mesh) -> dict:
   """{name: (lowered program, model FLOPs per step)} of a training config."""
-  shapes = jax.eval_shape(lambda k: train.new_state(k, cfg), jax.random.key(0))
-  state = checkpoint.abstract_like(shapes, train.state_shardings(cfg, mesh))
-  batch = _batch(mesh, int(cfg.train.batch_size), int(cfg.data.seq_len))
-  tokens = int(cfg.train.batch_size) * int(cfg.data.seq_len)
+  s = setup.resolve(cfg, mesh)
+  state = s.abstract_state()
+  batch = _batch(mesh, s.batch_size, s.seq_len)
+  tokens = s.batch_size * s.seq_len
   flops = costs.model_flops_per_token(cfg) * tokens
   return {
-      "train_step": (train.make_train_step(cfg, mesh).lower(state, batch), flops),
+      "train_step": (train.make_train_step(s).lower(state, batch), flops),
       "train_step_no_metrics": (
-          train.make_train_step(cfg, mesh, with_bottleneck=False).lower(state, batch), flops),
-      "eval_step": (train.make_eval_step(cfg, mesh).lower(state.params, batch),
-                    forward_flops(*train.configs(cfg), tokens, int(cfg.data.seq_len))),
+          train.make_train_step(s, with_bottleneck=False).lower(state, batch), flops),
+      "eval_step": (train.make_eval_step(s).lower(state.params, batch),
+                    forward_flops(s.model, s.head, tokens, s.seq_len)),
   }
 
 
@@ -122,7 +122,7 @@ def measured_models(cfg) -> list[tuple[str, ModelConfig, HeadConfig, object]]:
   for path in map(pathlib.Path, subjects.split_list(cfg.get("checkpoints", ""))):
     c = hf._model_config(hf._read_json(path / "config.json"), cfg.dtype)
     out.append((path.name, c, hf.head_config(c), c.compute_dtype))
-  return out or [("model", *train.configs(cfg), None)]
+  return out or [("model", *setup.configs(cfg), None)]
 
 
 def measure_programs(cfg, mesh) -> dict:

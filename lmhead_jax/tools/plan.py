@@ -22,11 +22,8 @@ import types
 
 import jax
 
-from lmhead_jax.core import model
 from lmhead_jax.tools import costs
-from lmhead_jax.training import sharding
-from lmhead_jax.core.config import HeadConfig, ModelConfig
-from lmhead_jax.training.optim import make_optimizer
+from lmhead_jax.training import setup, sharding, sweep, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +70,7 @@ def activation_bytes(cfg, tokens_per_device: int) -> float:
   q/k/v/o, attention probabilities, MLP gate/up/activation); with remat only its input (D).
   The head adds 3 float32 V-vectors per token (logits, softmax, G), or per chunk token.
   """
-  c = ModelConfig.of(cfg.model)
-  hc = HeadConfig.of(cfg.head, c)
+  c, hc = setup.configs(cfg)
   act = 2 if c.dtype == "bfloat16" else 4
   s = int(cfg.data.seq_len)
   per_layer = (4 * c.d_model + 2 * (c.n_heads + c.kv_heads) * c.hd + c.n_heads * s + 3 * c.ff)
@@ -88,15 +84,12 @@ def plan(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = None) ->
   _, chip, devices = parse_slice(slice_name)
   dims = sharding.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
   mesh_shape = dict(zip(sharding.MESH_AXES, dims))
-  c = ModelConfig.of(cfg.model)
-  hc = HeadConfig.of(cfg.head, c)
-  axes = model.param_axes(c, hc)
-  shapes = jax.eval_shape(lambda k: model.init(k, c, hc), jax.random.key(0))
-  tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, axes)
-  like_params = lambda x: jax.tree.structure(x) == jax.tree.structure(shapes)
-  moments = jax.tree.leaves(jax.eval_shape(tx.init, shapes), is_leaf=like_params)
+  s = setup.resolve(cfg)
+  shapes = jax.eval_shape(s.new_state, jax.random.key(0))
+  like_params = lambda x: jax.tree.structure(x) == jax.tree.structure(shapes.params)
+  moments = jax.tree.leaves(shapes.opt_state, is_leaf=like_params)
   n_moments = sum(map(like_params, moments))  # AdamW: mu and nu; SGD: the momentum trace
-  params_b = _sharded_bytes(shapes, axes, mesh_shape)
+  params_b = _sharded_bytes(shapes.params, s.axes, mesh_shape)
   dp = mesh_shape["data"] * mesh_shape["fsdp"]
   micro_batch = int(cfg.train.batch_size) // int(cfg.train.grad_accum)
   tokens_per_device = micro_batch * int(cfg.data.seq_len) // dp
@@ -123,15 +116,12 @@ def plan(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = None) ->
 
 def compiled_memory(cfg) -> dict:
   """Per-device bytes and FLOPs that XLA reports for the train step on the current devices."""
-  from lmhead_jax.training import checkpoint, train
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  shapes = jax.eval_shape(lambda k: train.new_state(k, cfg), jax.random.key(0))
-  abstract = checkpoint.abstract_like(shapes, train.state_shardings(cfg, mesh))
-  b = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), "int32",
-                           sharding=sharding.batch_sharding(mesh))
+  s = setup.resolve(cfg, sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+  b = jax.ShapeDtypeStruct((s.batch_size, s.seq_len), "int32",
+                           sharding=s.batch_shardings["inputs"])
   batch = {"inputs": b, "targets": b, "mask": jax.ShapeDtypeStruct(b.shape, "float32",
                                                                  sharding=b.sharding)}
-  lowered = train.make_train_step(cfg, mesh).lower(abstract, batch)
+  lowered = train.make_train_step(s).lower(s.abstract_state(), batch)
   compiled = lowered.compile()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -164,7 +154,6 @@ def format_table(rows: list[dict], columns=COLUMNS) -> str:
 def plan_sweep(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = None,
                compile_: str | None = None) -> list[dict]:
   """One row per run of `cfg.sweep` (or one for a single run), plus a total row."""
-  from lmhead_jax.training import sweep
   runs = sweep.expand(cfg.get("sweep") or ({},))
   rows = []
   for overrides in runs:
@@ -182,8 +171,7 @@ def plan_sweep(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = No
 def compile_sweep(cfg, slice_name: str, runs: list[str] | None = None,
                   programs: list[str] | None = None) -> list[dict]:
   """XLA:TPU's rows (`aot.compile_for_slice`) for each run of `cfg.sweep` (or those named)."""
-  from lmhead_jax.tools import aot
-  from lmhead_jax.training import sweep
+  from lmhead_jax.tools import aot  # aot imports this module
   named = {sweep.run_name(o) or "run": o for o in sweep.expand(cfg.get("sweep") or ({},))}
   if unknown := set(runs or ()) - set(named):
     raise ValueError(f"--runs: {sorted(unknown)} not in the sweep's runs {list(named)}")

@@ -23,7 +23,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from lmhead_jax.data import pipeline
-from lmhead_jax.training import checkpoint, experiment, logs, sharding, train
+from lmhead_jax.training import checkpoint, experiment, logs, setup, sharding, train
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +211,8 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
 
 
 def _run(cfg, workdir: epath.Path, preempted: _Preemption, position) -> dict:
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  train.validate(cfg, mesh)
   experiment.validate(cfg)
+  s = setup.resolve(cfg, sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
   has_eval = cfg.data.kind != "tokens" or bool(cfg.data.eval_path)
   v = cfg.model.vocab_size
   # Built now, so that a bad data.eval_path fails before step 1.
@@ -221,7 +220,7 @@ def _run(cfg, workdir: epath.Path, preempted: _Preemption, position) -> dict:
   source = pipeline.make_source(cfg.data, v, split="train", seed=cfg.seed)
   data_iter = iter(pipeline.make_dataset(source, global_batch_size=cfg.train.batch_size,
                                          seed=cfg.seed, shuffle=cfg.data.shuffle))
-  state, shardings = train.init_state(jax.random.key(cfg.seed), cfg, mesh)
+  state, shardings = train.init_state(jax.random.key(s.seed), s)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=cfg.checkpoint.every,
                                  keep=cfg.checkpoint.keep)
   try:
@@ -233,19 +232,18 @@ def _run(cfg, workdir: epath.Path, preempted: _Preemption, position) -> dict:
     if preempted.requested:
       log.warning("SIGTERM during start-up: exiting before step %d, nothing to save", start + 1)
       raise SystemExit(0)
-    return _train(cfg, workdir, mesh, state, start, data_iter, eval_source, ckpt, preempted,
+    return _train(cfg, workdir, s, state, start, data_iter, eval_source, ckpt, preempted,
                   position)
   finally:
     ckpt.close()
 
 
-def _train(cfg, workdir, mesh, state, start, data_iter, eval_source, ckpt, preempted,
+def _train(cfg, workdir, s, state, start, data_iter, eval_source, ckpt, preempted,
            position) -> dict:
   """Steps start+1 .. train.steps, then the summary."""
-  every = int(cfg.train.bottleneck_every)
-  steps = {True: train.make_train_step(cfg, mesh, with_bottleneck=True),
-           False: train.make_train_step(cfg, mesh, with_bottleneck=False)}
-  eval_step = train.make_eval_step(cfg, mesh)
+  every, mesh = int(cfg.train.bottleneck_every), s.mesh
+  steps = {b: train.make_train_step(s, with_bottleneck=b) for b in (True, False)}
+  eval_step = train.make_eval_step(s)
   batch_sh = sharding.batch_sharding(mesh)
   tokens_per_step = int(cfg.train.batch_size) * int(cfg.data.seq_len)
   total = int(cfg.train.steps)

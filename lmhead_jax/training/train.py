@@ -1,4 +1,4 @@
-"""TrainState and the jit-sharded train/eval steps that also measure the head's bottleneck.
+"""The jit-sharded train/eval steps that also measure the head's bottleneck.
 
 One forward pass: h = trunk(params, x); z = head(params, h). `jax.vjp` through the head gives,
 from the same computation, the loss, the logit gradient G, what the head passes back to the trunk
@@ -6,51 +6,28 @@ from the same computation, the loss, the logit gradient G, what the head passes 
 steps that compute them, `realized_cosine` also measures what the optimizer's update realizes.
 `head.backward` changes what the trunk receives, `head.ortho_weight` and
 `train.alignment_weight` add regularizers (`lmhead_jax.backward`, `lmhead_jax.regularize`).
+Every function takes the experiment config or its resolved `Setup` (`training/setup.py`).
 """
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from lmhead_jax.core import backward, bottleneck, heads, model, regularize
-from lmhead_jax.core.config import HeadConfig, ModelConfig
+from lmhead_jax.core.config import HeadConfig
 from lmhead_jax.core.loss import _to_chunks, accuracy, cross_entropy, fused_head_loss
 from lmhead_jax.training import sharding
-from lmhead_jax.training.optim import make_optimizer
+from lmhead_jax.training.setup import Setup, TrainState, configs, resolve
 
+
+__all__ = ["GUARDED", "Setup", "TrainState", "configs", "resolve", "init_state", "new_state",
+           "state_shardings", "loss_and_grads", "realized_cosine", "make_train_step",
+           "make_eval_step"]
 
 # Metrics that must be finite for a step's update to be applied, in the order they are computed.
 GUARDED = ("learning_rate", "loss", "grad_norm", "update_norm", "param_norm")
 # Tokens per metric step whose per-token Jacobian (V×D) gives the mos head's bottleneck stats.
 MOS_STAT_TOKENS = 64
-
-
-@struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: dict
-  opt_state: optax.OptState
-  rng: jax.Array  # raw uint32 key data, so checkpoints hold a plain array
-
-
-def configs(cfg) -> tuple[ModelConfig, HeadConfig]:
-  c = ModelConfig.of(cfg.model)
-  return c, HeadConfig.of(cfg.head, c)
-
-
-def validate(cfg, mesh) -> None:
-  """Config checks that need the mesh; errors name the values."""
-  c, _ = configs(cfg)
-  dp = sharding.data_parallel_size(mesh)
-  b, k = int(cfg.train.batch_size), int(cfg.train.grad_accum)
-  if k < 1 or b % k:
-    raise ValueError(f"train.batch_size={b} is not divisible by train.grad_accum={k}")
-  if (b // k) % dp:
-    raise ValueError(f"train.batch_size={b} (per micro-batch {b // k}) is not divisible by the "
-                     f"data-parallel size {dp} (mesh data×fsdp)")
-  if cfg.data.seq_len > c.max_seq_len:
-    raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={c.max_seq_len}")
 
 
 def _head_backward(params, h, batch, hc: HeadConfig):
@@ -74,17 +51,17 @@ def _head_backward(params, h, batch, hc: HeadConfig):
   return loss, jnp.sum(tokens.correct_N) / n, tokens.g_sq_N, d_h, head_grads, None
 
 
-def _escape(params, h, g, d_h, mask, cfg, hc: HeadConfig):
+def _escape(params, h, g, d_h, mask, s: Setup):
   """What the trunk receives (`head.backward`), and the regularizers' gradients and values."""
+  hc = s.head
   w_of = lambda p: heads.matrix(heads.params_of(p, hc))
   d_trunk = d_h
   if hc.backward == "whitened":
     d_trunk = backward.whiten(d_h, w_of(params))
   elif hc.backward == "feedback_alignment":
-    b_VxD = backward.feedback_matrix(int(cfg.seed), hc.vocab_size, hc.d_model)
+    b_VxD = backward.feedback_matrix(s.seed, hc.vocab_size, hc.d_model)
     d_trunk = jnp.einsum("...v,vd->...d", g, b_VxD).astype(d_h.dtype)
-  weights = {"ortho_penalty": float(hc.ortho_weight),
-             "alignment_loss": float(cfg.train.alignment_weight)}
+  weights = {"ortho_penalty": float(hc.ortho_weight), "alignment_loss": s.alignment_weight}
   weights = {k: w for k, w in weights.items() if w > 0}
   if not weights:
     return d_trunk, None, {}
@@ -114,12 +91,13 @@ def _mos_stats(params, h, batch, hc: HeadConfig):
                                linear_in_h=False)
 
 
-def _loss_parts(params, batch, cfg, c: ModelConfig, hc: HeadConfig, with_bottleneck: bool):
-  """Loss, parameter gradient, accuracy and (optionally) bottleneck stats of one micro-batch."""
-  mask = batch["mask"]
-  h, trunk_vjp = jax.vjp(lambda p: model.hidden(p, batch["inputs"], c), params)
+def _loss_parts(params, batch, s: Setup, range_map_DxK=None, with_bottleneck: bool = False):
+  """Loss, parameter gradient, accuracy and (with_bottleneck) the bottleneck stats of one
+  micro-batch; a linear head's stats use the range map of its W, computed once per step."""
+  mask, hc = batch["mask"], s.head
+  h, trunk_vjp = jax.vjp(lambda p: model.hidden(p, batch["inputs"], s.model), params)
   loss, acc, g_sq, d_h, head_grads, g = _head_backward(params, h, batch, hc)
-  d_trunk, reg_grads, terms = _escape(params, h, g, d_h, mask, cfg, hc)
+  d_trunk, reg_grads, terms = _escape(params, h, g, d_h, mask, s)
   (trunk_grads,) = trunk_vjp(d_trunk)
   grads = jax.tree.map(jnp.add, trunk_grads, head_grads)
   if reg_grads is not None:
@@ -129,8 +107,8 @@ def _loss_parts(params, batch, cfg, c: ModelConfig, hc: HeadConfig, with_bottlen
     out["stats"] = _mos_stats(params, h, batch, hc)
   elif with_bottleneck:
     b = d_h.reshape(-1, d_h.shape[-1]).astype(jnp.float32) * jnp.maximum(jnp.sum(mask), 1.0)
-    vis = bottleneck.visible_sq(b, bottleneck.range_map(heads.matrix(heads.params_of(params, hc))))
-    out["stats"] = bottleneck.summarize(loss, g_sq.reshape(-1), b, vis,
+    out["stats"] = bottleneck.summarize(loss, g_sq.reshape(-1), b,
+                                        bottleneck.visible_sq(b, range_map_DxK),
                                         mask.reshape(-1).astype(jnp.float32))
   return out, grads
 
@@ -152,16 +130,21 @@ def _combine(outs, n_total):
 
 
 def loss_and_grads(params, batch, cfg, with_bottleneck: bool = True):
-  """Mean-CE loss and gradient over the whole batch, accumulated over `train.grad_accum`."""
-  c, hc = configs(cfg)
-  k = int(cfg.train.grad_accum)
+  """Mean-CE loss and gradient over the whole batch, accumulated over `train.grad_accum`.
+  `cfg`: an experiment config or its resolved Setup."""
+  s = resolve(cfg)
+  range_map_DxK = None
+  if with_bottleneck and s.head.kind != "mos":  # once per step, not per micro-batch
+    range_map_DxK = bottleneck.range_map(heads.matrix(heads.params_of(params, s.head)))
+  parts = lambda mb: _loss_parts(params, mb, s, range_map_DxK, with_bottleneck)
+  k = s.grad_accum
   if k == 1:
-    return _loss_parts(params, batch, cfg, c, hc, with_bottleneck)
+    return parts(batch)
   # Micro-batch i takes rows i, i+k, ...: each device keeps its own rows.
   micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), batch)
 
   def body(acc, mb):
-    out, grads = _loss_parts(params, mb, cfg, c, hc, with_bottleneck)
+    out, grads = parts(mb)
     return jax.tree.map(lambda a, g: a + g * out["n"], acc, grads), out
 
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -177,8 +160,9 @@ def realized_cosine(params, updates, batch, cfg) -> jax.Array:
   """cos(−G, J_θ Δθ): −G against the first-order change of the logits that the update Δθ makes,
   from a jvp of the trunk and then of the head along Δθ, on the same batch (the head a token
   chunk at a time with `head.chunk_size`). Costs about one forward pass with tangents."""
-  c, hc = configs(cfg)
-  h, dh = jax.jvp(lambda p: model.hidden(p, batch["inputs"], c), (params,), (updates,))
+  s = resolve(cfg)
+  hc = s.head
+  h, dh = jax.jvp(lambda p: model.hidden(p, batch["inputs"], s.model), (params,), (updates,))
   hp, dhp = heads.params_of(params, hc), heads.params_of(updates, hc)
   n = batch["targets"].size
   size = min(hc.chunk_size or n, n)
@@ -193,62 +177,49 @@ def realized_cosine(params, updates, batch, cfg) -> jax.Array:
     dz = dz * m_C[:, None]
     return jnp.stack([jnp.sum(g * dz), jnp.sum(g * g), jnp.sum(dz * dz)])
 
-  s = jnp.sum(jax.lax.map(sums, chunks), axis=0)
-  return -s[0] / jnp.sqrt(jnp.maximum(s[1] * s[2], jnp.finfo(jnp.float32).tiny))
+  gdz, gg, dzdz = jnp.sum(jax.lax.map(sums, chunks), axis=0)
+  return -gdz / jnp.sqrt(jnp.maximum(gg * dzdz, jnp.finfo(jnp.float32).tiny))
+
+
+def _on_mesh(cfg, mesh) -> Setup:
+  s = resolve(cfg, mesh)
+  if s.mesh is None:
+    raise ValueError("no mesh: pass one, or a Setup resolved on one (setup.resolve(cfg, mesh))")
+  return s
 
 
 def new_state(key, cfg) -> TrainState:
   """A fresh, unsharded TrainState (wrap in jit with out_shardings, or eval_shape it)."""
-  c, hc = configs(cfg)
-  tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, model.param_axes(c, hc))
-  k_params, k_rng = jax.random.split(key)
-  params = model.init(k_params, c, hc)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(k_rng))
+  return resolve(cfg).new_state(key)
 
 
-def init_state(key, cfg, mesh) -> tuple[TrainState, TrainState]:
-  """A TrainState born sharded on `mesh`, and the tree of its shardings."""
-  shardings = state_shardings(cfg, mesh)
-  return jax.jit(lambda k: new_state(k, cfg), out_shardings=shardings)(key), shardings
+def init_state(key, cfg, mesh=None) -> tuple[TrainState, TrainState]:
+  """A TrainState born sharded on `mesh` (or the Setup's), and the tree of its shardings."""
+  s = _on_mesh(cfg, mesh)
+  return jax.jit(s.new_state, out_shardings=s.state_shardings)(key), s.state_shardings
 
 
-def state_shardings(cfg, mesh):
+def state_shardings(cfg, mesh=None) -> TrainState:
   """Shardings of every TrainState leaf; optimizer moments follow their parameter."""
-  c, hc = configs(cfg)
-  tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, model.param_axes(c, hc))
-  axes = model.param_axes(c, hc)
-  abstract = jax.eval_shape(lambda k: model.init(k, c, hc), jax.random.key(0))
-  p_sh = sharding.param_shardings(abstract, axes, mesh)
-  opt_abstract = jax.eval_shape(tx.init, abstract)
-  rep = sharding.replicated(mesh)
-  # optax states hold copies of the param tree (mu, nu, trace): match them by structure.
-  p_def = jax.tree.structure(abstract)
-  opt_sh = jax.tree.map(
-      lambda sub: p_sh if jax.tree.structure(sub) == p_def else jax.tree.map(lambda _: rep, sub),
-      opt_abstract, is_leaf=lambda x: jax.tree.structure(x) == p_def)
-  return TrainState(step=rep, params=p_sh, opt_state=opt_sh,
-                    rng=sharding.replicated(mesh))
+  return _on_mesh(cfg, mesh).state_shardings
 
 
-def make_train_step(cfg, mesh, *, with_bottleneck: bool = True):
-  """step(state, batch) -> (state, metrics), jitted with explicit shardings; state donated."""
-  validate(cfg, mesh)
-  c, hc = configs(cfg)
-  tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, model.param_axes(c, hc))
-  clip = float(cfg.optimizer.clip_norm)
+def make_train_step(cfg, mesh=None, *, with_bottleneck: bool = True):
+  """step(state, batch) -> (state, metrics), jitted with explicit shardings; state donated.
+  `cfg`: an experiment config on `mesh`, or a Setup resolved on one."""
+  s = _on_mesh(cfg, mesh)
 
   def step(state: TrainState, batch):
-    out, grads = loss_and_grads(state.params, batch, cfg, with_bottleneck)
+    out, grads = loss_and_grads(state.params, batch, s, with_bottleneck)
     grad_norm = optax.tree.norm(grads)
-    if clip > 0:
-      grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip / (grad_norm + 1e-12)), grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if s.clip_norm > 0:
+      grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, s.clip_norm / (grad_norm + 1e-12)), grads)
+    updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": out["loss"], "accuracy": out["accuracy"], "grad_norm": grad_norm,
         "clipped_grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
-        "update_norm": optax.tree.norm(updates), "learning_rate": schedule(state.step),
+        "update_norm": optax.tree.norm(updates), "learning_rate": s.schedule(state.step),
     }
     finite = jnp.all(jnp.array([jnp.isfinite(metrics[k]) for k in GUARDED]))
     # A non-finite step leaves the state untouched; the loop sees the metric and stops.
@@ -258,26 +229,23 @@ def make_train_step(cfg, mesh, *, with_bottleneck: bool = True):
     metrics.update({k: out[k] for k in ("ortho_penalty", "alignment_loss") if k in out})
     if with_bottleneck:
       metrics.update(out["stats"].metrics())
-      metrics["bottleneck/realized_cosine"] = realized_cosine(state.params, updates, batch, cfg)
+      metrics["bottleneck/realized_cosine"] = realized_cosine(state.params, updates, batch, s)
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
-  state_sh = state_shardings(cfg, mesh)
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in ("inputs", "targets", "mask")}
-  return jax.jit(step, in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  return jax.jit(step, in_shardings=(s.state_shardings, s.batch_shardings),
+                 out_shardings=(s.state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
 
 
-def make_eval_step(cfg, mesh):
+def make_eval_step(cfg, mesh=None):
   """eval_step(params, batch) -> {'loss', 'accuracy', 'n'}, with the train step's shardings."""
-  c, hc = configs(cfg)
+  s = _on_mesh(cfg, mesh)
 
   def evaluate(params, batch):
-    h = model.hidden(params, batch["inputs"], c)
-    z = heads.logits(heads.params_of(params, hc), h, hc)
+    h = model.hidden(params, batch["inputs"], s.model)
+    z = heads.logits(heads.params_of(params, s.head), h, s.head)
     return {"loss": cross_entropy(z, batch["targets"], batch["mask"]),
             "accuracy": accuracy(z, batch["targets"], batch["mask"]),
             "n": jnp.sum(batch["mask"]).astype(jnp.float32)}
 
-  p_sh = state_shardings(cfg, mesh).params
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in ("inputs", "targets", "mask")}
-  return jax.jit(evaluate, in_shardings=(p_sh, batch_sh), out_shardings=sharding.replicated(mesh))
+  return jax.jit(evaluate, in_shardings=(s.state_shardings.params, s.batch_shardings),
+                 out_shardings=sharding.replicated(s.mesh))
