@@ -13,7 +13,7 @@ import textwrap
 import types
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from lmhead_jax.training import experiment, logs, sweep
 
@@ -26,7 +26,7 @@ SCRIPT = """
 import json, sys
 sys.path.insert(0, "tests")
 import jax
-from conftest import tiny_config
+from helpers import tiny_config
 from lmhead_jax.data import pipeline
 from lmhead_jax.training import checkpoint, runner, sharding, train
 cfg = tiny_config()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_with_devices
+from helpers import run_with_devices
 from lmhead_jax.core import bottleneck
 
 EPS = float(np.finfo(np.float32).eps)
