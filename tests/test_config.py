@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import (gradient_spectrum, measure_pretrained, rank_sweep, spamlang,
+from experiments import (gradient_spectrum, head_lab, measure_pretrained, rank_sweep, spamlang,
                          update_direction)
 from lmhead_jax.analysis import subjects
 from lmhead_jax.core.config import HeadConfig, ModelConfig
@@ -22,7 +22,7 @@ from lmhead_jax.training import experiment
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRESETS = {spamlang: ("smoke", "demo", "cpu", "paper"), rank_sweep: ("cpu", "paper"),
            measure_pretrained: ("cpu", "pretrained"), gradient_spectrum: ("cpu", "pretrained"),
-           update_direction: ("cpu", "pretrained")}
+           update_direction: ("cpu", "pretrained"), head_lab: ("smoke", "cpu", "paper")}
 ALL = [(m, p) for m, presets in PRESETS.items() for p in presets]
 # Names that stand for one config group in one file (besides `cfg` and `run_cfg`).
 ALIASES = {"lmhead_jax/training/optim.py": {"o": "optimizer"},
