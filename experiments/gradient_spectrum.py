@@ -24,12 +24,7 @@ def get_config(preset: str = "cpu"):
     cfg.spectrum = dict(tokens="1000,2000,5000,10000,20000,50000,100000", method="auto",
                         gram_dtype="float64", gram_max_gib=16.0, rank_k=8192, power_iters=30)
   if preset == "cpu":
-    cfg.fresh = "64"
-    cfg.model.update(vocab_size=4096, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,
-                     max_seq_len=128)
-    cfg.train.update(steps=300, batch_size=16)
-    cfg.optimizer.update(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
-    cfg.measure.batch_size = 16
+    subjects.cpu_preset(cfg, vocab_size=4096, fresh="64", batch_size=16)
   elif preset == "pretrained":
     cfg.data.update(seq_len=1024, stdlib=False)
     cfg.measure.batch_size = 16

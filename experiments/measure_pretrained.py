@@ -21,12 +21,8 @@ def get_config(preset: str = "cpu"):
   with cfg.unlocked():
     cfg.measure.chunk_len = 0  # positions per chunk of the logits (0: whole sequences)
   if preset == "cpu":
-    cfg.fresh = "32,64,128,128r16"
-    cfg.model.update(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,
-                     max_seq_len=128)
-    cfg.train.update(steps=300, batch_size=16)
-    cfg.optimizer.update(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
-    cfg.measure.update(batch_size=16, num_sequences=512)
+    subjects.cpu_preset(cfg, vocab_size=8192, fresh="32,64,128,128r16", batch_size=16)
+    cfg.measure.num_sequences = 512
   elif preset == "pretrained":
     cfg.data.update(seq_len=1024, stdlib=False)
     cfg.measure.update(batch_size=32, num_sequences=10_000, chunk_len=256)

@@ -23,12 +23,7 @@ def get_config(preset: str = "cpu"):
   with cfg.unlocked():
     cfg.update_dir = dict(eps_min=1e-4, eps_max=30.0, eps_points=22)
   if preset == "cpu":
-    cfg.fresh = "64,128"
-    cfg.model.update(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,
-                     max_seq_len=128)
-    cfg.train.update(steps=300, batch_size=16)
-    cfg.optimizer.update(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
-    cfg.measure.batch_size = 8
+    subjects.cpu_preset(cfg, vocab_size=8192, fresh="64,128", batch_size=8)
   elif preset == "pretrained":
     cfg.data.update(seq_len=512, stdlib=False)
     cfg.measure.batch_size = 8

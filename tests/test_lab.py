@@ -220,9 +220,9 @@ def test_step_with_regularizers_equals_jax_grad():
 
 def np_mos_log_p(p, h):
   p = {k: np.asarray(v, np.float64) for k, v in p.items()}
-  h_k = np.tanh(np.einsum("nd,ked->nke", h, p["p_KxDxD"]))
+  h_k = np.tanh(np.einsum("nd,ked->nke", h, p["p_SxDxD"]))
   q = np_softmax(np.einsum("nke,ve->nkv", h_k, p["w_VxD"]))
-  pi = np_softmax(h @ p["pi_KxD"].T)
+  pi = np_softmax(h @ p["pi_SxD"].T)
   return np.log(np.einsum("nk,nkv->nv", pi, q))
 
 

@@ -84,6 +84,18 @@ def base_config():
   return c
 
 
+def cpu_preset(cfg, vocab_size: int, fresh: str, batch_size: int):
+  """The `cpu` presets' subjects: `fresh` widths and a 2-layer D=64 model trained 300 steps on
+  the stdlib corpus (the same config, so the experiments share its cache entry)."""
+  cfg.fresh = fresh
+  cfg.model.update(vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                   d_ff=256, max_seq_len=128)
+  cfg.train.update(steps=300, batch_size=16)
+  cfg.optimizer.update(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
+  cfg.measure.batch_size = batch_size
+  return cfg
+
+
 def split_list(value) -> list[str]:
   items = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
   return [s.strip() for s in items if s.strip()]

@@ -5,7 +5,7 @@
 | linear     | w_VxD                     | h Wᵀ              | W       |
 | tied       | (the input embedding)     | h Eᵀ              | E       |
 | factorized | a_VxR, b_RxD              | A (B h)           | A B     |
-| mos        | w_VxD, p_KxDxD, pi_KxD    | log p (`mos`)     | none    |
+| mos        | w_VxD, p_SxDxD, pi_SxD    | log p (`mos`)     | none    |
 
 Initialization keeps the initial logits' scale independent of D and r: with h at unit RMS
 (final norm), W ~ N(0, 1/D) gives Var(z) = 1; for the factorized head B ~ N(0, 1/D) keeps B h at
@@ -61,7 +61,7 @@ def logits(head_params: dict, h: jax.Array, cfg: HeadConfig) -> jax.Array:
 
 def matrix(head_params: dict) -> jax.Array:
   """The effective head matrix W[V, D] (float32); the mos head has none."""
-  if "p_KxDxD" in head_params:
+  if "p_SxDxD" in head_params:
     raise ValueError("the mos head is not linear in h: it has no matrix W")
   if "a_VxR" in head_params:
     return jnp.matmul(head_params["a_VxR"], head_params["b_RxD"],

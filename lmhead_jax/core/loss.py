@@ -57,18 +57,18 @@ class TokenStats:
   loss_N: jax.Array  # −log p_y
 
 
-def _block_stats(z_CxB, y_C, offset):
+def _block_stats(z_CxU, y_C, offset):
   """(max z, Σe, Σ_{j≠y} e, Σ_{j≠y} e², argmax, z_y) of columns [offset, offset + B), with
   e = exp(z − max z); z_y is 0 for targets outside the block. `_merge` combines two blocks.
 
   The sums over j ≠ y give 1 − p_y and ‖p − e_y‖² without cancellation when p_y → 1.
   """
-  z_max = jax.lax.stop_gradient(jnp.max(z_CxB, axis=-1))
-  e = jnp.exp(z_CxB - z_max[..., None])
-  is_y = (y_C - offset)[..., None] == jnp.arange(z_CxB.shape[-1])
+  z_max = jax.lax.stop_gradient(jnp.max(z_CxU, axis=-1))
+  e = jnp.exp(z_CxU - z_max[..., None])
+  is_y = (y_C - offset)[..., None] == jnp.arange(z_CxU.shape[-1])
   rest = jnp.where(is_y, 0.0, e)
   return (z_max, jnp.sum(e, -1), jnp.sum(rest, -1), jnp.sum(rest * rest, -1),
-          jnp.argmax(z_CxB, -1) + offset, jnp.sum(jnp.where(is_y, z_CxB, 0.0), -1))
+          jnp.argmax(z_CxU, -1) + offset, jnp.sum(jnp.where(is_y, z_CxU, 0.0), -1))
 
 
 def _merge(a, b):
@@ -105,9 +105,9 @@ def _logit_grad(z_CxU, y_C, offset, z_max, log_s1, q):
   return jnp.where((y_C - offset)[:, None] == jnp.arange(z_CxU.shape[-1]), -q[:, None], p)
 
 
-def _logits(h_CxD, w_BxD, offset, limit=None):
+def _logits(h_CxD, w_UxD, offset, limit=None):
   """float32 logits of columns [offset, offset + B); those at or past `limit` are −inf."""
-  z = jnp.einsum("cd,bd->cb", h_CxD, w_BxD, preferred_element_type=jnp.float32)
+  z = jnp.einsum("cd,bd->cb", h_CxD, w_UxD, preferred_element_type=jnp.float32)
   if limit is None:
     return z
   return jnp.where(offset + jnp.arange(z.shape[-1]) < limit, z, -jnp.inf)
@@ -121,15 +121,15 @@ def _over_blocks(f, init, xs):
   return carry, jax.tree.map(lambda x: x[None], y)
 
 
-def _scan_chunks(h_KxCxD, w_BxUxD, y_KxC, m_KxC, vocab_size, dtype, with_grad):
+def _scan_chunks(h_TxCxD, w_MxUxD, y_TxC, m_TxC, vocab_size, dtype, with_grad):
   """Loss and stats over K chunks of C tokens; with_grad also gives (dh, dW) of the loss."""
-  h_KxCxD, w_BxUxD = h_KxCxD.astype(dtype), w_BxUxD.astype(dtype)
-  nb, u, _ = w_BxUxD.shape
-  blocks = (w_BxUxD, jnp.arange(nb) * u)
+  h_TxCxD, w_MxUxD = h_TxCxD.astype(dtype), w_MxUxD.astype(dtype)
+  nb, u, _ = w_MxUxD.shape
+  blocks = (w_MxUxD, jnp.arange(nb) * u)
   limit = vocab_size if nb * u > vocab_size else None  # padded columns to hide
-  n = jnp.maximum(jnp.sum(m_KxC), 1.0)
+  n = jnp.maximum(jnp.sum(m_TxC), 1.0)
 
-  def chunk(dw_BxUxD, x):
+  def chunk(dw_MxUxD, x):
     h_CxD, y_C, m_C = x
     def stats_step(acc, blk):
       w, off = blk
@@ -138,7 +138,7 @@ def _scan_chunks(h_KxCxD, w_BxUxD, y_KxC, m_KxC, vocab_size, dtype, with_grad):
     init = (zero - jnp.inf, zero, zero, zero, jnp.zeros_like(y_C), zero)  # stats of no columns
     _, tok, soft = _finish(_over_blocks(stats_step, init, blocks)[0], y_C, m_C, vocab_size)
     if not with_grad:
-      return dw_BxUxD, (tok, None)
+      return dw_MxUxD, (tok, None)
     def grad_step(dh_CxD, blk):  # recomputes the block's logits (XLA dedupes it for one block)
       w, off = blk
       g = _logit_grad(_logits(h_CxD, w, off, limit), y_C, off, *soft)
@@ -150,25 +150,25 @@ def _scan_chunks(h_KxCxD, w_BxUxD, y_KxC, m_KxC, vocab_size, dtype, with_grad):
                       out_sharding=jax.typeof(w).sharding)
       return dh_CxD + dh, dw
     dh_CxD, dw = _over_blocks(grad_step, jnp.zeros_like(h_CxD, jnp.float32), blocks)
-    return dw_BxUxD + dw, (tok, dh_CxD)
+    return dw_MxUxD + dw, (tok, dh_CxD)
 
-  dw0 = jnp.zeros_like(w_BxUxD, jnp.float32) if with_grad else None
-  dw, (tok, dh) = jax.lax.scan(chunk, dw0, (h_KxCxD, y_KxC, m_KxC))
+  dw0 = jnp.zeros_like(w_MxUxD, jnp.float32) if with_grad else None
+  dw, (tok, dh) = jax.lax.scan(chunk, dw0, (h_TxCxD, y_TxC, m_TxC))
   return jnp.sum(tok.loss_N) / n, tok, (dh, dw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked(h_KxCxD, w_BxUxD, y_KxC, m_KxC, vocab_size, dtype):
-  loss, tok, _ = _scan_chunks(h_KxCxD, w_BxUxD, y_KxC, m_KxC, vocab_size, dtype, False)
+def _chunked(h_TxCxD, w_MxUxD, y_TxC, m_TxC, vocab_size, dtype):
+  loss, tok, _ = _scan_chunks(h_TxCxD, w_MxUxD, y_TxC, m_TxC, vocab_size, dtype, False)
   return loss, tok
 
 
-def _chunked_fwd(h_KxCxD, w_BxUxD, y_KxC, m_KxC, vocab_size, dtype):
+def _chunked_fwd(h_TxCxD, w_MxUxD, y_TxC, m_TxC, vocab_size, dtype):
   """Gradients come with the forward pass; those of unperturbed inputs are dropped (and DCE'd)."""
-  h, w = h_KxCxD.value, w_BxUxD.value
-  loss, tok, (dh, dw) = _scan_chunks(h, w, y_KxC.value, m_KxC.value, vocab_size, dtype, True)
-  return (loss, tok), (dh.astype(h.dtype) if h_KxCxD.perturbed else None,
-                       dw.astype(w.dtype) if w_BxUxD.perturbed else None)
+  h, w = h_TxCxD.value, w_MxUxD.value
+  loss, tok, (dh, dw) = _scan_chunks(h, w, y_TxC.value, m_TxC.value, vocab_size, dtype, True)
+  return (loss, tok), (dh.astype(h.dtype) if h_TxCxD.perturbed else None,
+                       dw.astype(w.dtype) if w_MxUxD.perturbed else None)
 
 
 def _chunked_bwd(vocab_size, dtype, res, ct):
@@ -188,8 +188,8 @@ def _to_chunks(x, k, c):
   return jnp.swapaxes(x.reshape((c, k) + x.shape[1:]), 0, 1)
 
 
-def _from_chunks(x_KxC, n):
-  return jnp.swapaxes(x_KxC, 0, 1).reshape(-1)[:n]
+def _from_chunks(x_TxC, n):
+  return jnp.swapaxes(x_TxC, 0, 1).reshape(-1)[:n]
 
 
 def _positive(name, value):
@@ -234,7 +234,7 @@ def fused_head_loss(h, w_VxD, targets, mask=None, *, chunk_size, vocab_block=Non
   k = -(-n // c)
   u = min(vocab_block or v, v)
   nb = -(-v // u)
-  w_BxUxD = jnp.pad(w_VxD, [(0, nb * u - v), (0, 0)]).reshape(nb, u, d)
-  loss, tok = _chunked(_to_chunks(h_NxD, k, c), w_BxUxD, _to_chunks(y_N, k, c),
+  w_MxUxD = jnp.pad(w_VxD, [(0, nb * u - v), (0, 0)]).reshape(nb, u, d)
+  loss, tok = _chunked(_to_chunks(h_NxD, k, c), w_MxUxD, _to_chunks(y_N, k, c),
                        _to_chunks(m_N, k, c), v, dtype)
   return loss, jax.tree.map(lambda x: _from_chunks(x, n), tok)
