@@ -1,10 +1,14 @@
-"""Ahead-of-time compilation for a TPU slice with libtpu and no TPU: XLA:TPU's own verdict.
+"""Ahead-of-time compilation for a TPU slice or GPUs with no device present: XLA's own verdict.
 
   python -m lmhead_jax.plan --config=experiments/rank_sweep.py:paper --slice=v5p-64 --compile=tpu
+  python -m lmhead_jax.plan --config=experiments/rank_sweep.py:paper --slice=h200-64 --compile=gpu
 
 `topology_devices` asks libtpu for a slice's devices (`jax.experimental.topologies`, as MaxText's
 train_compile.py does), multi-host slices included. Each program is lowered with sharded
-ShapeDtypeStructs on a mesh of those devices and compiled by XLA:TPU for that topology:
+ShapeDtypeStructs on a mesh of those devices and compiled by XLA:TPU for that topology.
+`gpu_devices` does the same for H100/H200 GPUs (8 per host) with the CUDA plugin's XLA:GPU and
+its target config for that GPU; XLA:GPU gives no cost analysis there, so GPU rows have no XLA
+FLOPs or bytes and their roofline is the model FLOPs at the bf16 peak. The programs:
 
 - training configs: the train step with the bottleneck metrics, without them, and the eval step;
 - measurement configs (a `measure` key): the range map of W (QR + SVD) and the measuring step.
@@ -22,9 +26,12 @@ model FLOPs of `costs` (6·N·P + attention, also a lower bound); the memory ter
 bound too.
 """
 
+import functools
+import importlib.util
 import math
 import os
 import pathlib
+import re
 import types
 
 import jax
@@ -57,6 +64,12 @@ def topology_shape(kind: str, chips: int) -> tuple[int, ...]:
 
 
 def topology_devices(slice_name: str) -> list:
+  """The compile-only devices of a TPU slice or of GPUs (`plan.parse_slice`); no device needed."""
+  kind, chip, n = parse_slice(slice_name)
+  return gpu_devices(chip, n) if chip.gpu else tpu_devices(kind, chip, n)
+
+
+def tpu_devices(kind: str, chip, chips: int) -> list:
   """The devices of a TPU slice, from libtpu's topology (no TPU needed).
 
   Compiling needs no TPU, so libtpu's one-process lockfile is waived (ALLOW_MULTIPLE_LIBTPU_LOAD):
@@ -68,12 +81,59 @@ def topology_devices(slice_name: str) -> list:
     import libtpu  # noqa: F401
   except ImportError as e:
     raise ImportError("--compile=tpu needs libtpu: pip install 'lmhead-jax[tpu-compile]'") from e
-  kind, chip, chips = parse_slice(slice_name)
   dims = topology_shape(kind, chips)
   topo = topologies.get_topology_desc(
       platform="tpu", topology_name=f"{kind}:{'x'.join(map(str, dims))}",
       chip_config_name="megacore" if chip.tensorcores > 1 else "default",
       chips_per_host_bounds=(min(dims[0], 2), min(dims[1], 2), 1), num_slices=1)
+  return list(topo.devices)
+
+
+GPUS_PER_HOST = 8
+_TARGET_CONFIG = b"proto-message: stream_executor.GpuTargetConfigProto"
+
+
+@functools.cache
+def gpu_target_config(device_name: str) -> str:
+  """XLA:GPU's target config (GpuTargetConfigProto text) for a GPU named `device_name`.
+
+  XLA ships one per supported GPU (xla/backends/gpu/target_config/*.txtpb), embedded in the CUDA
+  plugin's library; it is read from there, so it always matches the installed compiler.
+  """
+  spec = next(filter(None, map(importlib.util.find_spec, (
+      "jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"))), None)
+  if spec is None:
+    raise ImportError("--compile=gpu needs the CUDA plugin (no GPU or CUDA libraries needed): "
+                      "pip install 'lmhead-jax[gpu-compile]'")
+  data = (pathlib.Path(spec.origin).parent / "xla_cuda_plugin.so").read_bytes()
+  found = {}
+  for at in re.finditer(re.escape(_TARGET_CONFIG), data):
+    text = data[data.rfind(b"# Copyright", 0, at.start()):data.index(b"\0", at.start())].decode()
+    if name := re.search(r'device_description_str: "([^"]+)"', text):
+      found[name[1]] = text
+  if device_name not in found:
+    raise ValueError(f"XLA:GPU in {spec.origin} has no target config for {device_name!r}; it "
+                     f"has {sorted(found)}")
+  return found[device_name]
+
+
+def gpu_devices(chip, gpus: int) -> list:
+  """`gpus` compile-only GPUs of `chip`'s kind, 8 per host, from XLA:GPU's target config.
+
+  The CUDA plugin registers without a GPU only when CUDA is not among jax's platforms
+  (JAX_PLATFORMS=cpu; `plan --compile=gpu` sets it).
+  """
+  from jax.experimental import topologies
+  per_host = min(gpus, GPUS_PER_HOST)
+  if gpus % per_host:
+    raise ValueError(f"{gpus} GPUs: more than one host needs a multiple of {GPUS_PER_HOST}")
+  try:
+    topo = topologies.get_topology_desc(
+        platform="cuda", topology_name="", target_config=gpu_target_config(chip.gpu),
+        topology=f"1x{gpus // per_host}x{per_host}")
+  except NotImplementedError as e:
+    raise RuntimeError("the CUDA plugin is installed but not registered: without a GPU it "
+                       "registers only when jax runs on CPU (JAX_PLATFORMS=cpu)") from e
   return list(topo.devices)
 
 
@@ -157,8 +217,8 @@ def compiled_row(name: str, lowered, model_flops, chip, devices: int) -> dict:
       raise
     return {"program": name, "fits": False, "xla_error": str(e).splitlines()[0]}
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
+  cost = compiled.cost_analysis()  # None from XLA:GPU without a GPU
+  cost = (cost[0] if isinstance(cost, list) else cost) or {}
   xla_flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   needed = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
@@ -171,15 +231,17 @@ def compiled_row(name: str, lowered, model_flops, chip, devices: int) -> dict:
       "output_gb": mem.output_size_in_bytes / 1e9, "alias_gb": mem.alias_size_in_bytes / 1e9,
       "temp_gb": mem.temp_size_in_bytes / 1e9, "needed_gb": needed / 1e9,
       "hbm_gb": chip.hbm_bytes / 1e9, "fits": needed <= chip.hbm_bytes,
-      "model_tflops": per_chip / 1e12 if model_flops else None, "xla_tflops": xla_flops / 1e12,
-      "xla_gb_accessed": accessed / 1e9, "roofline_ms": 1e3 * bound,
+      "model_tflops": per_chip / 1e12 if model_flops else None,
+      "xla_tflops": xla_flops / 1e12 if cost else None,
+      "xla_gb_accessed": accessed / 1e9 if cost else None, "roofline_ms": 1e3 * bound,
       "bound": "compute" if compute_s >= memory_s else "memory",
       "roofline_mfu": per_chip / chip.peak_bf16_flops / bound if model_flops and bound else None,
   }
 
 
 def compile_for_slice(cfg, slice_name: str, only: tuple[str, ...] | None = None) -> list[dict]:
-  """One row per program of `cfg` (or those in `only`), compiled by XLA:TPU for `slice_name`."""
+  """One row per program of `cfg` (or those in `only`), compiled by XLA:TPU or XLA:GPU for
+  `slice_name`."""
   _, chip, _ = parse_slice(slice_name)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
                             devices=topology_devices(slice_name))

@@ -1,19 +1,23 @@
 """Paper-scale plans checked offline: parameters, FLOPs, per-device memory and step time on a slice.
 
   python -m lmhead_jax.plan --config=experiments/rank_sweep.py:paper --slice=v5p-64 [--mfu=0.4]
-      [--tokens=11e9] [--compile=tpu|cpu] [--config.mesh.fsdp=-1 ...]
+      [--tokens=11e9] [--compile=tpu|gpu|cpu] [--config.mesh.fsdp=-1 ...]
 
 Parameter and optimizer bytes come from `jax.eval_shape` of the real init and optimizer, divided
 by each leaf's real sharding on the slice's mesh. Activations are an estimate (formula in
 `activation_bytes`). --compile=tpu compiles every program with XLA:TPU for the slice's topology
-(libtpu, no TPU needed; `lmhead_jax.tools.aot`) and exits non-zero with "does not fit" when one needs
-more than the chip's HBM; --compile=cpu compiles the train step for the current (e.g. fake CPU)
-devices and reports XLA's per-device memory and FLOP counts beside.
+(libtpu, no TPU needed; `lmhead_jax.tools.aot`) and exits non-zero with "does not fit" when one
+needs more than the chip's HBM; --compile=gpu does the same with XLA:GPU for H100/H200 GPUs;
+--compile=cpu compiles the train step for the current (e.g. fake CPU) devices and reports XLA's
+per-device memory and FLOP counts beside.
 
 Chip specs (per chip; bf16 peak, HBM capacity, HBM bandwidth), from Google Cloud's TPU pages
 (cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}, "key specifications"): v4 275 TFLOP/s, 32 GiB,
 1,200 GB/s; v5e 197 TFLOP/s, 16 GB, 819 GB/s; v5p 459 TFLOP/s, 95 GB, 2,765 GB/s; v6e 918
-TFLOP/s, 32 GB, 1,640 GB/s.
+TFLOP/s, 32 GB, 1,640 GB/s. GPUs (SXM, NVIDIA's H100 and H200 datasheets; dense bf16, without
+sparsity): h100 989 TFLOP/s, 80 GB, 3,350 GB/s; h200 989 TFLOP/s, 141 GB, 4,800 GB/s. A GPU
+"slice" counts GPUs, 8 per host (h200-64: 8 hosts); --compile=gpu compiles with XLA:GPU for that
+many GPUs of that kind, with no GPU present (`aot.gpu_devices`).
 """
 
 import dataclasses
@@ -32,6 +36,11 @@ class Chip:
   hbm_bytes: float
   peak_bf16_flops: float
   hbm_bytes_per_s: float
+  gpu: str = ""  # a GPU's device name, that of XLA:GPU's target config ("": a TPU)
+
+  @property
+  def platform(self) -> str:
+    return "gpu" if self.gpu else "tpu"
 
 
 CHIPS = {  # sources in the module docstring
@@ -39,14 +48,17 @@ CHIPS = {  # sources in the module docstring
     "v5p": Chip(2, 95e9, 459e12, 2765e9),
     "v5e": Chip(1, 16e9, 197e12, 819e9),
     "v6e": Chip(1, 32e9, 918e12, 1640e9),
+    "h100": Chip(1, 80e9, 989e12, 3350e9, gpu="NVIDIA H100 80GB HBM3"),
+    "h200": Chip(1, 141e9, 989e12, 4800e9, gpu="NVIDIA H200 141GB HBM3e"),
 }
 
 
 def parse_slice(name: str) -> tuple[str, Chip, int]:
-  """'v5p-64' -> ('v5p', chip, devices); one JAX device per chip."""
+  """'v5p-64' -> ('v5p', chip, devices); one JAX device per chip (TPU) or per GPU."""
   kind, _, n = name.replace("v5litepod", "v5e").partition("-")
   if kind not in CHIPS or not n.isdigit():
-    raise ValueError(f"unknown slice {name!r}: expected <{'|'.join(CHIPS)}>-<cores>, e.g. v5p-64")
+    raise ValueError(f"unknown slice {name!r}: expected <{'|'.join(CHIPS)}>-<TPU cores or GPUs>, "
+                     "e.g. v5p-64 or h200-16")
   chip = CHIPS[kind]
   if int(n) % chip.tensorcores:
     raise ValueError(f"slice {name!r}: {n} is not a multiple of {chip.tensorcores} cores per chip")
@@ -170,7 +182,7 @@ def plan_sweep(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = No
 
 def compile_sweep(cfg, slice_name: str, runs: list[str] | None = None,
                   programs: list[str] | None = None) -> list[dict]:
-  """XLA:TPU's rows (`aot.compile_for_slice`) for each run of `cfg.sweep` (or those named)."""
+  """XLA:TPU's or XLA:GPU's rows (`aot.compile_for_slice`) for each run of `cfg.sweep` (or those named)."""
   from lmhead_jax.tools import aot  # aot imports this module
   named = {sweep.run_name(o) or "run": o for o in sweep.expand(cfg.get("sweep") or ({},))}
   if unknown := set(runs or ()) - set(named):
@@ -188,9 +200,15 @@ def main(argv):
   from absl import flags
   from lmhead_jax.tools import aot
   f = flags.FLAGS
+  if f.compile in ("tpu", "gpu") and parse_slice(f.slice)[1].platform != f.compile:
+    raise SystemExit(f"--compile={f.compile} needs a {f.compile.upper()} slice "
+                     f"({', '.join(k for k, c in CHIPS.items() if c.platform == f.compile)}), "
+                     f"got --slice={f.slice}")
+  if f.compile == "gpu":  # XLA:GPU compiles with no GPU present only when it is not a backend
+    jax.config.update("jax_platforms", "cpu")
   if "measure" not in f.config:
     print(format_table(plan_sweep(f.config, f.slice, f.mfu, f.tokens, f.compile)))
-  if f.compile == "tpu":
+  if f.compile in ("tpu", "gpu"):
     rows = compile_sweep(f.config, f.slice, f.runs, f.programs)
     print(format_table(rows, AOT_COLUMNS))
     try:
@@ -204,15 +222,17 @@ if __name__ == "__main__":
   from ml_collections import config_flags
 
   config_flags.DEFINE_config_file("config", None, "experiments/<name>.py[:preset]")
-  flags.DEFINE_string("slice", "v5p-64", "TPU slice, e.g. v5p-64, v6e-64, v4-32.")
+  flags.DEFINE_string("slice", "v5p-64", "TPU slice (v5p-64, v6e-64, v4-32: TPU cores) or GPUs "
+                      "(h100-8, h200-64: GPUs, 8 per host).")
   flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilization for the step time.")
   flags.DEFINE_float("tokens", None, "Training tokens per run (default: steps × batch).")
-  flags.DEFINE_enum("compile", None, ["tpu", "cpu"], "tpu: compile every program with XLA:TPU "
-                    "for the slice (libtpu); cpu: the train step for the current devices (fake "
-                    "CPU ones via XLA_FLAGS=--xla_force_host_platform_device_count=N).")
-  flags.DEFINE_multi_string("runs", None, "With --compile=tpu, only this run of the sweep "
+  flags.DEFINE_enum("compile", None, ["tpu", "gpu", "cpu"], "tpu, gpu: compile every program "
+                    "with XLA:TPU (libtpu) or XLA:GPU (the CUDA plugin) for the slice, no device "
+                    "needed; cpu: the train step for the current devices (fake CPU ones via "
+                    "XLA_FLAGS=--xla_force_host_platform_device_count=N).")
+  flags.DEFINE_multi_string("runs", None, "With --compile=tpu|gpu, only this run of the sweep "
                             "(e.g. head.rank=32); repeat for several; default all.")
-  flags.DEFINE_list("programs", None, "With --compile=tpu, only these programs (e.g. "
+  flags.DEFINE_list("programs", None, "With --compile=tpu|gpu, only these programs (e.g. "
                     "train_step); default all.")
   flags.mark_flags_as_required(["config"])
   app.run(main)
