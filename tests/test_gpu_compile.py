@@ -10,6 +10,7 @@ import jax
 import pytest
 from helpers import tiny_config
 
+from experiments import spamlang
 from lmhead_jax.core import model
 from lmhead_jax.core.config import HeadConfig, ModelConfig
 from lmhead_jax.tools import aot, costs, plan
@@ -75,7 +76,6 @@ def test_train_programs_on_two_hosts_of_h200():
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = {r["program"]: r for r in compiled_rows(proc.stdout)}
   assert set(rows) == {"train_step", "train_step_no_metrics", "eval_step"}
-  from experiments import spamlang
   cfg = spamlang.get_config("smoke")
   cfg.model.update(vocab_size=4096, d_model=256)
   c = ModelConfig.of(cfg.model)
@@ -108,3 +108,19 @@ def test_does_not_fit_on_h100():
   assert "run train_step: needs" in err and "h100-1 has 80.00 GB" in err
   for remedy in ("mesh.fsdp", "model.remat", "train.batch_size", "head.chunk_size"):
     assert remedy in err
+
+
+@needs_cuda_plugin
+def test_paper_eval_step_keeps_activations_batch_sharded():
+  """The rank sweep's paper model (r=4096), eval step on 32 H200s (4 hosts). Without the
+  model's activation constraints XLA:GPU resharded the residual stream over D and gathered the
+  whole batch in every layer: 413 GB of temporaries per GPU; with them, 13.7 GB."""
+  cmd = [sys.executable, "-m", "lmhead_jax.plan", "--config=experiments/rank_sweep.py:paper",
+         "--slice=h200-32", "--compile=gpu", "--runs=head.rank=4096", "--programs=eval_step"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = compiled_rows(proc.stdout)
+  assert row["program"] == "eval_step" and row["fits"] == "True"
+  # 16 sequences of 2048 per GPU: bf16 activations and the f32 logits of a layer, a few GB.
+  assert float(row["temp_gb"]) < 20

@@ -71,6 +71,8 @@ def test_realized_cosine_chunked_equals_dense():
   cfg.head.chunk_size = 24  # 128 tokens: 6 chunks, the last one padded
   np.testing.assert_allclose(train.realized_cosine(params, updates, batch, cfg), dense, rtol=1e-5)
   assert dense > 0.05
+  cfg.train.grad_accum = 2  # a micro-batch at a time: the same sums
+  np.testing.assert_allclose(train.realized_cosine(params, updates, batch, cfg), dense, rtol=1e-5)
 
 
 # --- head.backward ---------------------------------------------------------------------------

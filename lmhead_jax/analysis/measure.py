@@ -78,7 +78,8 @@ def make_step(s, mesh, chunk_len: int):
 
   batch_sh = {k: sharding.batch_sharding(mesh) for k in ("inputs", "targets", "mask")}
   rep = sharding.replicated(mesh)
-  return jax.jit(step, in_shardings=(None, rep, batch_sh), out_shardings=rep)
+  return jax.jit(sharding.traced_on(mesh, step), in_shardings=(None, rep, batch_sh),
+                 out_shardings=rep)
 
 
 def head_rank(m_DxK) -> int:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from lmhead_jax.core import checks, heads
 from lmhead_jax.core.config import HeadConfig, ModelConfig
-from lmhead_jax.core.params import ParamSpec, logical_axes, materialize, stack
+from lmhead_jax.core.params import ParamSpec, batch_sharded, logical_axes, materialize, stack
 
 
 def _norm_specs(c: ModelConfig) -> dict:
@@ -228,12 +228,12 @@ def hidden_from_embeddings(params: dict, x_BxLxD: jax.Array, cfg) -> jax.Array:
     x_BxLxD = x_BxLxD + params["pos_embed"]["w_PxD"][:length]
   else:
     rope = rope_tables(length, c.rotary_dim, c.rope_theta, c.rope_scaling)
-  x = x_BxLxD.astype(c.compute_dtype)
+  x = batch_sharded(x_BxLxD.astype(c.compute_dtype))
 
   def step(x, layer):
-    return block(layer, x, rope, c), None
+    return batch_sharded(block(layer, x, rope, c)), None
 
   if c.remat:
     step = jax.checkpoint(step, prevent_cse=False)
   x, _ = jax.lax.scan(step, x, params["layers"])
-  return norm(params["final_norm"], x, c)
+  return batch_sharded(norm(params["final_norm"], x, c))

@@ -1,9 +1,13 @@
-"""Parameter specs: shape, logical axes and initializer, one source for init and sharding."""
+"""Parameter specs: shape, logical axes and initializer, one source for init and sharding; and
+the one sharding rule for activations: their leading (batch) axis over the mesh's batch axes."""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,3 +49,17 @@ def stack(specs, n: int):
   return jax.tree.map(
       lambda s: dataclasses.replace(s, shape=(n, *s.shape), axes=("layers", *s.axes)),
       specs, is_leaf=is_spec)
+
+
+def batch_sharded(x: jax.Array) -> jax.Array:
+  """`x` with its leading (batch) axis pinned to the batch axes of the mesh in context, if one is
+  set (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`); else `x` unchanged.
+
+  Without it XLA propagates the FSDP weights' sharding (over D) into the activations: XLA:GPU
+  then all-gathers the whole batch in every layer (docs/PERFORMANCE.md).
+  """
+  names = jax.sharding.get_abstract_mesh().axis_names
+  axes = tuple(a for a in BATCH_AXES if a in names)
+  if not axes:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))

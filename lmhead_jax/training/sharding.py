@@ -6,14 +6,16 @@ vocab over `tensor`), then FSDP shards the largest remaining dimension of each w
 replicated. Batches are sharded over (`data`, `fsdp`) on their leading axis.
 """
 
+import functools
 import math
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from lmhead_jax.core.params import BATCH_AXES
+
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 TENSOR_AXES = ("heads", "kv_heads", "mlp", "vocab")
 
 
@@ -65,6 +67,16 @@ def param_shardings(shapes, axes, mesh):
 
 def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def traced_on(mesh, fn):
+  """`fn` traced with `mesh` in context, so that the model's activation shardings
+  (`params.batch_sharded`) apply; wrap a function in it before `jax.jit`."""
+  @functools.wraps(fn)
+  def on_mesh(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return on_mesh
 
 
 def replicated(mesh) -> NamedSharding:

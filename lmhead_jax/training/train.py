@@ -129,6 +129,12 @@ def _combine(outs, n_total):
   return merged
 
 
+def micro_batches(batch: dict, k: int) -> dict:
+  """The batch as k stacked micro-batches; micro-batch i takes rows i, i+k, ..., so that each
+  device keeps its own rows."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), batch)
+
+
 def loss_and_grads(params, batch, cfg, with_bottleneck: bool = True):
   """Mean-CE loss and gradient over the whole batch, accumulated over `train.grad_accum`.
   `cfg`: an experiment config or its resolved Setup."""
@@ -137,18 +143,15 @@ def loss_and_grads(params, batch, cfg, with_bottleneck: bool = True):
   if with_bottleneck and s.head.kind != "mos":  # once per step, not per micro-batch
     range_map_DxK = bottleneck.range_map(heads.matrix(heads.params_of(params, s.head)))
   parts = lambda mb: _loss_parts(params, mb, s, range_map_DxK, with_bottleneck)
-  k = s.grad_accum
-  if k == 1:
+  if s.grad_accum == 1:
     return parts(batch)
-  # Micro-batch i takes rows i, i+k, ...: each device keeps its own rows.
-  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), batch)
 
   def body(acc, mb):
     out, grads = parts(mb)
     return jax.tree.map(lambda a, g: a + g * out["n"], acc, grads), out
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grad_sum, outs = jax.lax.scan(body, zeros, micro)
+  grad_sum, outs = jax.lax.scan(body, zeros, micro_batches(batch, s.grad_accum))
   n_total = jnp.sum(outs["n"])
   grads = jax.tree.map(lambda g: g / jnp.maximum(n_total, 1.0), grad_sum)
   merged = _combine(outs, n_total)
@@ -158,26 +161,30 @@ def loss_and_grads(params, batch, cfg, with_bottleneck: bool = True):
 
 def realized_cosine(params, updates, batch, cfg) -> jax.Array:
   """cos(−G, J_θ Δθ): −G against the first-order change of the logits that the update Δθ makes,
-  from a jvp of the trunk and then of the head along Δθ, on the same batch (the head a token
-  chunk at a time with `head.chunk_size`). Costs about one forward pass with tangents."""
+  from a jvp of the trunk and then of the head along Δθ, on the same batch (a micro-batch at a
+  time with `train.grad_accum`, the head a token chunk at a time with `head.chunk_size`). Costs
+  about one forward pass with tangents."""
   s = resolve(cfg)
   hc = s.head
-  h, dh = jax.jvp(lambda p: model.hidden(p, batch["inputs"], s.model), (params,), (updates,))
   hp, dhp = heads.params_of(params, hc), heads.params_of(updates, hc)
-  n = batch["targets"].size
-  size = min(hc.chunk_size or n, n)
-  k = -(-n // size)
-  chunks = [_to_chunks(x.reshape(n, *x.shape[2:]), k, size)
-            for x in (h, dh, batch["targets"], batch["mask"])]
 
-  def sums(x):
+  def chunk_sums(x):
     h_CxD, dh_CxD, y_C, m_C = x
     z, dz = jax.jvp(lambda p, h: heads.logits(p, h, hc), (hp, h_CxD), (dhp, dh_CxD))
     g = jax.grad(cross_entropy)(z, y_C, m_C) * jnp.maximum(jnp.sum(m_C), 1.0)  # rows p − e_y
     dz = dz * m_C[:, None]
     return jnp.stack([jnp.sum(g * dz), jnp.sum(g * g), jnp.sum(dz * dz)])
 
-  gdz, gg, dzdz = jnp.sum(jax.lax.map(sums, chunks), axis=0)
+  def micro_batch_sums(mb):
+    h, dh = jax.jvp(lambda p: model.hidden(p, mb["inputs"], s.model), (params,), (updates,))
+    n = mb["targets"].size
+    size = min(hc.chunk_size or n, n)
+    chunks = [_to_chunks(x.reshape(n, *x.shape[2:]), -(-n // size), size)
+              for x in (h, dh, mb["targets"], mb["mask"])]
+    return jnp.sum(jax.lax.map(chunk_sums, chunks), axis=0)
+
+  sums = jax.lax.map(micro_batch_sums, micro_batches(batch, s.grad_accum))
+  gdz, gg, dzdz = jnp.sum(sums, axis=0)
   return -gdz / jnp.sqrt(jnp.maximum(gg * dzdz, jnp.finfo(jnp.float32).tiny))
 
 
@@ -232,7 +239,8 @@ def make_train_step(cfg, mesh=None, *, with_bottleneck: bool = True):
       metrics["bottleneck/realized_cosine"] = realized_cosine(state.params, updates, batch, s)
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
-  return jax.jit(step, in_shardings=(s.state_shardings, s.batch_shardings),
+  return jax.jit(sharding.traced_on(s.mesh, step),
+                 in_shardings=(s.state_shardings, s.batch_shardings),
                  out_shardings=(s.state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
 
 
@@ -247,5 +255,6 @@ def make_eval_step(cfg, mesh=None):
             "accuracy": accuracy(z, batch["targets"], batch["mask"]),
             "n": jnp.sum(batch["mask"]).astype(jnp.float32)}
 
-  return jax.jit(evaluate, in_shardings=(s.state_shardings.params, s.batch_shardings),
+  return jax.jit(sharding.traced_on(s.mesh, evaluate),
+                 in_shardings=(s.state_shardings.params, s.batch_shardings),
                  out_shardings=sharding.replicated(s.mesh))
