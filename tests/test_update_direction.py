@@ -105,19 +105,20 @@ def test_ratios():
 
 
 def test_cpu_preset_runs_offline(tmp_path):
+  workdir = tmp_path / "new" / "workdir"  # not there yet: the experiment makes it
   cmd = [sys.executable, "-m", "experiments.update_direction",
-         "--config=experiments/update_direction.py:cpu", f"--workdir={tmp_path}",
+         "--config=experiments/update_direction.py:cpu", f"--workdir={workdir}",
          "--config.train.steps=0", "--config.fresh=16", "--config.model.vocab_size=400",
          "--config.data.max_chars=200000", "--config.data.seq_len=32",
          "--config.update_dir.eps_points=6"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  (r,) = json.loads((tmp_path / "summary.json").read_text())["models"]
+  (r,) = json.loads((workdir / "summary.json").read_text())["models"]
   assert r["name"] == "fresh-d16" and r["tokens"] == 8 * 32 and len(r["eps"]) == 6
   d = r["directions"]
   assert d["ideal"]["loss_change"][0] < d["hidden"]["loss_change"][0] < 0
   assert d["ideal"]["loss_change"][0] < d["joint"]["loss_change"][0] < 0
   assert r["ratios"]["hidden"]["first_order"] == pytest.approx(1 / d["hidden"]["cosine"])
   assert "−GΠ" in proc.stdout
-  assert (tmp_path / "update_directions.png").stat().st_size > 10_000
+  assert (workdir / "update_directions.png").stat().st_size > 10_000

@@ -179,6 +179,9 @@ def measure_each(cfg, workdir, measure_one: Callable, table: Callable[[list[dict
   """The measurement experiments' main: `measure_one(subject, source, mesh) -> dict` for every
   subject (its table printed as it comes), then the table of all; host 0 writes
   WORKDIR/summary.json ({"models": [...]}) and draws `figure` into WORKDIR/`figure_name`."""
+  out = pathlib.Path(workdir)
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)  # before the work: an unwritable workdir fails now
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   results = []
   for s in load(cfg, workdir, mesh):
@@ -188,7 +191,6 @@ def measure_each(cfg, workdir, measure_one: Callable, table: Callable[[list[dict
     raise ValueError("no models to measure: set checkpoints, runs, fresh or train.steps")
   print(table(results))
   if jax.process_index() == 0:
-    out = pathlib.Path(workdir)
     (out / "summary.json").write_text(json.dumps({"models": results}, indent=2))
     figure(results, out / figure_name)
 
