@@ -1,6 +1,5 @@
 """XLA:GPU ahead-of-time compilation with the CUDA plugin and no GPU: H100/H200, fit check."""
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -17,10 +16,8 @@ from lmhead_jax.tools import aot, costs, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cuda_plugin = pytest.mark.skipif(
-    not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
-    if importlib.util.find_spec("jax_plugins") else True,
-    reason="the CUDA plugin is not installed (pip install 'lmhead-jax[gpu-compile]'): "
-    "the GPU compiler is unavailable")
+    aot.cuda_plugin() is None, reason="the CUDA plugin is not installed (pip install "
+    "'lmhead-jax[gpu-compile]'): the GPU compiler is unavailable")
 
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:

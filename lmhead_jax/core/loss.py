@@ -58,7 +58,7 @@ class TokenStats:
 
 
 def _block_stats(z_CxU, y_C, offset):
-  """(max z, Σe, Σ_{j≠y} e, Σ_{j≠y} e², argmax, z_y) of columns [offset, offset + B), with
+  """(max z, Σe, Σ_{j≠y} e, Σ_{j≠y} e², argmax, z_y) of columns [offset, offset + U), with
   e = exp(z − max z); z_y is 0 for targets outside the block. `_merge` combines two blocks.
 
   The sums over j ≠ y give 1 − p_y and ‖p − e_y‖² without cancellation when p_y → 1.
@@ -106,7 +106,7 @@ def _logit_grad(z_CxU, y_C, offset, z_max, log_s1, q):
 
 
 def _logits(h_CxD, w_UxD, offset, limit=None):
-  """float32 logits of columns [offset, offset + B); those at or past `limit` are −inf."""
+  """float32 logits of columns [offset, offset + U); those at or past `limit` are −inf."""
   z = jnp.einsum("cd,bd->cb", h_CxD, w_UxD, preferred_element_type=jnp.float32)
   if limit is None:
     return z
@@ -122,7 +122,8 @@ def _over_blocks(f, init, xs):
 
 
 def _scan_chunks(h_TxCxD, w_MxUxD, y_TxC, m_TxC, vocab_size, dtype, with_grad):
-  """Loss and stats over K chunks of C tokens; with_grad also gives (dh, dW) of the loss."""
+  """Loss and stats over T chunks of C tokens and M vocabulary blocks of U columns; with_grad
+  also gives (dh, dW) of the loss."""
   h_TxCxD, w_MxUxD = h_TxCxD.astype(dtype), w_MxUxD.astype(dtype)
   nb, u, _ = w_MxUxD.shape
   blocks = (w_MxUxD, jnp.arange(nb) * u)

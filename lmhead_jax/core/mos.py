@@ -1,6 +1,8 @@
 """Mixture of Softmaxes head (Yang et al. 2018, "Breaking the Softmax Bottleneck").
 
-  π = softmax(W_π h),  h_k = tanh(P_k h),  p = Σ_k π_k softmax(W h_k),  k = 1..S (S = `head.mixtures`).
+  π = softmax(W_π h),  h_k = tanh(P_k h),  p = Σ_k π_k softmax(W h_k),  k = 1..S,
+
+with S = `head.mixtures` components.
 
 `logits` returns log p (a log-sum-exp over k, float32), so that softmax(log p) = p and the
 cross-entropy of these "logits" is −log p_y: the train step, the loss and the bottleneck metrics

@@ -93,6 +93,14 @@ GPUS_PER_HOST = 8
 _TARGET_CONFIG = b"proto-message: stream_executor.GpuTargetConfigProto"
 
 
+def cuda_plugin():
+  """The installed CUDA plugin's module spec (jax_plugins.xla_cuda13 or 12), or None."""
+  if importlib.util.find_spec("jax_plugins") is None:
+    return None
+  return next(filter(None, map(importlib.util.find_spec, (
+      "jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"))), None)
+
+
 @functools.cache
 def gpu_target_config(device_name: str) -> str:
   """XLA:GPU's target config (GpuTargetConfigProto text) for a GPU named `device_name`.
@@ -100,8 +108,7 @@ def gpu_target_config(device_name: str) -> str:
   XLA ships one per supported GPU (xla/backends/gpu/target_config/*.txtpb), embedded in the CUDA
   plugin's library; it is read from there, so it always matches the installed compiler.
   """
-  spec = next(filter(None, map(importlib.util.find_spec, (
-      "jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"))), None)
+  spec = cuda_plugin()
   if spec is None:
     raise ImportError("--compile=gpu needs the CUDA plugin (no GPU or CUDA libraries needed): "
                       "pip install 'lmhead-jax[gpu-compile]'")

@@ -182,7 +182,8 @@ def plan_sweep(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = No
 
 def compile_sweep(cfg, slice_name: str, runs: list[str] | None = None,
                   programs: list[str] | None = None) -> list[dict]:
-  """XLA:TPU's or XLA:GPU's rows (`aot.compile_for_slice`) for each run of `cfg.sweep` (or those named)."""
+  """XLA:TPU's or XLA:GPU's rows (`aot.compile_for_slice`) for each run of `cfg.sweep` (or
+  those named)."""
   from lmhead_jax.tools import aot  # aot imports this module
   named = {sweep.run_name(o) or "run": o for o in sweep.expand(cfg.get("sweep") or ({},))}
   if unknown := set(runs or ()) - set(named):
