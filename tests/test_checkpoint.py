@@ -148,3 +148,41 @@ finally:
   assert proc.returncode != 0
   assert time.time() - t < 60
   assert f"cannot save checkpoint step 1 in {tmp_path}" in proc.stderr
+
+
+def test_checksum_covers_the_iterator_state_and_the_step_number(tmp_path, caplog):
+  import grain
+  import shutil
+  state, abstract = state_of(tiny_config())
+  data_iter = iter(grain.MapDataset.range(100).batch(2).to_iter_dataset())
+  ckpt = checkpoint.Checkpointer(tmp_path, every=0, keep=5)
+  for step in (1, 2):
+    next(data_iter)
+    ckpt.save(step, state, data_iter, force=True)
+  ckpt.close()
+  # One changed value in step 2's iterator state (next_index 2 -> 3), and step 2 copied as 5.
+  data_file = tmp_path / "2" / "data" / "process_0-of-1.json"
+  assert '"next_index": 2' in data_file.read_text()
+  shutil.copytree(tmp_path / "2", tmp_path / "5")
+  data_file.write_text(data_file.read_text().replace('"next_index": 2', '"next_index": 3'))
+  ckpt = checkpoint.Checkpointer(tmp_path, every=0, keep=5)
+  restored, step = ckpt.restore_latest(abstract, data_iter)
+  ckpt.close()
+  assert step == 1 and data_iter.get_state() == {"next_index": 1}
+  assert "step 5" in caplog.text and "records step 2" in caplog.text
+  assert "step 2" in caplog.text and "data-iterator state" in caplog.text
+
+
+def test_every_corrupt_step_is_one_short_line(tmp_path):
+  state, abstract = state_of(tiny_config())
+  ckpt = checkpoint.Checkpointer(tmp_path, every=0, keep=3)
+  ckpt.save(1, state, force=True)
+  ckpt.close()
+  for f in tmp_path.rglob("*"):
+    if f.is_file() and "state" in f.parts:
+      f.write_bytes(b"garbage")
+  ckpt = checkpoint.Checkpointer(tmp_path, every=0, keep=3)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    ckpt.restore_latest(abstract)
+  ckpt.close()
+  assert "\n" not in str(e.value) and len(str(e.value)) < 600, str(e.value)

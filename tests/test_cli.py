@@ -98,3 +98,34 @@ def test_two_slurm_tasks_join_without_coordinator_flags(tmp_path):
     assert p.returncode == 0, err[-3000:]
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [1, 2]
+
+
+def test_print_config_works_for_every_preset_of_every_experiment():
+  from test_config import ALL
+  for module, preset in ALL:
+    cfg = module.get_config(preset)
+    printed = json.loads(cli.printed_config(cfg))
+    if cfg.get("sweep"):
+      from lmhead_jax.training import sweep
+      assert sorted(printed) == sorted(map(sweep.run_name, sweep.expand(cfg.sweep)))
+      printed = next(iter(printed.values()))
+    assert printed["model"]["vocab_size"] >= 2 and "head" in printed, (module, preset)
+
+
+def run_experiment(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.spamlang",
+                         f"--config={ROOT}/experiments/spamlang.py:smoke", *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--workdir=w", "--config.train.stepz=1"], '--config.train.stepz: \'stepz\' Did you mean "steps"'),
+    (["--workdir=w", "--config.train.steps=0"], "invalid config: train.steps=0 must be"),
+])
+def test_a_refusal_is_one_line_and_exit_2(args, needle):
+  proc = run_experiment(*args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and needle in proc.stderr
+  assert "Traceback" not in proc.stderr
+  verbose = run_experiment(*args, "--verbose")
+  assert verbose.returncode == 2 and "Traceback" in verbose.stderr

@@ -73,3 +73,38 @@ def test_paper_rank_sweep_compiles_on_64_fake_devices():
   # XLA's per-device argument bytes (params + optimizer state + batch) ≈ the plan's estimate.
   assert out["argument_gb"] == pytest.approx(row["params_gb"] + row["opt_state_gb"], rel=0.05)
   assert out["xla_flops"] > 0
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(slice_name="v5p-0"), "unknown slice 'v5p-0'"),
+    (dict(mfu=0.0), r"--mfu=0.0 must be in \(0, 1\]"),
+    (dict(mfu=float("nan")), r"--mfu=nan must be in \(0, 1\]"),
+    (dict(mfu=1.5), r"--mfu=1.5 must be in \(0, 1\]"),
+    (dict(tokens=0.0), "--tokens=0.0 must be a positive number"),
+    (dict(batch_size=0), "train.batch_size=0 must be an integer >= 1"),
+    (dict(seq_len=0), "data.seq_len=0 must be an integer >= 1"),
+    (dict(steps=-1), "train.steps=-1 must be an integer >= 1"),
+    (dict(batch_size=12, slice_name="v6e-8"), r"train.batch_size=12 \(per micro-batch 12\) is "
+     "not divisible by the data-parallel size 8"),
+])
+def test_plan_refuses_what_a_run_or_the_compile_would_refuse(kw, needle):
+  cfg = tiny_config()
+  cfg.train.update({k: kw.pop(k) for k in ("batch_size", "steps") if k in kw})
+  if "seq_len" in kw:
+    cfg.data.seq_len = kw.pop("seq_len")
+  with pytest.raises(ValueError, match=needle):
+    plan.plan_sweep(cfg, **{"slice_name": "v6e-8", **kw})
+
+
+def test_plan_command_refuses_in_one_line():
+  import subprocess
+  import sys
+  from helpers import ROOT
+  proc = subprocess.run([sys.executable, "-m", "lmhead_jax.plan",
+                         f"--config={ROOT}/experiments/rank_sweep.py:paper", "--slice=h200-64"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "error: train.batch_size=512 (per micro-batch 32) is not divisible by the data-parallel "
+      "size 64 (mesh data×fsdp); make it a multiple, or change train.grad_accum or the mesh "
+      "(--verbose for the traceback)"], proc.stderr[-2000:]

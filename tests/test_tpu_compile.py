@@ -191,3 +191,13 @@ def test_every_family_train_step_fits_a_v5p_slice(family):
   cfg.mesh.update(data=1, fsdp=-1, tensor=1)
   (row,) = aot.compile_for_slice(cfg, "v5p-16", only=("train_step",))
   assert row["fits"] and 0 < row["needed_gb"] < plan.CHIPS["v5p"].hbm_bytes / 1e9
+
+
+def test_a_long_compile_reports_progress(capsys):
+  import time
+  with aot.progress("compiling x for v5p-8", every_s=0.05):
+    time.sleep(0.3)
+  lines = capsys.readouterr().err.splitlines()
+  assert lines[0] == "compiling x for v5p-8: started" and lines[-1].startswith(
+      "compiling x for v5p-8: done in")
+  assert sum("s so far" in line for line in lines) >= 3

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation for a TPU slice or GPUs with no device present: XLA's own verdict.
 
   python -m lmhead_jax.plan --config=experiments/rank_sweep.py:paper --slice=v5p-64 --compile=tpu
-  python -m lmhead_jax.plan --config=experiments/rank_sweep.py:paper --slice=h200-64 --compile=gpu
+  python -m lmhead_jax.plan --config=experiments/rank_sweep.py:paper --slice=h200-32 --compile=gpu
 
 `topology_devices` asks libtpu for a slice's devices (`jax.experimental.topologies`, as MaxText's
 train_compile.py does), multi-host slices included. Each program is lowered with sharded
@@ -26,12 +26,16 @@ model FLOPs of `costs` (6·N·P + attention, also a lower bound); the memory ter
 bound too.
 """
 
+import contextlib
 import functools
 import importlib.util
 import math
 import os
 import pathlib
 import re
+import sys
+import threading
+import time
 import types
 
 import jax
@@ -253,8 +257,33 @@ def compile_for_slice(cfg, slice_name: str, only: tuple[str, ...] | None = None)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
                             devices=topology_devices(slice_name))
   programs = measure_programs(cfg, mesh) if "measure" in cfg else train_programs(cfg, mesh)
-  return [compiled_row(name, lowered, flops, chip, mesh.size)
-          for name, (lowered, flops) in programs.items() if only is None or name in only]
+  rows = []
+  for name, (lowered, flops) in programs.items():
+    if only is None or name in only:
+      with progress(f"compiling {name} for {slice_name}"):
+        rows.append(compiled_row(name, lowered, flops, chip, mesh.size))
+  return rows
+
+
+@contextlib.contextmanager
+def progress(what: str, every_s: float = 30.0):
+  """Prints `what`, then the elapsed time every `every_s` seconds until done, on stderr."""
+  t0, done = time.perf_counter(), threading.Event()
+  say = lambda tail: print(f"{what}: {tail}", file=sys.stderr, flush=True)
+
+  def beat():
+    while not done.wait(every_s):
+      say(f"{time.perf_counter() - t0:.0f} s so far")
+
+  say("started")
+  thread = threading.Thread(target=beat, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    done.set()
+    thread.join()
+    say(f"done in {time.perf_counter() - t0:.0f} s")
 
 
 def check_fits(rows: list[dict], slice_name: str) -> None:

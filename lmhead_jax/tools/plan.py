@@ -27,7 +27,7 @@ import types
 import jax
 
 from lmhead_jax.tools import costs
-from lmhead_jax.training import setup, sharding, sweep, train
+from lmhead_jax.training import cli, experiment, setup, sharding, sweep, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ CHIPS = {  # sources in the module docstring
 def parse_slice(name: str) -> tuple[str, Chip, int]:
   """'v5p-64' -> ('v5p', chip, devices); one JAX device per chip (TPU) or per GPU."""
   kind, _, n = name.replace("v5litepod", "v5e").partition("-")
-  if kind not in CHIPS or not n.isdigit():
+  if kind not in CHIPS or not n.isdigit() or int(n) < 1:
     raise ValueError(f"unknown slice {name!r}: expected <{'|'.join(CHIPS)}>-<TPU cores or GPUs>, "
                      "e.g. v5p-64 or h200-16")
   chip = CHIPS[kind]
@@ -91,12 +91,23 @@ def activation_bytes(cfg, tokens_per_device: int) -> float:
   return tokens_per_device * layers * act + 3 * 4 * c.vocab_size * head_tokens
 
 
+def check_assumptions(mfu: float, tokens: float | None) -> None:
+  """--mfu in (0, 1]; --tokens, when given, > 0 (NaN refused)."""
+  if not 0 < mfu <= 1:
+    raise ValueError(f"--mfu={mfu} must be in (0, 1]")
+  if tokens is not None and not 0 < tokens < math.inf:
+    raise ValueError(f"--tokens={tokens} must be a positive number")
+
+
 def plan(cfg, slice_name: str, mfu: float = 0.4, tokens: float | None = None) -> dict:
-  """One row of the plan table for `cfg` on `slice_name`."""
+  """One row of the plan table for `cfg` on `slice_name`; refuses what a run would refuse."""
+  check_assumptions(mfu, tokens)
+  experiment.validate(cfg)
   _, chip, devices = parse_slice(slice_name)
   dims = sharding.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
   mesh_shape = dict(zip(sharding.MESH_AXES, dims))
   s = setup.resolve(cfg)
+  setup.check_batch_split(s.batch_size, s.grad_accum, mesh_shape["data"] * mesh_shape["fsdp"])
   shapes = jax.eval_shape(s.new_state, jax.random.key(0))
   like_params = lambda x: jax.tree.structure(x) == jax.tree.structure(shapes.params)
   moments = jax.tree.leaves(shapes.opt_state, is_leaf=like_params)
@@ -192,23 +203,35 @@ def compile_sweep(cfg, slice_name: str, runs: list[str] | None = None,
   for name, overrides in named.items():
     if runs is None or name in runs:
       run_cfg = sweep.configure(cfg, overrides)
+      if "measure" not in run_cfg:  # the same refusals as the plan without --compile
+        plan(run_cfg, slice_name)
       rows += [{"run": name, **r} for r in aot.compile_for_slice(run_cfg, slice_name, programs)]
   return rows
 
 
 def main(argv):
+  """The plan's command line; a refusal is one line and exit 2 (`cli.refuse`)."""
   del argv
   from absl import flags
-  from lmhead_jax.tools import aot
   f = flags.FLAGS
+  try:
+    _main(f)
+  except ValueError as e:
+    cli.refuse(e, f.verbose, 2)
+
+
+def _main(f):
+  from lmhead_jax.tools import aot
   if f.compile in ("tpu", "gpu") and parse_slice(f.slice)[1].platform != f.compile:
-    raise SystemExit(f"--compile={f.compile} needs a {f.compile.upper()} slice "
+    raise ValueError(f"--compile={f.compile} needs a {f.compile.upper()} slice "
                      f"({', '.join(k for k, c in CHIPS.items() if c.platform == f.compile)}), "
                      f"got --slice={f.slice}")
   if f.compile == "gpu":  # XLA:GPU compiles with no GPU present only when it is not a backend
     jax.config.update("jax_platforms", "cpu")
   if "measure" not in f.config:
     print(format_table(plan_sweep(f.config, f.slice, f.mfu, f.tokens, f.compile)))
+  else:
+    experiment.validate_experiment(f.config)
   if f.compile in ("tpu", "gpu"):
     rows = compile_sweep(f.config, f.slice, f.runs, f.programs)
     print(format_table(rows, AOT_COLUMNS))
@@ -235,5 +258,6 @@ if __name__ == "__main__":
                             "(e.g. head.rank=32); repeat for several; default all.")
   flags.DEFINE_list("programs", None, "With --compile=tpu|gpu, only these programs (e.g. "
                     "train_step); default all.")
+  flags.DEFINE_bool("verbose", False, "Print the traceback of a refusal, not just its line.")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,10 +1,11 @@
 """Checkpoints: the one module that talks to orbax.
 
 Each step directory holds the TrainState ('state'), every process's grain iterator state
-('data', when given) and a fingerprint of every state array ('checksum'). Saves are asynchronous
-and atomic (orbax writes a temporary directory and renames it when complete), so a crash or
-SIGKILL mid-save leaves the previous checkpoint as the latest; a save that cannot create its
-directory raises at once. A non-finite state is never saved.
+('data', when given) and a checksum of all of it ('checksum': the step number, a fingerprint of
+every state array and of every process's iterator state). Saves are asynchronous and atomic
+(orbax writes a temporary directory and renames it when complete), so a crash or SIGKILL
+mid-save leaves the previous checkpoint as the latest; a save that fails raises `CheckpointError`
+at the next save or `wait`, naming the step and the cause. A non-finite state is never saved.
 
 Restore first compares the checkpoint's metadata (tree, shapes, dtypes) with the run's abstract
 state and refuses a mismatch (`StateMismatch`). A step that cannot be read or fails its checksum
@@ -12,8 +13,10 @@ is corrupt: restore falls back to the previous step with a warning, and raises
 `CheckpointError` when checkpoints exist but none can be restored. Paths may be local or gs://.
 """
 
+import json
 import logging
 import os
+import zlib
 
 import grain
 import jax
@@ -29,7 +32,28 @@ class StateMismatch(ValueError):
 
 
 class CheckpointError(RuntimeError):
-  """Checkpoints exist, but none can be restored."""
+  """A save failed, or checkpoints exist but none can be restored."""
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  """`Type: message`, cut to its first line (tensorstore errors run to pages)."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  text = f"{type(e).__name__}: {text}"
+  return text if len(text) <= limit else text[:limit] + " …"
+
+
+def _iterator_print(data_iter) -> int:
+  """crc32 of a grain iterator's state."""
+  return zlib.crc32(json.dumps(data_iter.get_state(), sort_keys=True, default=repr).encode())
+
+
+def _iterator_prints(data_iter) -> list[int]:
+  """Every process's `_iterator_print`, in process order (a collective when multi-process)."""
+  mine = _iterator_print(data_iter)
+  if jax.process_count() == 1:
+    return [mine]
+  from jax.experimental import multihost_utils
+  return [int(x) for x in multihost_utils.process_allgather(jnp.uint32(mine))]
 
 
 def _name(path) -> str:
@@ -89,6 +113,7 @@ class Checkpointer:
                 "data": grain.checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._current = set()  # steps on disk that this run saved or restored
+    self._saving = None  # the step of the save in flight, if any
 
   def due(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0
@@ -105,16 +130,22 @@ class Checkpointer:
     if nonfinite:
       raise FloatingPointError(f"refusing to save step {step} to {self.directory}: non-finite "
                                f"values in {', '.join(nonfinite)}")
+    self.wait()  # an earlier save's failure surfaces here, naming its step
     if step in self.manager.all_steps():
       self.manager.delete(step)
-    items = {"state": ocp.args.StandardSave(state), "checksum": ocp.args.JsonSave(checksum)}
+    record = {"step": step, "arrays": checksum}
+    items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      record["data"] = _iterator_prints(data_iter)
+    items["checksum"] = ocp.args.JsonSave(record)
     try:
       saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-    except OSError as e:
-      raise OSError(f"cannot save checkpoint step {step} in {self.directory}: {e}") from e
+    except Exception as e:
+      raise CheckpointError(f"cannot save checkpoint step {step} in {self.directory}: "
+                            f"{_first_line(e)}") from e
     self._current.add(step)
+    self._saving = step
     return saved
 
   def steps(self) -> list[int]:
@@ -139,10 +170,19 @@ class Checkpointer:
       log.warning("checkpoint step %d in %s has no checksum (an older save): not verified", step,
                   self.directory)
       return restored["state"]
+    record = restored["checksum"]
+    if "arrays" not in record:  # an older save: arrays only
+      record = {"step": step, "arrays": record}
+    if record.get("step") != step:
+      raise ValueError(f"its checksum records step {record.get('step')}: a renamed directory?")
     checksum, _ = fingerprints(restored["state"])
-    bad = [k for k in checksum if checksum[k] != restored["checksum"].get(k)]
+    bad = [k for k in checksum if checksum[k] != record["arrays"].get(k)]
     if bad:
       raise ValueError(f"checksum mismatch in {', '.join(bad)}")
+    if data_iter is not None and "data" in record:
+      prints, i = record["data"], jax.process_index()
+      if (prints[i] if i < len(prints) else None) != _iterator_print(data_iter):
+        raise ValueError("checksum mismatch in the data-iterator state")
     return restored["state"]
 
   def restore_latest(self, abstract_state, data_iter=None):
@@ -155,9 +195,9 @@ class Checkpointer:
       except StateMismatch:
         raise
       except Exception as e:  # a corrupt or partial step: fall back to the previous one
-        log.warning("checkpoint step %d in %s is corrupt (%s: %s); trying the previous one",
-                    step, self.directory, type(e).__name__, e)
-        errors.append(f"step {step}: {type(e).__name__}: {e}")
+        log.warning("checkpoint step %d in %s is corrupt (%s); trying the previous one",
+                    step, self.directory, _first_line(e))
+        errors.append(f"step {step}: {_first_line(e, 200)}")
         continue
       self._current.add(step)
       return state, step
@@ -169,10 +209,27 @@ class Checkpointer:
     return None
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Blocks until the save in flight has committed; CheckpointError if it failed."""
+    step, self._saving = self._saving, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      self._current.discard(step)
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} failed to save: "
+                            f"{_first_line(e)}") from None
+    if step is not None and step not in self.manager.all_steps():
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} did not commit")
 
   def close(self):
-    self.manager.wait_until_finished()
+    """Waits for the save in flight, then closes; a failed save raises after closing."""
+    try:
+      self.wait()
+    except CheckpointError:
+      try:
+        self.manager.close()
+      except Exception:  # noqa: BLE001 — the same failure again; the first is raised
+        pass
+      raise
     self.manager.close()
 
 

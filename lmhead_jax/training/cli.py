@@ -1,9 +1,17 @@
-"""The thin `main` of every experiment module: flags, multi-process start-up, then run."""
+"""The thin `main` of every experiment module: flags, multi-process start-up, then run.
 
+A refusal (a bad flag, key or value; a workdir in use; a resume that cannot be exact; bad data
+or checkpoints; a failed save; a non-finite or diverged step) prints one line, `error: ...`, and
+exits 2 (1 for a failure during training); `--verbose` prints the traceback as well.
+`--print_config` prints the resolved config (each run's, for a sweep) after the same checks.
+"""
+
+import json
 import logging
 import os
 import sys
 import threading
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -31,6 +39,37 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
   flags.DEFINE_integer("process_id", None, "This process's index.")
   flags.DEFINE_integer("distributed_timeout", 120, "Seconds to wait for every process to join.")
+  flags.DEFINE_bool("verbose", False, "Print the traceback of a refusal, not just its line.")
+
+
+# What the project raises on purpose: refusals of input (exit 2) and failures of a run (exit 1).
+REFUSED = (ValueError, KeyError, RuntimeError)
+FAILED = (OSError, FloatingPointError)
+
+
+def refuse(error: BaseException, verbose: bool, code: int, text: str | None = None):
+  """One line, `text` or `error`'s message (`error`'s traceback first with --verbose), then
+  exit `code`."""
+  if verbose:
+    traceback.print_exception(error)
+  text = " ".join((text or str(error)).split()) or type(error).__name__
+  hint = "" if verbose else " (--verbose for the traceback)"
+  sys.stderr.write(f"error: {text}{hint}\n")
+  sys.stderr.flush()
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad `--config.*` override refused in one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    refuse(e, "--verbose" in argv, 2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    words = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    name = next((a for a in argv if a.startswith("--config.") and
+                 any(w.strip("'\"") in a for w in words.split()[:1])), "a --config override")
+    refuse(e, "--verbose" in argv, 2, f"{name.split('=')[0]}: {words}")
 
 
 def detected_cluster(env=os.environ) -> tuple[str, int] | None:
@@ -91,6 +130,17 @@ def start_distributed() -> None:
   watchdog.cancel()
 
 
+def printed_config(cfg) -> str:
+  """What --print_config prints: the resolved config as JSON; for a sweep, an object with each
+  run's resolved config under its run name."""
+  from lmhead_jax.training import sweep  # lazy: it imports the runner
+  if not cfg.get("sweep"):
+    return config.resolved(cfg).to_json(indent=2)
+  runs = {sweep.run_name(o): json.loads(config.resolved(sweep.configure(cfg, o)).to_json())
+          for o in sweep.expand(cfg.sweep)}
+  return json.dumps(runs, indent=2)
+
+
 def main(run_fn) -> None:
   """absl entry point: `run_fn(config, workdir)` after flags, config checks (every run of a
   sweep) and distributed start-up; with --print_config, prints the resolved config instead."""
@@ -100,15 +150,23 @@ def main(run_fn) -> None:
     try:
       config.validate_experiment(FLAGS.config)
     except ValueError as e:
-      sys.exit(f"invalid config: {e}")
+      refuse(e, FLAGS.verbose, 2, f"invalid config: {e}")
     if FLAGS.print_config:
-      print(config.resolved(FLAGS.config).to_json(indent=2))
+      print(printed_config(FLAGS.config))
       return
     logging.getLogger().setLevel(logging.WARNING)  # orbax and grain are chatty at INFO
     logging.getLogger("lmhead_jax").setLevel(logging.INFO)
-    start_distributed()
-    run_fn(FLAGS.config, FLAGS.workdir)
+    try:
+      start_distributed()
+      run_fn(FLAGS.config, FLAGS.workdir)
+    except KeyboardInterrupt as e:
+      refuse(e, FLAGS.verbose, 130, "interrupted (Ctrl-C) outside the training steps: nothing "
+            "was saved by this interruption")
+    except FAILED as e:
+      refuse(e, FLAGS.verbose, 1)
+    except REFUSED as e:
+      refuse(e, FLAGS.verbose, 2)
 
   define_flags()
   flags.mark_flag_as_required("config")
-  app.run(_main)
+  app.run(_main, flags_parser=parse_flags)

@@ -61,14 +61,18 @@ class Setup:
 
   def on(self, mesh) -> "Setup":
     """This setup placed on `mesh`: checked against it, with the shardings of state and batch."""
-    dp = sharding.data_parallel_size(mesh)
-    b, k = self.batch_size, self.grad_accum
-    if (b // k) % dp:
-      raise ValueError(f"train.batch_size={b} (per micro-batch {b // k}) is not divisible by the "
-                       f"data-parallel size {dp} (mesh data×fsdp)")
+    check_batch_split(self.batch_size, self.grad_accum, sharding.data_parallel_size(mesh))
     return dataclasses.replace(
         self, mesh=mesh, state_shardings=_state_shardings(self, mesh),
         batch_shardings={k: sharding.batch_sharding(mesh) for k in ("inputs", "targets", "mask")})
+
+
+def check_batch_split(batch_size: int, grad_accum: int, dp: int) -> None:
+  """Each micro-batch must split evenly over the `dp` data-parallel devices."""
+  if (batch_size // grad_accum) % dp:
+    raise ValueError(f"train.batch_size={batch_size} (per micro-batch {batch_size // grad_accum}) "
+                     f"is not divisible by the data-parallel size {dp} (mesh data×fsdp); make "
+                     "it a multiple, or change train.grad_accum or the mesh")
 
 
 def configs(cfg) -> tuple[ModelConfig, HeadConfig]:
