@@ -17,6 +17,24 @@ import sys
 # (the experiment and benchmark entry points do); an explicit setting is respected.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+
+def _accelerator_present() -> bool:
+  """An NVIDIA driver or a TPU device file (/dev/accel* on v4/v5p, /dev/vfio/N on v5e/v6e)."""
+  vfio = os.path.isdir("/dev/vfio") and any(n.isdigit() for n in os.listdir("/dev/vfio"))
+  return (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/accel0")
+          or vfio)
+
+
+# The compile extras (tpu-compile, gpu-compile) install JAX's TPU and CUDA plugins; on a machine
+# without a TPU or GPU, JAX's plugin discovery then prints ~25 lines (a cuDNN traceback, libtpu
+# warnings) at the first device use. There, unless JAX_PLATFORMS says otherwise, JAX runs on the
+# CPU only; `plan --compile` still reaches both compilers (they need no backend).
+if "JAX_PLATFORMS" not in os.environ and not _accelerator_present():
+  if "jax" in sys.modules:  # effective while no backend has started yet
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
+  else:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
 __version__ = "0.1.0"
 
 LAYERS = ("core", "data", "training", "analysis", "tools", "reporting")

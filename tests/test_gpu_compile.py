@@ -121,3 +121,21 @@ def test_paper_eval_step_keeps_activations_batch_sharded():
   assert row["program"] == "eval_step" and row["fits"] == "True"
   # 16 sequences of 2048 per GPU: bf16 activations and the f32 logits of a layer, a few GB.
   assert float(row["temp_gb"]) < 20
+
+
+@needs_cuda_plugin
+def test_importing_on_a_cpu_machine_with_the_plugin_prints_nothing():
+  """JAX's plugin discovery used to print a cuDNN traceback at the first device use."""
+  import os
+  import subprocess
+  import sys
+  from helpers import ROOT
+  if os.path.exists("/proc/driver/nvidia/version"):
+    pytest.skip("an NVIDIA driver is present: the CUDA backend is meant to start")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  for code in ("import lmhead_jax, jax; print(jax.devices())",
+               "import jax, lmhead_jax; print(jax.devices())"):
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    assert "CpuDevice" in proc.stdout

@@ -201,3 +201,13 @@ def test_a_long_compile_reports_progress(capsys):
   assert lines[0] == "compiling x for v5p-8: started" and lines[-1].startswith(
       "compiling x for v5p-8: done in")
   assert sum("s so far" in line for line in lines) >= 3
+
+
+@needs_libtpu
+def test_libtpu_topology_prints_no_start_up_warnings():
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+  code = "from lmhead_jax.tools import aot; print(len(aot.topology_devices('v5p-64')))"
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip() == "32"
+  assert proc.stderr == "", proc.stderr[-3000:]

@@ -77,9 +77,15 @@ def tpu_devices(kind: str, chip, chips: int) -> list:
   """The devices of a TPU slice, from libtpu's topology (no TPU needed).
 
   Compiling needs no TPU, so libtpu's one-process lockfile is waived (ALLOW_MULTIPLE_LIBTPU_LOAD):
-  several compiles, or one beside a job that holds a TPU, may run at once.
+  several compiles, or one beside a job that holds a TPU, may run at once. libtpu's start-up
+  asks the TPU VM's metadata for this host's slice; told that it is one host of `kind` (unless
+  the environment says otherwise), it prints none of its warnings.
   """
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_ID", "0"),
+                     ("TPU_WORKER_HOSTNAMES", "localhost"),
+                     ("TPU_ACCELERATOR_TYPE", f"{kind}-{chips * chip.tensorcores}")):
+    os.environ.setdefault(key, value)
   try:
     from jax.experimental import topologies
     import libtpu  # noqa: F401
