@@ -238,7 +238,8 @@ def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
                                  for k, v in s["by_ratio"].items()]).T)
               for m, s in spam.items()}
     plots.lines(series, f"{workdir}/head_lab_spamlang_accuracy.{fmt}", xlabel="V / D",
-                ylabel="held-out accuracy (best lr)", title="Head lab, SpamLang", logx=True)
+                ylabel="held-out accuracy (best lr)", title="Head lab, SpamLang", logx=True,
+                connect=False)
     columns["SpamLang largest V/D ≥ 99%"] = lambda r: _fmt(spam[r[0]]["largest_ratio"], 3)
     rows = [(m, k, v) for m, s in spam.items() for k, v in s["by_ratio"].items()]
     text = ("\n\nSpamLang at each V/D, the lr with the highest mean held-out accuracy; bottleneck "

@@ -98,6 +98,7 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
   r = np.array(sorted(e["r"] for e in entries), float)
   plots.lines(destroyed, f"{workdir}/destroyed_vs_rank.{fmt}", xlabel="head rank r",
               ylabel="destroyed_ratio", title="Gradient destroyed by the head", logx=True,
+              connect=False,
               reference={"isotropic": (r, np.sqrt(1 - r / entries[0]["V"]))},
               reference_label="isotropic G: √(1 − r/V)")
   lowest = min(entries, key=lambda e: e["r"])

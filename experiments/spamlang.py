@@ -89,9 +89,12 @@ COLUMNS = {
 
 def report(workdir, entries: list[dict], fmt: str = "png") -> str:
   """The results table; figures saved into the workdir."""
+  ratios = [e["V/D"] for e in entries]
+  chance = {"chance": ([min(ratios), max(ratios)], [1 / entries[0]["V"]] * 2)}
   plots.lines(plots.final_vs(entries, "V/D", "eval/accuracy", arm),
               f"{workdir}/accuracy_vs_ratio.{fmt}", xlabel="V / D", ylabel="held-out accuracy",
-              title="SpamLang: final held-out accuracy", logx=True)
+              title="SpamLang: final held-out accuracy", logx=True, connect=False,
+              reference=chance, reference_label=f"chance: 1/V = 1/{entries[0]['V']}")
   first = [e for e in entries if arm(e) == arm(entries[0])]
   by_ratio = lambda e: f"V/D={e['V/D']:g}"
   title = f"SpamLang, {arm(entries[0])}"
@@ -101,9 +104,12 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
               ylabel="destroyed_ratio", title=title, markers=False,
               reference={k: (x[[0, -1]], [baselines[k]] * 2) for k, (x, _) in destroyed.items()},
               reference_label="isotropic G: √(1 − D/V)")
-  plots.lines(plots.over_training(workdir, first, "accuracy", by_ratio),
-              f"{workdir}/accuracy_curves.{fmt}", xlabel="step",
-              ylabel="train accuracy (each step's batch)", title=title, markers=False)
+  accuracy = plots.over_training(workdir, first, "accuracy", by_ratio)
+  chance = {by_ratio(e): 1 / e["V"] for e in first}
+  plots.lines(accuracy, f"{workdir}/accuracy_curves.{fmt}", xlabel="step",
+              ylabel="train accuracy (each step's batch)", title=title, markers=False,
+              reference={k: (x[[0, -1]], [chance[k]] * 2) for k, (x, _) in accuracy.items()},
+              reference_label="chance: 1/V")
   return runs.markdown_table(sorted(entries, key=lambda e: (arm(e), e["V/D"])), COLUMNS)
 
 

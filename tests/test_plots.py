@@ -210,6 +210,12 @@ def test_spamlang_destroyed_curves_draw_each_baseline(tmp_path):
     assert "stroke-dasharray" in style
   assert {p.name for p in tmp_path.iterdir() if p.is_file()} == {
       "accuracy_vs_ratio.svg", "destroyed_ratio_curves.svg", "accuracy_curves.svg"}
+  got = _svg_lines(tmp_path / "accuracy_curves.svg")  # chance, 1/V, under each curve
+  (y0, y1) = got["series:V/D=8"][1][:, 1]  # data 0.25 and 0.5
+  to_px = lambda v: y0 + (v - 0.25) * (y1 - y0) / 0.25
+  for d in (64, 8):
+    np.testing.assert_allclose(got[f"reference:V/D={512 // d}"][1][:, 1], to_px(1 / 512),
+                               atol=0.01)
 
 
 def _spectrum_results():
@@ -247,3 +253,21 @@ def test_measure_figure_draws_baselines_dashed(tmp_path):
   assert all("stroke-dasharray" in style for style, _ in refs) and "reference#3" not in got
   heights = [xy[0, 1] for _, xy in refs]  # pixel y grows downwards
   assert np.argsort(heights).tolist() == np.argsort([-r["baseline"] for r in results]).tolist()
+
+
+def test_sparse_points_stand_alone_and_the_legend_sits_inside_the_axes(tmp_path):
+  import xml.etree.ElementTree as ET
+  series = {"a": ([1, 8], [0.9, 0.1]), "b": ([1, 8], [0.5, 0.4])}
+  path = plots.lines(series, tmp_path / "f.svg", xlabel="V/D", ylabel="accuracy", connect=False,
+                     reference={"chance": ([1, 8], [0.01, 0.01])}, reference_label="chance")
+  root = ET.parse(path).getroot()
+  groups = {g.get("id", ""): g for g in root.iter(f"{SVG}g")}
+  for name in ("series:a", "series:b"):
+    g = groups[name]
+    assert len(list(g.iter(f"{SVG}use"))) == 2  # a marker at each point
+    # no line between the points: no path with a segment spanning them
+    spans = [np.ptp(np.array(re.findall(r"[ML] (-?[\d.]+) (-?[\d.]+)", p.get("d")), float)[:, 0])
+             for p in g.iter(f"{SVG}path") if re.search(r" L ", p.get("d"))]
+    assert not any(s > 50 for s in spans), spans
+  axes = groups["axes_1"]
+  assert any(g.get("id", "").startswith("legend") for g in axes.iter(f"{SVG}g"))

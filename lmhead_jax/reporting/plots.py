@@ -50,18 +50,21 @@ def save(fig, path) -> epath.Path:
 
 
 def lines(series: dict[str, tuple], path, *, xlabel: str, ylabel: str, title: str = "",
-          logx: bool = False, logy: bool = False, markers: bool = True,
+          logx: bool = False, logy: bool = False, markers: bool = True, connect: bool = True,
           reference: dict[str, tuple] | None = None, reference_label: str = ""):
   """One line per named (x, y) series, saved at `path` (.png, .svg or .pdf).
 
-  `reference` holds baselines, drawn dashed and not as data: one named like a series takes that
-  series' colour, others are grey. The legend names them all once, as `reference_label`.
+  `connect=False` draws markers only: for one point per run, where a line would suggest values
+  between the measured x. `reference` holds baselines, drawn dashed and not as data: one named
+  like a series takes that series' colour, others are grey. The legend (inside the axes, where
+  it covers the fewest points) names them all once, as `reference_label`.
   """
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=100, layout="constrained")
   colors = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(series)}
   for i, (label, (x, y)) in enumerate(series.items()):
-    ax.plot(x, y, marker="osv^Dx<>"[i % 8] if markers else None, ms=4, lw=1.4, label=label,
+    ax.plot(x, y, marker="osv^Dx<>"[i % 8] if markers or not connect else None,
+            ms=4 if connect else 6, lw=1.4, ls="-" if connect else "none", label=label,
             color=colors[label], gid=f"series:{label}")
   for label, (x, y) in (reference or {}).items():
     ax.plot(x, y, ls="--", lw=1.1, color=colors.get(label, GRAY), gid=f"reference:{label}")
@@ -73,8 +76,8 @@ def lines(series: dict[str, tuple], path, *, xlabel: str, ylabel: str, title: st
   if logy:
     ax.set_yscale("log")
   ax.grid(alpha=0.3)
-  if series:  # beside the axes, where it covers no line
-    fig.legend(loc="outside right upper", fontsize=7, frameon=False)
+  if series:
+    ax.legend(loc="best", fontsize=8, framealpha=0.85)
   return save(fig, path)
 
 
