@@ -12,7 +12,7 @@ from helpers import tiny_config
 from experiments import spamlang
 from lmhead_jax.core import model
 from lmhead_jax.core.config import HeadConfig, ModelConfig
-from lmhead_jax.tools import aot, costs, plan
+from lmhead_jax.tools import aot, chips, costs, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cuda_plugin = pytest.mark.skipif(
@@ -42,11 +42,11 @@ def compiled_rows(text: str) -> list[dict]:
 
 
 def test_gpu_slices():
-  kind, chip, gpus = plan.parse_slice("h200-64")
+  kind, chip, gpus = chips.parse_slice("h200-64")
   assert (kind, gpus, chip.platform, chip.hbm_bytes) == ("h200", 64, "gpu", 141e9)
-  assert plan.parse_slice("v5p-64")[1].platform == "tpu"
+  assert chips.parse_slice("v5p-64")[1].platform == "tpu"
   with pytest.raises(ValueError, match="h200-16"):
-    plan.parse_slice("a100-8")
+    chips.parse_slice("a100-8")
 
 
 def test_compile_flag_must_match_the_slice():
@@ -88,7 +88,7 @@ def test_train_programs_on_two_hosts_of_h200():
     assert row["fits"] == "True" and row["xla_tflops"] == "None"  # no cost analysis on GPU
     model_per_gpu = costs.model_flops_per_token(cfg) * 16 * seq / 16
     assert float(row["roofline_ms"]) / 1e3 == pytest.approx(
-        model_per_gpu / plan.CHIPS["h200"].peak_bf16_flops, rel=0.01)
+        model_per_gpu / chips.CHIPS["h200"].peak_bf16_flops, rel=0.01)
   # The metrics (QR of W, SVD of its D×D factor, the visible norms) need more temporaries.
   assert float(rows["train_step"]["temp_gb"]) > float(rows["train_step_no_metrics"]["temp_gb"])
 

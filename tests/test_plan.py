@@ -8,18 +8,18 @@ from helpers import tiny_config
 
 from lmhead_jax.core import model
 from lmhead_jax.core.config import HeadConfig, ModelConfig
-from lmhead_jax.tools import costs, plan
+from lmhead_jax.tools import chips, costs, plan
 from lmhead_jax.training import sweep
 
 
 def test_parse_slice():
-  assert plan.parse_slice("v5p-64")[2] == 32  # v5p counts TensorCores, 2 per chip
-  assert plan.parse_slice("v6e-64")[2] == 64
-  assert plan.parse_slice("v5litepod-16")[2] == 16
+  assert chips.parse_slice("v5p-64")[2] == 32  # v5p counts TensorCores, 2 per chip
+  assert chips.parse_slice("v6e-64")[2] == 64
+  assert chips.parse_slice("v5litepod-16")[2] == 16
   with pytest.raises(ValueError, match="unknown slice 'v9-8'"):
-    plan.parse_slice("v9-8")
+    chips.parse_slice("v9-8")
   with pytest.raises(ValueError, match="not a multiple of 2"):
-    plan.parse_slice("v5p-3")
+    chips.parse_slice("v5p-3")
 
 
 def test_memory_matches_eval_shape_bytes():

@@ -14,7 +14,7 @@ from helpers import tiny_config
 
 from experiments import measure_pretrained
 from lmhead_jax.core import model
-from lmhead_jax.tools import aot, costs, plan
+from lmhead_jax.tools import aot, chips, costs, plan
 from lmhead_jax.core.config import FAMILIES, HeadConfig, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +38,8 @@ def test_topology_shapes_match_cloud_tpu():
   cases = {"v5p-8": (2, 2, 1), "v5p-64": (2, 4, 4), "v4-64": (2, 4, 4), "v5p-1024": (8, 8, 8),
            "v5e-256": (16, 16), "v6e-64": (8, 8), "v6e-8": (2, 4), "v5e-1": (1, 1)}
   for name, dims in cases.items():
-    kind, _, chips = plan.parse_slice(name)
-    assert aot.topology_shape(kind, chips) == dims, name
+    kind, _, n_chips = chips.parse_slice(name)
+    assert aot.topology_shape(kind, n_chips) == dims, name
   with pytest.raises(ValueError, match="powers of two"):
     aot.topology_shape("v5e", 24)
   with pytest.raises(ValueError, match="start at 4 chips"):
@@ -66,7 +66,7 @@ def test_train_eval_programs_bytes_and_roofline():
   batch_bytes = 3 * 8 * 128 * 4 / 4
   assert train["argument_gb"] * 1e9 == pytest.approx(3 * param_bytes / 4 + batch_bytes, rel=0.02)
   assert train["alias_gb"] == pytest.approx(3 * param_bytes / 4 / 1e9, rel=0.02)  # donated
-  chip = plan.CHIPS["v5p"]
+  chip = chips.CHIPS["v5p"]
   model_per_chip = costs.model_flops_per_token(cfg) * 8 * 128 / 4
   assert train["model_tflops"] * 1e12 == pytest.approx(model_per_chip)
   # The bound is at least the model FLOPs at peak, and the bytes XLA counts at HBM bandwidth.
@@ -190,7 +190,7 @@ def test_every_family_train_step_fits_a_v5p_slice(family):
   cfg.train.batch_size = 16
   cfg.mesh.update(data=1, fsdp=-1, tensor=1)
   (row,) = aot.compile_for_slice(cfg, "v5p-16", only=("train_step",))
-  assert row["fits"] and 0 < row["needed_gb"] < plan.CHIPS["v5p"].hbm_bytes / 1e9
+  assert row["fits"] and 0 < row["needed_gb"] < chips.CHIPS["v5p"].hbm_bytes / 1e9
 
 
 def test_a_long_compile_reports_progress(capsys):

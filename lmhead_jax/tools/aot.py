@@ -16,7 +16,7 @@ FLOPs or bytes and their roofline is the model FLOPs at the bf16 peak. The progr
 Per chip (one JAX device per chip, megacore on v4/v5p), `compiled_row` reports XLA's bytes
 (arguments, outputs, temporaries; needed = arguments + outputs − aliased + temporaries), FLOPs
 and bytes accessed (`cost_analysis`), and a roofline lower bound on the step time,
-max(FLOPs / peak, bytes / HBM bandwidth) from `plan.CHIPS`, with the MFU that bound implies
+max(FLOPs / peak, bytes / HBM bandwidth) from `chips.CHIPS`, with the MFU that bound implies
 (model FLOPs per chip over peak × bound; the forward's third of them for eval and measure).
 
 XLA:TPU's cost_analysis counts the body of a while loop once, whatever its trip count (measured:
@@ -47,7 +47,7 @@ from lmhead_jax.data import hf
 from lmhead_jax.tools import costs
 from lmhead_jax.training import checkpoint, setup, sharding, train
 from lmhead_jax.core.config import HeadConfig, ModelConfig
-from lmhead_jax.tools.plan import parse_slice
+from lmhead_jax.tools.chips import parse_slice
 
 
 class DoesNotFit(Exception):
@@ -68,7 +68,7 @@ def topology_shape(kind: str, chips: int) -> tuple[int, ...]:
 
 
 def topology_devices(slice_name: str) -> list:
-  """The compile-only devices of a TPU slice or of GPUs (`plan.parse_slice`); no device needed."""
+  """The compile-only devices of a TPU slice or of GPUs (`chips.parse_slice`); no device needed."""
   kind, chip, n = parse_slice(slice_name)
   return gpu_devices(chip, n) if chip.gpu else tpu_devices(kind, chip, n)
 
