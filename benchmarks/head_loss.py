@@ -1,4 +1,4 @@
-"""bottleneck.head_loss against a plain CE, side by side in one process (issue 13).
+"""bottleneck.head_loss against a plain CE, side by side in one process (issues 13, 23).
 
   python -m benchmarks.head_loss [--cases=small,large] [--repeats=15] [--chunk_size=1024]
 
@@ -10,6 +10,10 @@ Each variant is a jitted value_and_grad with respect to h and W on the same inpu
   fused_ce       loss.fused_head_loss(chunk_size) alone (the chunked plain CE)
   head_loss_chunked  bottleneck.head_loss(chunk_size)
   range_map      bottleneck.range_map(W) alone (the stats' fixed cost: QR of W, SVD of R)
+With OPTIONS (softcap, z-loss, label smoothing):
+  optax_options  optax on materialized logits: c·tanh(z/c), optax.smooth_labels and
+                 softmax_cross_entropy, plus α·logsumexp² (what a user writes without us)
+  head_loss_options, head_loss_options_chunked  bottleneck.head_loss(**OPTIONS), dense, chunked
 The variants alternate call by call (the machine is shared and its load drifts); medians are
 reported. Prints one JSON line per case with the ratios head_loss / plain.
 """
@@ -28,6 +32,15 @@ from lmhead_jax import bottleneck
 from lmhead_jax.core.loss import cross_entropy, fused_head_loss
 
 CASES = {"small": dict(v=8192, d=64, n=2048), "large": dict(v=32768, d=256, n=8192)}
+OPTIONS = dict(softcap=30.0, z_loss=1e-4, label_smoothing=0.1)
+
+
+def optax_options(z, y):
+  """The mean of OPTIONS' objective on materialized logits z, written with optax."""
+  c, alpha, eps = OPTIONS["softcap"], OPTIONS["z_loss"], OPTIONS["label_smoothing"]
+  s = c * jnp.tanh(z / c)
+  labels = optax.smooth_labels(jax.nn.one_hot(y, z.shape[-1]), eps)
+  return jnp.mean(optax.softmax_cross_entropy(s, labels) + alpha * jax.nn.logsumexp(s, -1) ** 2)
 
 
 def variants(y, chunk_size):
@@ -43,6 +56,10 @@ def variants(y, chunk_size):
       "head_loss_chunked": grad(
           lambda h, w: bottleneck.head_loss(h, w, y, chunk_size=chunk_size), aux=True),
       "range_map": lambda h, w: bottleneck.range_map(w),
+      "optax_options": grad(lambda h, w: optax_options(logits(h, w), y)),
+      "head_loss_options": grad(lambda h, w: bottleneck.head_loss(h, w, y, **OPTIONS), aux=True),
+      "head_loss_options_chunked": grad(lambda h, w: bottleneck.head_loss(
+          h, w, y, chunk_size=chunk_size, **OPTIONS), aux=True),
   }
 
 
@@ -65,7 +82,11 @@ def run_case(v, d, n, repeats, warmup, chunk_size) -> dict:
           "head_loss_over_optax_ce": round(ms["head_loss"] / ms["optax_ce"], 4),
           "head_loss_over_lmhead_ce": round(ms["head_loss"] / ms["lmhead_ce"], 4),
           "chunked_head_loss_over_fused_ce": round(ms["head_loss_chunked"] / ms["fused_ce"], 4),
-          "range_map_over_lmhead_ce": round(ms["range_map"] / ms["lmhead_ce"], 4)}
+          "range_map_over_lmhead_ce": round(ms["range_map"] / ms["lmhead_ce"], 4),
+          "head_loss_options_over_optax_options": round(
+              ms["head_loss_options"] / ms["optax_options"], 4),
+          "chunked_over_optax_options": round(
+              ms["head_loss_options_chunked"] / ms["optax_options"], 4)}
 
 
 def main():

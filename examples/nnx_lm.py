@@ -1,4 +1,10 @@
-"""A Flax NNX language model trained with bottleneck.head_loss, logging the destroyed ratio."""
+"""A Flax NNX language model trained with bottleneck.head_loss, logging the destroyed ratio.
+
+  python examples/nnx_lm.py [--stable]   (--stable: with PaLM's z-loss and a logit softcap)
+"""
+
+import functools
+import sys
 
 import jax
 import optax
@@ -25,14 +31,18 @@ class LM(nnx.Module):
     return self.norm(x)
 
 
-def loss_fn(model, tokens):  # (loss, BottleneckStats) of next-token prediction
+def loss_fn(model, tokens, **options):  # (loss, BottleneckStats) of next-token prediction
   h = model.hidden(tokens[:, :-1])
-  return bottleneck.head_loss(h, flax_heads.head_matrix(model.head), tokens[:, 1:])
+  return bottleneck.head_loss(h, flax_heads.head_matrix(model.head), tokens[:, 1:], **options)
 
 
-@nnx.jit
-def train_step(model, optimizer, tokens):
-  (_, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens)
+STABLE = dict(z_loss=1e-4, softcap=30.0)  # PaLM's z-loss, Gemma 2's final-logit softcap
+
+
+@functools.partial(nnx.jit, static_argnames="stable")
+def train_step(model, optimizer, tokens, stable=False):
+  loss = functools.partial(loss_fn, **(STABLE if stable else {}))
+  (_, stats), grads = nnx.value_and_grad(loss, has_aux=True)(model, tokens)
   optimizer.update(model, grads)
   return stats
 
@@ -41,14 +51,14 @@ def batch(step, vocab_size):  # each sequence repeats one random symbol
   return jax.random.randint(jax.random.key(step), (64, 1), 0, vocab_size).repeat(17, axis=1)
 
 
-def main(steps=20, vocab_size=256, dim=32):
+def main(steps=20, vocab_size=256, dim=32, stable=False):
   model = LM(vocab_size, dim, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
   for step in range(steps):
-    stats = train_step(model, optimizer, batch(step, vocab_size))
+    stats = train_step(model, optimizer, batch(step, vocab_size), stable=stable)
     print(f"step {step}  loss {stats.loss:.3f}  destroyed_ratio {stats.destroyed_ratio:.4f}")
   return model
 
 
 if __name__ == "__main__":
-  main()
+  main(stable="--stable" in sys.argv)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_loss
 from helpers import tiny_config
 
 from lmhead_jax.core import bottleneck, heads, model
@@ -136,3 +137,24 @@ def test_train_step_on_a_confident_model(kind):
                           jax.tree.leaves(results[1])):
     np.testing.assert_allclose(b, a, rtol=RTOL, atol=RTOL * np.abs(a).max(),
                                err_msg=jax.tree_util.keystr(path))
+
+
+CONFIDENT_OPTIONS = {"softcap": dict(softcap=100.0), "z_loss": dict(z_loss=1e-4),
+                     "smoothing": dict(label_smoothing=0.1),
+                     "all": dict(softcap=100.0, z_loss=1e-4, label_smoothing=0.1)}
+
+
+@pytest.mark.parametrize("kw", PATHS, ids=["dense", "chunked", "vocab_blocks"])
+@pytest.mark.parametrize("opt", CONFIDENT_OPTIONS)
+def test_options_on_confident_tokens(opt, kw):
+  """Margin 30 (1 − p_y ≈ 1e-9 under the softcap of 100, whose tanh saturates at |z| ≈ 200):
+  loss, per-token stats and gradients of every option as float64."""
+  h, w, y, m = confident(30)
+  opts = CONFIDENT_OPTIONS[opt]
+  f = lambda h, w: fused_head_loss(h, w, y, m, **kw, **opts)
+  (loss, tok), (dh, dw) = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(h, w)
+  got = dict(loss=loss, loss_N=tok.loss_N, g_sq_N=tok.g_sq_N, lse_N=tok.lse_N, dh=dh, dw=dw)
+  want = test_loss.options_reference(h, w, y, m, **opts)
+  assert_close(got, want, got)
+  for k in ("loss_N", "g_sq_N"):  # per token: q spans 1e-11 to 1e-5 under the softcap
+    np.testing.assert_allclose(got[k][m > 0], want[k][m > 0], rtol=RTOL, err_msg=k)

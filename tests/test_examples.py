@@ -4,11 +4,13 @@ own logits (its head layer's call, so a transposed head matrix would show)."""
 
 import ast
 import contextlib
+import functools
 import io
 import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -33,11 +35,12 @@ def load(code, path):
   return namespace
 
 
-def train(ns, steps):
-  """Runs main(steps): the trained model or params, and the logged (loss, destroyed_ratio)."""
+def train(ns, steps, **kw):
+  """Runs main(steps, **kw): the trained model or params, and the logged (loss,
+  destroyed_ratio)."""
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    trained = ns["main"](steps)
+    trained = ns["main"](steps, **kw)
   logged = re.findall(r"step \d+  loss ([0-9.]+)  destroyed_ratio ([0-9.]+)", out.getvalue())
   assert len(logged) == steps, out.getvalue()
   return trained, np.array(logged, float)
@@ -77,6 +80,32 @@ def test_nnx_example():
   lin = jax.jit(bottleneck.linear_head_stats)(model.hidden(x), model.head.kernel[...].T, y)
   assert_stats(stats, {k: getattr(lin, k) for k in FIELDS}, rtol=1e-5)
   assert 0 < stats.destroyed_ratio < 1 and loss == stats.loss
+
+
+def test_nnx_example_stable():
+  """--stable (z-loss and softcap): it learns; the gradients are those of the objective written
+  out in plain JAX on the model's own logits, and G is its gradient in the raw logits."""
+  ns = load(source("nnx_lm"), "nnx_lm.py")
+  model, logged = train(ns, steps=20, stable=True)
+  assert logged[-1, 0] < 0.6 * logged[0, 0]
+  tokens = ns["batch"](100, 256)
+  x, y = tokens[:, :-1], tokens[:, 1:]
+  loss_fn = functools.partial(ns["loss_fn"], **ns["STABLE"])
+  (loss, stats), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model, tokens)
+
+  def plain(z):  # mean of lse − s_y + α·lse², s = c·tanh(z/c)
+    c, alpha = ns["STABLE"]["softcap"], ns["STABLE"]["z_loss"]
+    s = c * jnp.tanh(z / c)
+    lse = jax.nn.logsumexp(s, -1)
+    return jnp.mean(lse - jnp.take_along_axis(s, y[..., None], -1)[..., 0] + alpha * lse**2)
+
+  assert_grads(grads, nnx.jit(nnx.grad(lambda m: plain(m.head(m.hidden(x)))))(model))
+  z = model.head(model.hidden(x))
+  g = jax.grad(plain)(z)
+  np.testing.assert_allclose(loss, plain(z), rtol=1e-5)
+  np.testing.assert_allclose(stats.full_norm, np.linalg.norm(g), rtol=1e-5)
+  np.testing.assert_allclose(stats.backbone_norm, np.linalg.norm(g @ model.head.kernel[...].T),
+                             rtol=1e-4)
 
 
 def test_linen_example():

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_confident
+import test_loss
 from flax import nnx
 from test_bottleneck import FIELDS, RTOL, assert_stats, batch, head_cases, reference
 
@@ -241,3 +242,173 @@ def test_head_matrix_refuses_what_head_loss_cannot_take():
     flax_heads.head_matrix({"kernel": jnp.ones(8)})
   with pytest.raises(TypeError, match="got ndarray"):
     flax_heads.head_matrix(np.ones((8, 40)))
+
+
+# Options (issue 23): the loss, gradients and stats of every option against float64.
+
+def option_batch(seed=3):
+  """ignored_problem() (mask, −100 targets) with random per-token weights in [0, 2)."""
+  h, w, y, mask = ignored_problem()
+  weights = np.random.default_rng(seed).random(y.shape).astype(np.float32) * 2
+  return h, w, y, mask, weights
+
+
+def option_stats(ref, w):
+  """The stats of the float64 G of test_loss.options_reference; the per-token ratio averaged
+  with the token weights m·w."""
+  g, w = ref["g"], np.asarray(w, np.float64)
+  gp = g @ (w @ np.linalg.pinv(w))
+  full, vis = np.linalg.norm(g), np.linalg.norm(gp)
+  tw = ref["weights"]
+  per_token = np.linalg.norm(g - gp, axis=1) / np.where(tw > 0, np.linalg.norm(g, axis=1), 1.0)
+  m = ref["g_sq_N"] > 0
+  return dict(loss=ref["loss"], full_norm=full, backbone_norm=np.linalg.norm(g @ w),
+              visible_norm=vis, destroyed_ratio=np.linalg.norm(g - gp) / full,
+              visible_cosine=vis / full, token_destroyed_ratio=np.sum(per_token * tw) / tw.sum(),
+              accuracy=np.sum(ref["correct_N"]) / m.sum())
+
+
+def assert_option_stats(stats, want, names=FIELDS, rtol=1e-5):
+  for k in names:
+    np.testing.assert_allclose(getattr(stats, k), want[k], rtol=rtol, atol=1e-7, err_msg=k)
+
+
+def value_grads(f, h, w, ct):
+  """jit(vjp) of f(h, w) -> (loss, stats) with cotangent ct (1 when None)."""
+  def run(h, w):
+    loss, vjp, stats = jax.vjp(f, h, w, has_aux=True)
+    return loss, stats, vjp(jnp.ones_like(loss) if ct is None else ct)
+  return jax.jit(run)(h, w)
+
+
+def float64_grads_of(ref, h, w, ct=None):
+  g = ref["g"] if ct is None else ref["g"] * np.asarray(ct, np.float64).reshape(-1, 1)
+  return g @ np.asarray(w, np.float64), g.T @ np.asarray(h, np.float64).reshape(len(g), -1)
+
+
+def assert_grads_close(got, want):
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a).reshape(b.shape), b, rtol=1e-5,
+                               atol=1e-6 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize("opt", test_loss.OPTIONS)
+def test_head_loss_options_match_float64(opt, chunk_size):
+  """Each option with weights, a mask and −100 targets: loss, dℒ/dh, dℒ/dW and every stat,
+  G being the gradient of the whole objective with respect to the raw logits."""
+  h, w, y, mask, weights = option_batch()
+  opts = test_loss.OPTIONS[opt]
+  f = lambda h, w: bottleneck.head_loss(h, w, y, mask, chunk_size=chunk_size, weights=weights,
+                                        **opts)
+  loss, stats, grads = value_grads(f, h, w, None)
+  ref = test_loss.options_reference(h, w, y, mask, weights, **opts)
+  assert_option_stats(stats, option_stats(ref, w))
+  assert_grads_close(grads, float64_grads_of(ref, h, w))
+  assert loss == stats.loss and stats.lse is stats.argmax is stats.accuracy is None
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_head_loss_reductions(reduction, chunk_size):
+  """sum; none: per-token losses in the targets' shape (0 where masked), differentiated with a
+  random per-token cotangent, its stats those of the sum of the per-token losses."""
+  h, w, y, mask, weights = option_batch()
+  opts = test_loss.OPTIONS["all"]
+  ct = None
+  if reduction == "none":
+    ct = jnp.asarray(np.random.default_rng(4).normal(size=y.shape), jnp.float32)
+  f = lambda h, w: bottleneck.head_loss(h, w, y, mask, chunk_size=chunk_size, weights=weights,
+                                        reduction=reduction, **opts)
+  loss, stats, grads = value_grads(f, h, w, ct)
+  ref = test_loss.options_reference(h, w, y, mask, weights, reduction, **opts)
+  np.testing.assert_allclose(np.asarray(loss).reshape(-1), ref["loss"], rtol=1e-5, atol=1e-7)
+  assert loss.shape == (() if reduction == "sum" else y.shape)
+  assert_option_stats(stats, option_stats(ref, w), [k for k in FIELDS if k != "loss"])
+  assert_grads_close(grads, float64_grads_of(ref, h, w, ct))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_head_fn_loss_options(reduction):
+  """A factorized head W = A B through head_fn, every option: dℒ/dA = dℒ/dW Bᵀ, dℒ/dB =
+  Aᵀ dℒ/dW and dℒ/dh in float64, stats with Π onto range(A B)."""
+  h, w, y, mask, weights = option_batch()
+  rng = np.random.default_rng(6)
+  a, b = rng.normal(size=(128, 4)).astype(np.float32), rng.normal(size=(4, 16)).astype(np.float32)
+  head_fn = lambda p, h: (h @ p["b"].T) @ p["a"].T
+  opts = test_loss.OPTIONS["all"]
+  ct = None if reduction == "mean" else jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  f = lambda p, h: bottleneck.head_fn_loss(head_fn, p, h, y, mask, weights=weights,
+                                           reduction=reduction, return_lse=True, **opts)
+  loss, stats, (dp, dh) = value_grads(f, {"a": a, "b": b}, h, ct)
+  w64 = a.astype(np.float64) @ b.astype(np.float64)
+  ref = test_loss.options_reference(h, w64, y, mask, weights, reduction, **opts)
+  np.testing.assert_allclose(np.asarray(loss).reshape(-1), ref["loss"], rtol=1e-5, atol=1e-7)
+  want_dh, want_dw = float64_grads_of(ref, h, w64, ct)
+  assert_grads_close((dh, dp["a"], dp["b"]), (want_dh, want_dw @ b.T, a.T @ want_dw))
+  assert_option_stats(stats, option_stats(ref, w64), [k for k in FIELDS if k != "loss"] +
+                      ["accuracy"])
+  np.testing.assert_allclose(stats.lse, ref["lse_N"].reshape(y.shape), rtol=1e-5)
+  np.testing.assert_array_equal(stats.argmax, ref["argmax_N"].reshape(y.shape))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_return_lse_and_accuracy(chunk_size):
+  """Per-token lse (of the capped logits) and argmax in the targets' shape, and the accuracy
+  over valid tokens, from the loss's own pass; metrics() is unchanged."""
+  h, w, y, mask, _ = option_batch()
+  z = np.asarray(h, np.float64).reshape(96, -1) @ np.asarray(w, np.float64).T
+  y = np.where((np.arange(96) % 3 == 0) & (y.reshape(-1) != -100), z.argmax(-1),
+               y.reshape(-1)).reshape(y.shape)  # a third of the tokens right
+  opts = dict(softcap=3.0)
+  _, stats = jax.jit(lambda h, w: bottleneck.head_loss(h, w, y, mask, chunk_size=chunk_size,
+                                                       return_lse=True, **opts))(h, w)
+  ref = test_loss.options_reference(h, w, y, mask, **opts)
+  assert stats.lse.shape == stats.argmax.shape == y.shape
+  np.testing.assert_allclose(stats.lse, ref["lse_N"].reshape(y.shape), rtol=1e-6)
+  np.testing.assert_array_equal(stats.argmax, ref["argmax_N"].reshape(y.shape))
+  np.testing.assert_allclose(stats.accuracy, option_stats(ref, w)["accuracy"], rtol=1e-6)
+  assert 0 < stats.accuracy < 1
+  assert set(stats.metrics()) == {"bottleneck/" + k for k in FIELDS if k != "loss"}
+
+
+def test_head_loss_bfloat16_with_options():
+  """bf16 h and W, every option, dense and chunked: as test_bfloat16_params_and_hidden_states."""
+  h, w, y, mask, weights = option_batch()
+  hb, wb = jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  opts = test_loss.OPTIONS["all"]
+  h32, w32 = hb.astype(jnp.float32), wb.astype(jnp.float32)
+  ref = test_loss.options_reference(h32, w32, y, mask, weights, **opts)
+  want = option_stats(ref, w32)
+  for chunk_size in (None, 16):
+    f = lambda h, w: bottleneck.head_loss(h, w, y, mask, chunk_size=chunk_size, weights=weights,
+                                          **opts)
+    _, stats, (dh, dw) = value_grads(f, hb, wb, None)
+    assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    assert_option_stats(stats, want, ("loss", "full_norm"))
+    assert_option_stats(stats, want, FIELDS, rtol=2.0**-8)
+    for got, want_g in zip((dh, dw), float64_grads_of(ref, h32, w32)):
+      got = np.asarray(got, np.float64).reshape(want_g.shape)
+      assert np.linalg.norm(got - want_g) < 1e-2 * np.linalg.norm(want_g), chunk_size
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_one_pass_with_options(chunk_size):
+  """Every option: still the plain CE's three head matmuls and one loop, plus the stats' one."""
+  h, w, y, mask, weights = option_batch()
+  f = lambda h, w: bottleneck.head_loss(h, w, y, mask, chunk_size=chunk_size, weights=weights,
+                                        **test_loss.OPTIONS["all"])
+  hlo = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True)).lower(h, w).compile().as_text()
+  assert (hlo.count(" dot("), len(re.findall(r" while\(", hlo))) == (4, 0 if chunk_size is None
+                                                                     else 1)
+
+
+def test_bad_options():
+  h, w, y, mask, _ = option_batch()
+  with pytest.raises(ValueError, match=r"softcap must be None or a Python float > 0, got -1"):
+    bottleneck.head_loss(h, w, y, softcap=-1)
+  with pytest.raises(ValueError, match=r"reduction must be one of 'mean', 'sum', 'none'"):
+    bottleneck.head_fn_loss(lambda w, h: h @ w.T, w, h, y, reduction="batchmean")
+  with pytest.raises(ValueError, match=r"weights shape \(96,\) does not match targets shape "
+                                       r"\(8, 12\)"):
+    bottleneck.head_loss(h, w, y, weights=np.ones(96))

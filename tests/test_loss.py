@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmhead_jax.core.loss import accuracy, cross_entropy, fused_head_loss
+from lmhead_jax.core.loss import accuracy, cross_entropy, fused_head_loss, logit_loss
 
 
 def reference(h, w, y, m):
@@ -207,3 +207,170 @@ def test_bad_shapes():
   with pytest.raises(ValueError, match="targets contains id 50"):
     fused_head_loss(h, w, y.at[0].set(50), chunk_size=4)
 
+
+
+# Options (issue 23): softcap, z-loss, label smoothing, weights, reductions, against float64.
+
+OPTIONS = {"softcap": dict(softcap=3.0), "z_loss": dict(z_loss=0.01),
+           "smoothing": dict(label_smoothing=0.1),
+           "all": dict(softcap=3.0, z_loss=0.01, label_smoothing=0.1)}
+IGNORED = [2, 3, 20]  # token positions whose target is −100
+
+
+def reference_token_losses(z, y, z_loss=0.0, softcap=None, label_smoothing=0.0):
+  """float64 per-token ℓ and lse of logits z[N, V]: (1 − ε)·CE + ε·(lse − mean s) + α·lse² on
+  s = c·tanh(z/c); targets −100 read as 0 (their tokens are masked). CE = log(1 + Σ_{j≠y}
+  e_j / e_y), accurate for confident tokens."""
+  s = softcap * np.tanh(z / softcap) if softcap else z
+  e = np.exp(s - s.max(-1, keepdims=True))
+  is_y = np.arange(z.shape[1]) == np.where(y == -100, 0, y)[:, None]
+  lse = s.max(-1) + np.log(e.sum(-1))
+  ce = np.log1p(np.sum(np.where(is_y, 0.0, e), -1) / e[is_y])  # not lse − s_y, which cancels
+  eps = label_smoothing
+  return (1 - eps) * ce + eps * (lse - s.mean(-1)) + z_loss * lse**2, lse
+
+
+def options_reference(h, w, y, mask, weights=None, reduction="mean", **opts):
+  """float64: the loss, G = ∂ℒ/∂z (raw logits) written out, per-token stats, dℒ/dh, dℒ/dW."""
+  h, w = np.asarray(h, np.float64), np.asarray(w, np.float64)
+  h = h.reshape(-1, w.shape[1])
+  y = np.asarray(y).reshape(-1)
+  m = (np.asarray(mask).reshape(-1) > 0) & (y != -100)
+  wt = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+  z = h @ w.T
+  loss_n, lse = reference_token_losses(z, y, **opts)
+  alpha, cap = opts.get("z_loss", 0.0), opts.get("softcap")
+  eps, v = opts.get("label_smoothing", 0.0), w.shape[0]
+  s = cap * np.tanh(z / cap) if cap else z
+  p = np.exp(s - lse[:, None])
+  is_y = np.arange(v) == np.where(y == -100, 0, y)[:, None]
+  # ∂ℓ/∂s = p·(1 + 2α·lse) − (1 − ε)·e_y − ε/V, its target entry with p_y − 1 summed as
+  # −Σ_{j≠y} p_j: float64 p_y − 1 would itself cancel for confident tokens.
+  d = p * (1 + 2 * alpha * lse[:, None]) - eps / v
+  q = np.sum(np.where(is_y, 0.0, p), -1)
+  d[is_y] = -q + 2 * alpha * lse * p[is_y] + eps * (1 - 1 / v)  # one target per row
+  if cap:
+    d = d * (1 - np.tanh(z / cap) ** 2)
+  r = m * wt / (max(m.sum(), 1.0) if reduction == "mean" else 1.0)
+  g = r[:, None] * d
+  loss = r * loss_n if reduction == "none" else np.sum(r * loss_n)
+  return dict(loss=loss, loss_N=loss_n * m, g_sq_N=np.sum(d * d, -1) * m, lse_N=lse,
+              correct_N=(z.argmax(-1) == y) * m, argmax_N=z.argmax(-1), g=g, dh=g @ w,
+              dw=g.T @ h, weights=m * wt)
+
+
+def test_reference_gradient_is_the_derivative_of_the_reference_loss():
+  """The reference's written-out G = central differences of its loss (all options, weights)."""
+  rng = np.random.default_rng(7)
+  z, y, r = rng.normal(size=(4, 6)) * 3, np.array([0, 5, 2, -100]), rng.random(4)
+  opts = OPTIONS["all"]
+  total = lambda z: np.sum(r * (y != -100) * reference_token_losses(z, y, **opts)[0])
+  step, numeric = 1e-6, np.zeros_like(z)
+  for i in np.ndindex(z.shape):
+    dz = np.zeros_like(z)
+    dz[i] = step
+    numeric[i] = (total(z + dz) - total(z - dz)) / (2 * step)
+  h, w = z, np.eye(6)  # z = h Wᵀ
+  g = options_reference(h, w, y, np.ones(4), r, "sum", **opts)["g"]
+  np.testing.assert_allclose(g, numeric, rtol=1e-7, atol=1e-9)
+
+
+def option_problem(seed=0):
+  """problem() with random weights and −100 targets among the masked and unmasked tokens."""
+  h, w, y, m = problem(seed=seed)
+  y = y.at[np.array(IGNORED)].set(-100)
+  weights = jnp.asarray(np.random.default_rng(seed).random(y.shape) * 2, jnp.float32)
+  return h, w, y, m, weights
+
+
+def run_with(h, w, y, m, ct=None, **kw):
+  """fused_head_loss under jit: loss, stats and the vjp of cotangent ct (1 when None)."""
+  def f(h, w):
+    loss, vjp, tok = jax.vjp(lambda h, w: fused_head_loss(h, w, y, m, **kw), h, w, has_aux=True)
+    return loss, tok, vjp(jnp.ones_like(loss) if ct is None else ct)
+  loss, tok, (dh, dw) = jax.jit(f)(h, w)
+  return dict(loss=loss, dh=dh, dw=dw, **{k: getattr(tok, k) for k in
+                                          ("loss_N", "g_sq_N", "correct_N", "lse_N", "argmax_N")})
+
+
+PATH_KW = {"dense": dict(chunk_size=None), "chunked": dict(chunk_size=8),
+           "vocab_blocks": dict(chunk_size=8, vocab_block=7)}  # V = 50: padded lanes
+
+
+@pytest.mark.parametrize("path", PATH_KW)
+@pytest.mark.parametrize("opt", OPTIONS)
+def test_options_match_float64(opt, path):
+  """Each option with weights, a random mask and −100 targets, mean reduction."""
+  h, w, y, m, weights = option_problem()
+  got = run_with(h, w, y, m, weights=weights, **OPTIONS[opt], **PATH_KW[path])
+  want = options_reference(h, w, y, m, weights, **OPTIONS[opt])
+  assert_close(got, want, 1e-5, [k for k in got if k != "argmax_N"])
+  np.testing.assert_array_equal(got["argmax_N"], want["argmax_N"])
+
+
+@pytest.mark.parametrize("path", ["dense", "vocab_blocks"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions_match_float64(reduction, path):
+  """sum, and none with a random per-token cotangent (its backward pass runs the head again)."""
+  h, w, y, m, weights = option_problem(seed=1)
+  ct = None
+  if reduction == "none":
+    ct = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+  got = run_with(h, w, y, m, ct, weights=weights, reduction=reduction, **OPTIONS["all"],
+                 **PATH_KW[path])
+  want = options_reference(h, w, y, m, weights, reduction, **OPTIONS["all"])
+  if ct is not None:
+    g = want["g"] * np.asarray(ct, np.float64)[:, None]
+    want |= dict(dh=g @ np.asarray(w, np.float64), dw=g.T @ np.asarray(h, np.float64))
+    assert got["loss"].shape == y.shape and not np.any(np.asarray(got["loss"])[~(want[
+        "weights"] > 0)])
+  assert_close(got, want, 1e-5, ["loss", "dh", "dw", "loss_N", "g_sq_N", "lse_N"])
+
+
+def test_logit_loss_options_and_cross_entropy():
+  """logit_loss on given logits: loss, G (its vjp) and stats as float64; cross_entropy is its
+  plain mean, with batch dimensions."""
+  h, w, y, m, weights = option_problem(seed=2)
+  z = jnp.matmul(h, w.T, precision="highest")
+  want = options_reference(h, w, y, m, weights, **OPTIONS["all"])
+  f = lambda z: logit_loss(z, y, m, weights=weights, **OPTIONS["all"])
+  (loss, tok), g = jax.jit(jax.value_and_grad(f, has_aux=True))(z)
+  got = dict(loss=loss, g=g, g_sq_N=tok.g_sq_N, lse_N=tok.lse_N)
+  assert_close(got, want, 1e-5, list(got))
+  plain = options_reference(h, w, y, m)
+  np.testing.assert_allclose(cross_entropy(z.reshape(1, 37, 50), y.reshape(1, 37),
+                                           m.reshape(1, 37)), plain["loss"], rtol=1e-5)
+
+
+def test_bfloat16_inputs_with_options():
+  """bf16 h and w with every option: as test_bfloat16_inputs, the loss and per-token stats are
+  float32-accurate for the rounded inputs, dh and dW (bf16) within 1e-2 of their norm."""
+  h, w, y, m = problem(n=64, v=300, d=32, dtype=jnp.bfloat16, seed=5)
+  weights = jnp.asarray(np.random.default_rng(5).random(64), jnp.float32)
+  want = options_reference(h.astype(jnp.float32), w.astype(jnp.float32), y, m, weights,
+                           **OPTIONS["all"])
+  for chunk_size, vocab_block in ((None, None), (16, None), (16, 128)):
+    got = run_with(h, w, y, m, weights=weights, chunk_size=chunk_size, vocab_block=vocab_block,
+                   **OPTIONS["all"])
+    assert got["dh"].dtype == jnp.bfloat16 and got["dw"].dtype == jnp.bfloat16
+    assert_close(got, want, 1e-5, ["loss", "loss_N", "g_sq_N", "lse_N", "correct_N"])
+    for k in ("dh", "dw"):
+      err = np.linalg.norm(np.asarray(got[k], np.float64) - want[k]) / np.linalg.norm(want[k])
+      assert err < 1e-2, (chunk_size, vocab_block, k, err)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(z_loss=-1.0), r"z_loss must be a Python float >= 0, got -1.0"),
+    (dict(z_loss=jnp.float32(1e-4)), r"z_loss must be a Python float >= 0, got Array"),
+    (dict(softcap=0.0), r"softcap must be None or a Python float > 0, got 0.0"),
+    (dict(label_smoothing=1.5), r"label_smoothing must be a Python float in \[0, 1\], got 1.5"),
+    (dict(reduction="avg"), r"reduction must be one of 'mean', 'sum', 'none', got 'avg'"),
+    (dict(weights=np.ones(36)), r"weights shape \(36,\) does not match targets shape \(37,\)"),
+])
+def test_bad_loss_options(kw, match):
+  h, w, y, m = problem()
+  for chunk_size in (None, 8):
+    with pytest.raises(ValueError, match=match):
+      fused_head_loss(h, w, y, m, chunk_size=chunk_size, **kw)
+  with pytest.raises(ValueError, match=match):
+    logit_loss(h @ w.T, y, m, **kw)

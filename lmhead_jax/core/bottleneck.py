@@ -37,7 +37,9 @@ Target ids out of [0, V) raise in eager calls (under jit see `checks`), except �
 masked (`loss.IGNORE_INDEX`).
 
 `head_loss` and `head_fn_loss` are training losses that return the stats beside the loss, for
-`jax.value_and_grad(..., has_aux=True)` in anyone's train step, at no second pass over the head.
+`jax.value_and_grad(..., has_aux=True)` in anyone's train step, at no second pass over the head,
+with the options of `loss.Options` (softcap, z-loss, label smoothing, weights, reduction); G is
+then the gradient of that objective with respect to the raw logits z = h Wᵀ.
 """
 
 import functools
@@ -48,20 +50,31 @@ import jax.numpy as jnp
 from flax import struct
 
 from lmhead_jax.core import checks
-from lmhead_jax.core.loss import IGNORE_INDEX, cross_entropy, fused_head_loss, valid_mask
+from lmhead_jax.core.loss import (IGNORE_INDEX, cross_entropy, fused_head_loss, logit_loss,
+                                  options, token_weights, valid_mask)
 
 
 @struct.dataclass
 class BottleneckStats:
-  """Scalars of one batch. Norms are Frobenius norms of N×V (G) or N×D (G W) matrices."""
+  """Scalars of one batch. Norms are Frobenius norms of N×V (G) or N×D (G W) matrices.
 
-  loss: jax.Array
+  G = ∂ℒ/∂z, z the raw logits the head computes (before any softcap): the gradient of the
+  whole objective (softcap's chain rule, z-loss, label smoothing, weights, reduction), whose
+  product G W is what the backbone receives. With reduction "none", ℒ is the sum of the
+  per-token losses. The last three fields are set by head_loss and head_fn_loss with
+  return_lse=True only (the argmax is a reduction of its own over the logits: +25% on a dense
+  step on CPU)."""
+
+  loss: jax.Array  # the loss returned beside the stats (per token with reduction "none")
   full_norm: jax.Array  # ‖G‖
   backbone_norm: jax.Array  # ‖G W‖
   visible_norm: jax.Array  # ‖G Π‖
   destroyed_ratio: jax.Array  # ‖G (I − Π)‖ / ‖G‖
   visible_cosine: jax.Array  # ‖G Π‖ / ‖G‖ = cos(G, G Π)
-  token_destroyed_ratio: jax.Array  # mean_t ‖(I − Π) g_t‖ / ‖g_t‖
+  token_destroyed_ratio: jax.Array  # mean_t ‖(I − Π) g_t‖ / ‖g_t‖ (weighted by `weights`)
+  accuracy: jax.Array | None = None  # fraction of valid tokens whose argmax logit is the target
+  lse: jax.Array | None = None  # per-token log Σ exp(capped logits), shape of targets (return_lse)
+  argmax: jax.Array | None = None  # per-token argmax logit, shape of targets (return_lse)
 
   def metrics(self, prefix: str = "bottleneck/") -> dict[str, jax.Array]:
     """The diagnostics as a flat dict (loss excluded)."""
@@ -112,12 +125,14 @@ def _gram_r(w_VxD):
   return mm(jnp.sqrt(jnp.maximum(lam1_D, 0.0))[:, None] * u1_DxD.T, scale_D[:, None] * u_DxD.T)
 
 
-def summarize(loss, g_sq_N, b_NxD, vis_sq_N, mask_N) -> BottleneckStats:
-  """Stats from the unscaled rows g_t = p_t − e_y (G = rows · m/n): per-token ‖g_t‖², b_t = g_t W
-  and ‖g_t Π‖². The 1/n comes last, so squares of confident tokens' rows (≈ (1 − p_y)²) do not
-  underflow float32 at large n."""
+def summarize(loss, g_sq_N, b_NxD, vis_sq_N, mask_N, weights_N=None) -> BottleneckStats:
+  """Stats from the rows g_t of n·G (n valid tokens; g_t = p_t − e_y for the mean CE): per-token
+  ‖g_t‖², b_t = g_t W and ‖g_t Π‖². The 1/n comes last, so squares of confident tokens' rows
+  (≈ (1 − p_y)²) do not underflow float32 at large n. token_destroyed_ratio is the mean over
+  valid tokens, weighted by weights_N when given."""
   full_sq, vis_sq = jnp.sum(g_sq_N), jnp.sum(vis_sq_N)
   n = jnp.maximum(jnp.sum(mask_N), 1.0)
+  token_w = mask_N if weights_N is None else mask_N * weights_N
   return BottleneckStats(
       loss=loss,
       full_norm=jnp.sqrt(full_sq) / n,
@@ -125,8 +140,13 @@ def summarize(loss, g_sq_N, b_NxD, vis_sq_N, mask_N) -> BottleneckStats:
       visible_norm=jnp.sqrt(vis_sq) / n,
       destroyed_ratio=destroyed(vis_sq, full_sq),
       visible_cosine=jnp.sqrt(visible_share(vis_sq, full_sq)),
-      token_destroyed_ratio=jnp.sum(destroyed(vis_sq_N, g_sq_N) * mask_N) / n,
+      token_destroyed_ratio=_weighted_mean(destroyed(vis_sq_N, g_sq_N), token_w),
   )
+
+
+def _weighted_mean(x, w):
+  """Σ x·w / Σ w (0 when Σ w = 0)."""
+  return jnp.sum(x * w) / jnp.where(jnp.sum(w) != 0, jnp.sum(w), 1.0)
 
 
 def visible_share(vis_sq, full_sq):
@@ -225,82 +245,133 @@ def jacobian_visible_sq(head_fn, h_NxD, b_NxD, linear_in_h: bool) -> jax.Array:
   return jax.lax.map(per_token, (h_NxD, b_NxD))
 
 
-def head_loss(h, w, targets, mask=None, *, chunk_size=None) -> tuple[jax.Array, BottleneckStats]:
-  """(mean CE of z = h Wᵀ, its BottleneckStats), differentiable in h[..., D] and W[V, D].
+def head_loss(h, w, targets, mask=None, *, chunk_size=None, z_loss=0.0, softcap=None,
+              label_smoothing=0.0, weights=None, reduction="mean",
+              return_lse=False) -> tuple[jax.Array, BottleneckStats]:
+  """(loss of z = h Wᵀ, its BottleneckStats), differentiable in h[..., D] and W[V, D].
+
+  The loss is the mean CE by default, with the options of `loss.Options`, all exact: softcap
+  (z ← c·tanh(z/c) before the softmax), z_loss (α·lse² per token), label_smoothing (PyTorch's),
+  weights (per token, shape of targets, multiplying the mask) and reduction ("mean" divides by
+  the number of valid tokens, "sum", "none": per-token losses, shape of targets, 0 at masked
+  positions). Targets −100 are masked. The stats describe G = ∂ℒ/∂z of that whole objective,
+  z = h Wᵀ before the softcap (the backbone receives G W). return_lse=True adds the per-token
+  `lse` (of the capped logits) and `argmax` and the `accuracy`, from the same pass.
 
   For `jax.value_and_grad(..., has_aux=True)`; the stats are constants. The forward pass forms
   G, G W and Gᵀ H once (`loss.fused_head_loss`, dense or chunk_size tokens at a time) and the
-  backward pass reuses them: the stats cost the range map of W and one reduction over G.
+  backward pass reuses them: the stats cost the range map of W and one reduction over G
+  (reduction "none" runs the head again in the backward pass, for its per-token cotangent).
   The matmuls run in h's dtype (float32 accumulation); gradients come in h's and w's dtypes.
   With bf16 h, G is rounded to bf16 for G W as for the gradient: the norms read off G W (and
   the ratios) carry ≈ 2⁻⁹ relative error; linear_head_stats computes in float32 throughout.
   """
+  opts = options(z_loss, softcap, label_smoothing, reduction)
   w = _matrix(w)
-  h_NxD, targets, mask = flatten_batch(h, targets, mask, w.shape[1])
-  checks.token_ids(targets, w.shape[0], "targets", IGNORE_INDEX)
-  value_grads = functools.partial(_fused_value_grads, chunk_size)
-  loss, g_sq, dh = _one_pass(value_grads, w, h_NxD, targets, mask)
+  h_NxD, targets_N, mask_N = flatten_batch(h, targets, mask, w.shape[1])
+  checks.token_ids(targets_N, w.shape[0], "targets", IGNORE_INDEX)
+  weights_N = token_weights(targets, weights).reshape(-1)
+  value_grads = functools.partial(_fused_value_grads, chunk_size, opts)
+  loss, tok, dh = _one_pass(value_grads, w, h_NxD, targets_N, mask_N, weights_N)
   m_DxK = range_map(jax.lax.stop_gradient(w))
-  return loss, _stats(loss, g_sq, dh, mask, lambda b: visible_sq(b, m_DxK))
+  return _outputs(loss, tok, dh, mask_N, weights_N, opts, lambda b: visible_sq(b, m_DxK),
+                  jnp.shape(targets), return_lse)
 
 
 def head_fn_loss(head_fn: Callable, head_params, h, targets, mask=None, *,
-                 linear_in_h: bool = True) -> tuple[jax.Array, BottleneckStats]:
-  """(mean CE of z = head_fn(head_params, h), its BottleneckStats), differentiable in head_params
-  and h[..., D]: `head_loss` for any head. head_fn maps h[N, D] to float logits z[N, V]; Π is as
-  in `head_stats`. head_fn must not close over values being differentiated (pass them in
-  head_params)."""
-  h_NxD, targets, mask = flatten_batch(h, targets, mask)
+                 linear_in_h: bool = True, z_loss=0.0, softcap=None, label_smoothing=0.0,
+                 weights=None, reduction="mean",
+                 return_lse=False) -> tuple[jax.Array, BottleneckStats]:
+  """(loss of z = head_fn(head_params, h), its BottleneckStats), differentiable in head_params
+  and h[..., D]: `head_loss` for any head, with the same options on head_fn's logits. head_fn
+  maps h[N, D] to float logits z[N, V]; Π is as in `head_stats`. head_fn must not close over
+  values being differentiated (pass them in head_params)."""
+  opts = options(z_loss, softcap, label_smoothing, reduction)
+  h_NxD, targets_N, mask_N = flatten_batch(h, targets, mask)
   z = jax.eval_shape(head_fn, head_params, h_NxD)
-  checks.token_ids(targets, z.shape[-1], "targets", IGNORE_INDEX)
-  loss, g_sq, dh = _one_pass(functools.partial(_head_fn_value_grads, head_fn), head_params,
-                             h_NxD, targets, mask)
+  checks.token_ids(targets_N, z.shape[-1], "targets", IGNORE_INDEX)
+  weights_N = token_weights(targets, weights).reshape(-1)
+  value_grads = functools.partial(_head_fn_value_grads, head_fn, opts)
+  loss, tok, dh = _one_pass(value_grads, head_params, h_NxD, targets_N, mask_N, weights_N)
   params = jax.lax.stop_gradient(head_params)
   vis = lambda b: jacobian_visible_sq(functools.partial(head_fn, params),
                                       jax.lax.stop_gradient(h_NxD), b, linear_in_h)
-  return loss, _stats(loss, g_sq, dh, mask, vis)
+  return _outputs(loss, tok, dh, mask_N, weights_N, opts, vis, jnp.shape(targets), return_lse)
 
 
-def _stats(loss, g_sq_N, dh_NxD, mask_N, visible_sq_of) -> BottleneckStats:
-  """Stats from ‖n·g_t‖² and dh = G·∂z/∂h; visible_sq_of(b) gives ‖g_t Π‖² of b = n·dh."""
-  g_sq_N, dh_NxD, loss = jax.lax.stop_gradient((g_sq_N, dh_NxD, loss))
-  b = dh_NxD.astype(jnp.float32) * jnp.maximum(jnp.sum(mask_N), 1.0)
-  return summarize(loss, g_sq_N, b, visible_sq_of(b), mask_N)
+def _outputs(loss, tok, dh_NxD, mask_N, weights_N, opts, visible_sq_of, shape, return_lse):
+  """(loss in the targets' shape for "none", BottleneckStats). The rows of n·G are
+  (n·r_t)·d_t, r_t = m·w/n ("mean") or m·w, d_t = ∂ℓ_t/∂z; dh = G·∂z/∂h; visible_sq_of(b)
+  gives ‖g_t Π‖² of b = n·dh."""
+  loss = loss.reshape(shape) if opts.reduction == "none" else loss
+  tok, dh_NxD, stat_loss = jax.lax.stop_gradient((tok, dh_NxD, loss))
+  n = jnp.maximum(jnp.sum(mask_N), 1.0)
+  row_scale = weights_N if opts.reduction == "mean" else n * weights_N
+  b = dh_NxD.astype(jnp.float32) * n
+  stats = summarize(stat_loss, tok.g_sq_N * jnp.square(row_scale), b, visible_sq_of(b), mask_N,
+                    weights_N)
+  if return_lse:
+    stats = stats.replace(accuracy=jnp.sum(tok.correct_N) / n, lse=tok.lse_N.reshape(shape),
+                          argmax=tok.argmax_N.reshape(shape))
+  return loss, stats
 
 
-def _fused_value_grads(chunk_size, w, h_NxD, targets_N, mask_N):
-  """Loss, ‖n·g_t‖² and (∂ℒ/∂W, ∂ℒ/∂h in float32) of `fused_head_loss`."""
+def _per_token(opts):
+  """The options with which a value_grads differentiates: "none" as "sum" (the gradient of
+  the sum of the per-token losses, the sum reweighted by their cotangents in `_one_pass`)."""
+  return opts._replace(reduction="sum") if opts.reduction == "none" else opts
+
+
+def _loss_out(loss, tok, weights_N, opts):
+  """The loss to return: per token (weighted, 0 where masked) for reduction "none"."""
+  return tok.loss_N * weights_N if opts.reduction == "none" else loss
+
+
+def _fused_value_grads(chunk_size, opts, w, h_NxD, targets_N, mask_N, weights_N):
+  """Loss, TokenStats and (∂ℒ/∂W, ∂ℒ/∂h in float32) of `fused_head_loss`."""
   fused = lambda w, h: fused_head_loss(h, w, targets_N, mask_N, chunk_size=chunk_size,
-                                       compute_dtype=h_NxD.dtype)
-  loss, head_vjp, tokens = jax.vjp(fused, w, h_NxD.astype(jnp.float32), has_aux=True)
-  return loss, tokens.g_sq_N, head_vjp(jnp.ones_like(loss))
+                                       compute_dtype=h_NxD.dtype, weights=weights_N,
+                                       **_per_token(opts)._asdict())
+  loss, head_vjp, tok = jax.vjp(fused, w, h_NxD.astype(jnp.float32), has_aux=True)
+  return _loss_out(loss, tok, weights_N, opts), tok, head_vjp(jnp.ones_like(loss))
 
 
-def _head_fn_value_grads(head_fn, params, h_NxD, targets_N, mask_N):
-  """Loss, ‖n·g_t‖² and (∂ℒ/∂params, ∂ℒ/∂h) of the mean CE of head_fn(params, h)."""
+def _head_fn_value_grads(head_fn, opts, params, h_NxD, targets_N, mask_N, weights_N):
+  """Loss, TokenStats and (∂ℒ/∂params, ∂ℒ/∂h) of `loss.logit_loss` on head_fn(params, h)."""
   z, head_vjp = jax.vjp(head_fn, params, h_NxD)
-  loss, g = jax.value_and_grad(cross_entropy)(z, targets_N, mask_N)
-  g_sq = jnp.sum(jnp.square(g * jnp.maximum(jnp.sum(mask_N), 1.0)), -1)
-  return loss, g_sq, head_vjp(g)
+  on_z = lambda z: logit_loss(z, targets_N, mask_N, weights=weights_N,
+                              **_per_token(opts)._asdict())
+  loss, loss_vjp, tok = jax.vjp(on_z, z, has_aux=True)
+  (g,) = loss_vjp(jnp.ones_like(loss))
+  return _loss_out(loss, tok, weights_N, opts), tok, head_vjp(g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _one_pass(value_grads, params, h_NxD, targets_N, mask_N):
-  """(loss, ‖n·g_t‖², ∂ℒ/∂h) of value_grads(params, h, targets, mask) -> (loss, g_sq,
-  (∂ℒ/∂params, ∂ℒ/∂h)). Its VJP scales those gradients, so differentiating the loss costs no
-  second pass; g_sq and ∂ℒ/∂h are constants."""
-  return _one_pass_fwd(value_grads, params, h_NxD, targets_N, mask_N)[0]
+def _one_pass(value_grads, params, h_NxD, targets_N, mask_N, weights_N):
+  """(loss, TokenStats, ∂ℒ/∂h) of value_grads(params, h, targets, mask, weights) -> (loss,
+  TokenStats, (∂ℒ/∂params, ∂ℒ/∂h)), ℒ the loss or the sum of the per-token losses. The VJP of
+  a scalar loss scales those gradients, so differentiating the loss costs no second pass; that
+  of per-token losses recomputes them with the weights times the cotangent. The TokenStats and
+  ∂ℒ/∂h are constants."""
+  return _one_pass_fwd(value_grads, params, h_NxD, targets_N, mask_N, weights_N)[0]
 
 
-def _one_pass_fwd(value_grads, params, h_NxD, targets_N, mask_N):
-  loss, g_sq_N, grads = value_grads(params, h_NxD, targets_N, mask_N)
-  res = jax.tree.map(lambda g, x: g.astype(x.dtype), grads, (params, h_NxD))
-  return (loss, g_sq_N, grads[1]), res
+def _one_pass_fwd(value_grads, params, h_NxD, targets_N, mask_N, weights_N):
+  loss, tok, grads = value_grads(params, h_NxD, targets_N, mask_N, weights_N)
+  if loss.ndim:
+    return (loss, tok, grads[1]), (params, h_NxD, targets_N, mask_N, weights_N)
+  return (loss, tok, grads[1]), jax.tree.map(lambda g, x: g.astype(x.dtype), grads,
+                                             (params, h_NxD))
 
 
 def _one_pass_bwd(value_grads, res, ct):
-  del value_grads
-  return *jax.tree.map(lambda g: (ct[0] * g).astype(g.dtype), res), None, None
+  if ct[0].ndim:
+    params, h_NxD, targets_N, mask_N, weights_N = res
+    grads = value_grads(params, h_NxD, targets_N, mask_N, weights_N * ct[0])[2]
+    grads = jax.tree.map(lambda g, x: g.astype(x.dtype), grads, (params, h_NxD))
+  else:
+    grads = jax.tree.map(lambda g: (ct[0] * g).astype(g.dtype), res)
+  return *grads, None, None, None
 
 
 _one_pass.defvjp(_one_pass_fwd, _one_pass_bwd)
