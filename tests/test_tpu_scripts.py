@@ -1,5 +1,6 @@
 """tpu/ scripts: shellcheck, --dry-run output, and real runs against a fake gcloud whose workers are
-local directories (the remote commands really run, in bash, with HOME set to the worker's dir)."""
+local directories (the remote commands really run, in bash, with HOME set to the worker's dir);
+run.sh's local config check with the fake experiment and with the real ones."""
 
 import json
 import os
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, TRICKY, assert_shellcheck_clean, fake_calls, run_script, write_exe
+from helpers import (ROOT, TRICKY, assert_shellcheck_clean, fake_calls, run_script,
+                     write_exe, write_fake_experiment)
 
 TPU = ROOT / "tpu"
 SCRIPTS = ["create", "setup", "run", "status", "logs", "delete"]
@@ -57,15 +59,16 @@ sys.exit("boom: bad config")
 
 @pytest.fixture
 def env(tmp_path):
-  """Environment with a fake gcloud on PATH, a fake experiments dir and two empty fake workers."""
+  """Environment with a fake gcloud on PATH, a fake experiments dir checked by this python, and two
+  empty fake workers."""
   write_exe(tmp_path / "bin" / "gcloud", FAKE_GCLOUD)
-  (tmp_path / "experiments").mkdir()
-  (tmp_path / "experiments" / "toy.py").write_text("")
+  write_fake_experiment(tmp_path / "experiments")
   (tmp_path / "experiments" / "__init__.py").write_text("")
   for w in "01":
     (tmp_path / "workers" / w).mkdir(parents=True)
   return dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
               FAKE_CALLS=str(tmp_path / "calls.jsonl"), FAKE_WORKERS=str(tmp_path / "workers"),
+              FAKE_CHECK=str(tmp_path / "check.json"), LMHEAD_LOCAL_PYTHON=sys.executable,
               LMHEAD_EXPERIMENTS_DIR=str(tmp_path / "experiments"), LMHEAD_TPU_NAME="my-tpu",
               LMHEAD_TPU_ZONE="us-east5-a", LMHEAD_WAIT="1")
 
@@ -187,6 +190,56 @@ def test_run_dry_run(env):
   assert words[i:i + len(python)] == python
   assert words[i + len(python)] == ">>" and "r=r1;" in words
   assert "r=r1;" in remote(check)
+
+
+def test_run_checks_the_config_here_first(env, tmp_path):
+  dry(env, "run", "toy", "cpu", "gs://b/w", TRICKY, "--config.a=1")
+  assert json.loads((tmp_path / "check.json").read_text()) == {
+      "argv": ["--config=experiments/toy.py:cpu", "--print_config", TRICKY, "--config.a=1"],
+      "cwd": str(tmp_path)}
+  for dry_run in (["--dry-run"], []):
+    proc = tpu(env, "run", *dry_run, "toy", "gpu", "gs://b/w", check=False)
+    assert proc.returncode == 1 and not proc.stdout and fake_calls(env) == []
+    assert "run.sh: error: config of toy gpu refused" in proc.stderr
+    assert proc.stderr.endswith(": unknown preset (known: cpu)\n")
+  (tmp_path / "check.json").unlink()
+  proc = tpu(env, "run", "--dry-run", "--no-check", "toy", "gpu", "gs://b/w")
+  assert "--no-check: the config of toy gpu was not checked here" in proc.stderr
+  assert "--config=experiments/toy.py:gpu" in proc.stdout and not (tmp_path / "check.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["nosuchpreset", "gs://b/x"], "unknown preset 'nosuchpreset' for experiments/rank_sweep.py"),
+    (["paper", "gs://b/x", "--config.train.stepz=1"], "'stepz' Did you mean \"steps\""),
+    (["paper", "gs://b/x", "--config.train.steps=0"], "train.steps=0 must be an integer >= 1")])
+def test_run_refuses_a_bad_real_config_before_gcloud(env, args, message):
+  del env["LMHEAD_EXPERIMENTS_DIR"]  # the checkout's experiments, checked by this python
+  proc = tpu(env, "run", "rank_sweep", *args, check=False)
+  assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+  assert "config of rank_sweep" in proc.stderr and not proc.stdout and fake_calls(env) == []
+
+
+def test_run_passes_a_good_real_config(env):
+  del env["LMHEAD_EXPERIMENTS_DIR"]
+  _, start, _ = dry(env, "run", "rank_sweep", "paper", "gs://b/x", "--config.train.steps=1")
+  assert "--config.train.steps=1" in remote(start)
+
+
+def test_run_refuses_a_python_without_the_project(env, tmp_path):
+  del env["LMHEAD_EXPERIMENTS_DIR"]
+  bare = tmp_path / "bare_python"  # no site-packages: no jax, no numpy, no lmhead_jax installed
+  write_exe(bare, f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -S \"$@\"\n")
+  for python, why in [(bare, "(ModuleNotFoundError: No module named"),
+                      (tmp_path / "nowhere", "No such file or directory")]:
+    proc = tpu(dict(env, LMHEAD_LOCAL_PYTHON=str(python)), "run", "rank_sweep", "paper", "gs://b/x",
+               check=False)
+    assert proc.returncode == 1 and not proc.stdout and fake_calls(env) == []
+    assert f"error: {python} cannot run experiments.rank_sweep here " in proc.stderr
+    assert why in proc.stderr and "pip install -e . in this checkout" in proc.stderr
+    assert "--no-check" in proc.stderr
+  proc = tpu(env, "run", "--dry-run", f"--local-python={bare}", "--no-check", "rank_sweep", "paper",
+             "gs://b/x")
+  assert "not checked here" in proc.stderr and proc.stdout.count("\n") == 3
 
 
 def test_run_rejects_bad_input(env):

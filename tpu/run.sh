@@ -11,9 +11,19 @@
 # starting again with the same WORKDIR resumes from its latest checkpoint. Overrides are passed as
 # they are, e.g. --config.train.steps=1000.
 #
+# Before any gcloud call (under --dry-run too) it resolves and validates the config here, with the
+# overrides, exactly as the run would:
+#   PYTHON -m experiments.EXPERIMENT --config=experiments/EXPERIMENT.py:PRESET --print_config \
+#     [overrides...]
+# and refuses a bad preset, key or value with the experiment's error line (a second or two).
+#
 #   --name, --zone, --project   the slice (env LMHEAD_TPU_NAME, LMHEAD_TPU_ZONE, LMHEAD_TPU_PROJECT)
 #   --run NAME          name of the logs (default EXPERIMENT-PRESET-YYYYmmdd-HHMMSS)
 #   --wait SECONDS      how long a run must survive to count as started (env LMHEAD_WAIT; default 30)
+#   --local-python PATH the python of that check, with this project installed
+#                       (env LMHEAD_LOCAL_PYTHON; default: .venv/bin/python of this checkout if
+#                       there is one, else python3)
+#   --no-check          skip that check (a warning says so)
 #   --stop              stop every run that run.sh started on the slice (SIGTERM to each)
 #   --dry-run           print the gcloud commands, run nothing
 #   -h, --help          this help
@@ -30,8 +40,10 @@ source "$ROOT/scripts/experiment_args.sh"
 RUN=''
 WAIT=${LMHEAD_WAIT:-30}
 STOP=0
-OPTIONS+=([run]=RUN [wait]=WAIT)
-SWITCHES+=([stop]=STOP)
+NO_CHECK=0
+LOCAL_PYTHON=${LMHEAD_LOCAL_PYTHON:-}
+OPTIONS+=([run]=RUN [wait]=WAIT [local-python]=LOCAL_PYTHON)
+SWITCHES+=([stop]=STOP [no-check]=NO_CHECK)
 parse_args "$@"
 set -- "${ARGS[@]}"
 
@@ -50,6 +62,13 @@ shift 3
 RUN=${RUN:-$experiment-$preset-$(date +%Y%m%d-%H%M%S)}
 [[ $RUN =~ ^[A-Za-z0-9_.-]+$ ]] || die "bad --run '$RUN': use letters, digits, '_', '.', '-'"
 [[ $WAIT =~ ^[0-9]+$ ]] || die "bad --wait '$WAIT': a number of seconds"
+if [[ -z $LOCAL_PYTHON ]]; then
+  LOCAL_PYTHON=python3
+  [[ ! -x $ROOT/.venv/bin/python ]] || LOCAL_PYTHON=$ROOT/.venv/bin/python
+fi
+install="install the project in it (pip install -e . in this checkout), set LMHEAD_LOCAL_PYTHON\
+ (--local-python) to a python that has it, or pass --no-check to start without the check"
+check_config "$NO_CHECK" "$LOCAL_PYTHON" "$install" "$@"
 
 python=$(shquote .venv/bin/python -m "experiments.$experiment" \
   "--config=experiments/$experiment.py:$preset" "--workdir=$workdir" "$@")
