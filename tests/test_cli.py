@@ -112,20 +112,24 @@ def test_print_config_works_for_every_preset_of_every_experiment():
     assert printed["model"]["vocab_size"] >= 2 and "head" in printed, (module, preset)
 
 
-def run_experiment(*args):
+def run_experiment(*args, preset="smoke"):
   return subprocess.run([sys.executable, "-m", "experiments.spamlang",
-                         f"--config={ROOT}/experiments/spamlang.py:smoke", *args],
+                         f"--config={ROOT}/experiments/spamlang.py:{preset}", *args],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--workdir=w", "--config.train.stepz=1"], '--config.train.stepz: \'stepz\' Did you mean "steps"'),
-    (["--workdir=w", "--config.train.steps=0"], "invalid config: train.steps=0 must be"),
+@pytest.mark.parametrize("preset,args,needle", [
+    ("smoke", ["--workdir=w", "--config.train.stepz=1"],
+     '--config.train.stepz: \'stepz\' Did you mean "steps"'),
+    ("smoke", ["--workdir=w", "--config.train.steps=0"], "invalid config: train.steps=0 must be"),
+    ("nosuch", ["--print_config"], "ValueError: unknown preset 'nosuch'"),
+    ("smoke", ["--print_config", "foo"], "unexpected arguments: ['foo']"),
 ])
-def test_a_refusal_is_one_line_and_exit_2(args, needle):
-  proc = run_experiment(*args)
+def test_a_refusal_is_one_line_and_exit_2(preset, args, needle):
+  proc = run_experiment(*args, preset=preset)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and needle in proc.stderr
   assert "Traceback" not in proc.stderr
-  verbose = run_experiment(*args, "--verbose")
-  assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+  verbose = run_experiment(*args, "--verbose", preset=preset)
+  assert verbose.returncode == 2 and needle in verbose.stderr
+  assert ("Traceback" in verbose.stderr) == ("foo" not in args)  # a usage error has no traceback

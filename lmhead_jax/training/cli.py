@@ -63,8 +63,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad `--config.*` override refused in one line."""
   try:
     return FLAGS(argv)
-  except flags.Error as e:
-    refuse(e, "--verbose" in argv, 2)
+  except flags.Error as e:  # a config file's traceback: its flag and its last line
+    lines = str(e).strip().splitlines()
+    text = f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}" if len(lines) > 1 else None
+    refuse(e, "--verbose" in argv, 2, text)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     words = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
     name = next((a for a in argv if a.startswith("--config.") and
@@ -146,7 +148,8 @@ def main(run_fn) -> None:
   sweep) and distributed start-up; with --print_config, prints the resolved config instead."""
   def _main(argv):
     if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+      refuse(app.UsageError(f"unexpected arguments: {argv[1:]} (overrides take the form "
+                            "--config.a.b=value)"), FLAGS.verbose, 2)
     try:
       config.validate_experiment(FLAGS.config)
     except ValueError as e:
