@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 
+from lmhead_jax.data import tokens
 from lmhead_jax.data.tokens import TokenFileSource, read_index, write_token_dir
 
 
@@ -145,3 +146,18 @@ def test_too_short(tmp_path):
   _write(tmp_path, _stream(8, 100), 100)
   with pytest.raises(ValueError, match="8 tokens, fewer than seq_len"):
     TokenFileSource(tmp_path, 8)
+
+
+def test_fingerprint_follows_the_content(tmp_path):
+  import hashlib
+  ids = [np.arange(1000) % 300, np.arange(77) % 300]
+  write_token_dir(tmp_path / "a", ids, vocab_size=300, tokenizer="t", shard_tokens=256)
+  write_token_dir(tmp_path / "b", [np.concatenate(ids)], vocab_size=300, tokenizer="other")
+  want = hashlib.sha256(b"uint16:300:" + np.concatenate(ids).astype("<u2").tobytes()).hexdigest()
+  assert tokens.fingerprint(tmp_path / "a") == tokens.fingerprint(tmp_path / "b") == f"sha256:{want}"
+  index = json.loads((tmp_path / "a" / "index.json").read_text())
+  del index["fingerprint"]  # an index written before fingerprints: computed from the shards
+  (tmp_path / "a" / "index.json").write_text(json.dumps(index))
+  assert tokens.fingerprint(tmp_path / "a") == f"sha256:{want}"
+  write_token_dir(tmp_path / "b", [np.concatenate(ids)[::-1]], vocab_size=300, tokenizer="t")
+  assert tokens.fingerprint(tmp_path / "b") != f"sha256:{want}"

@@ -210,6 +210,8 @@ def test_sweep_names_each_run_counts_the_runs_left_and_lists_its_files(tmp_path,
   cfg.sweep = ({"model.d_model": (8, 16, 32)},)
   (tmp_path / "model.d_model=16").mkdir()  # finished before: skipped
   (tmp_path / "model.d_model=16" / "summary.json").write_text('{"steps": 2}')
+  (tmp_path / "model.d_model=16" / "config.json").write_text(
+      experiment.resolved(sweep.configure(cfg, {"model.d_model": 16})).to_json())
   seen = []
 
   def fake_run(run_cfg, run_dir, position):
@@ -228,7 +230,7 @@ def test_sweep_names_each_run_counts_the_runs_left_and_lists_its_files(tmp_path,
       the report
       files in {tmp_path}:
         fig.png  2.9 KB
-        model.d_model=16/  1 files, 12 B
+        model.d_model=16/  2 files, {logs._size(sum(f.stat().st_size for f in (tmp_path / 'model.d_model=16').iterdir()))}
         results.md  11 B
         summary.json  {(tmp_path / 'summary.json').stat().st_size} B
       """))
@@ -238,3 +240,16 @@ def test_sweep_names_each_run_counts_the_runs_left_and_lists_its_files(tmp_path,
                                           (3599, "59m59s"), (3600 * 26 + 125, "26h02m")])
 def test_duration(seconds, text):
   assert logs.duration(seconds) == text
+
+
+def test_a_torn_last_record_is_dropped_with_a_warning(tmp_path, caplog):
+  good = '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+  for torn in ('{"step": 3, "lo', '{"step": 3, "lo\n', '{"step": 3, "loss": 1.0}'):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(good + torn)
+    assert logs.repair_tail(path) == len(torn)
+    assert path.read_text() == good and "torn last record" in caplog.text
+    assert logs.repair_tail(path) == 0 and path.read_text() == good
+  path.write_text("")
+  assert logs.repair_tail(path) == 0
+

@@ -30,6 +30,13 @@ def test_read_metrics_names_a_bad_line(tmp_path):
     runs.read_metrics(tmp_path / "m.jsonl")
 
 
+def test_read_metrics_names_the_file_of_binary_garbage(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_bytes(b'{"step": 1}\n\xff\xfe\x00garbage\n')
+  with pytest.raises(ValueError, match=rf"{path}:2: not a metrics record"):
+    runs.read_metrics(path)
+
+
 def test_curve_skips_missing_and_nonfinite_values():
   records = [{"step": 1, "tokens_seen": 10, "eval/loss": 3.0}, {"step": 2, "tokens_seen": 20},
              {"step": 3, "tokens_seen": 30, "eval/loss": float("nan")},

@@ -209,16 +209,18 @@ def test_bad_override_names_the_key(tmp_path, override, needle):
   assert needle in err
 
 
-def test_sigterm_leaves_checkpoint_at_last_step(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_leaves_checkpoint_at_last_step(tmp_path, sig):
   proc = cli(tmp_path, "--config.train.steps=100000", "--config.train.log_every=1",
              "--config.checkpoint.every=1000")
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 120
   while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
+  assert f"{sig.name}: saved step" in err and "KeyboardInterrupt" not in err
   last = max(losses(tmp_path))
   ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", every=0, keep=3)
   assert ckpt.steps()[-1] == last
@@ -271,3 +273,63 @@ def test_relative_workdir(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   runner.run(spam_config(2, every=1), "runs/rel")
   assert (tmp_path / "runs" / "rel" / "checkpoints" / "2").is_dir()
+
+
+def test_final_save_that_fails_writes_no_summary_and_the_repeat_starts_over(tmp_path):
+  """A real process whose files may not outgrow 16 KB: the final async save fails."""
+  code = f"""
+import resource, signal, sys
+sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+import test_runner
+from lmhead_jax.training import runner
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
+runner.run(test_runner.fast_config(2), {str(tmp_path)!r})
+"""
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0
+  assert "checkpoint step 2" in proc.stderr and "failed to save" in proc.stderr, proc.stderr[-3000:]
+  assert not (tmp_path / "summary.json").exists()
+  assert max(losses(tmp_path)) == 2
+  # No checkpoint ever committed: the repeat starts over, the old records set aside.
+  summary = runner.run(fast_config(2), tmp_path)
+  assert summary["steps"] == 2 and (tmp_path / "summary.json").exists()
+  aside = list(tmp_path.glob("metrics.jsonl.before-restart-*"))
+  assert len(aside) == 1 and len(aside[0].read_text().splitlines()) == 2
+  assert sorted(losses(tmp_path)) == [1, 2] and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_fewer_steps_than_the_checkpoint_is_refused_and_keeps_it(tmp_path):
+  runner.run(fast_config(4, every=2), tmp_path)
+  with pytest.raises(ValueError, match=r"checkpoint is at step 4, beyond train.steps=2"):
+    runner.run(fast_config(2, every=2), tmp_path)
+  assert checkpoint.Checkpointer(tmp_path / "checkpoints", every=0, keep=5).steps() == [2, 4]
+  assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4
+
+
+def test_resume_refuses_missing_config_and_changed_token_data(tmp_path):
+  tok = tmp_path / "tok"
+  write_token_dir(tok, [np.arange(4096) % 256], vocab_size=256, tokenizer="none")
+  cfg = fast_config(2, every=2)
+  cfg.data.update(kind="tokens", path=str(tok))
+  runner.run(cfg, tmp_path / "w")
+  cfg.train.steps = 4
+  write_token_dir(tok, [(np.arange(4096) * 7) % 256], vocab_size=256, tokenizer="none")
+  with pytest.raises(ValueError, match=r"token data of data.path changed"):
+    runner.run(cfg, tmp_path / "w")
+  (tmp_path / "w" / "config.json").unlink()
+  with pytest.raises(ValueError, match=r"holds checkpoints \(steps \[2\]\) but no config.json"):
+    runner.run(cfg, tmp_path / "w")
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{not json", "is not JSON"),
+    ("[1, 2]", "is not a run's config"),
+    ('{"seed": 0, "history": "oops"}', "is not a run's config"),
+])
+def test_garbage_config_json_is_refused_naming_the_file(tmp_path, text, needle):
+  runner.run(fast_config(2, every=2), tmp_path)
+  (tmp_path / "config.json").write_text(text)
+  with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'} {needle}"):
+    runner.run(fast_config(4, every=2), tmp_path)

@@ -3,7 +3,8 @@
 Layout of a token directory::
 
   index.json        {"dtype": "uint16" | "uint32", "vocab_size": V, "num_tokens": N,
-                     "tokenizer": str, "shards": [{"path": "shard_00000.bin", "num_tokens": n}, ...]}
+                     "tokenizer": str, "shards": [{"path": "shard_00000.bin", "num_tokens": n}, ...],
+                     "fingerprint": "sha256:…" of dtype, V and the ids, in order (`fingerprint`)}
   shard_00000.bin   n little-endian ids, no header; shards concatenate into one stream
 
 `TokenFileSource` serves non-overlapping windows of W = seq_len + 1 consecutive tokens
@@ -15,6 +16,7 @@ Layout of a token directory::
   at different places. Windows never overlap; the pipeline shuffles their order each epoch.
 """
 
+import hashlib
 import json
 import os
 
@@ -34,12 +36,16 @@ def _dtype_for(vocab_size: int, dtype: str | None) -> str:
   return dtype
 
 
+def _hasher(dtype: str, vocab_size: int):
+  return hashlib.sha256(f"{dtype}:{vocab_size}:".encode())
+
+
 def write_token_dir(out_dir, ids, *, vocab_size: int, tokenizer: str, dtype: str | None = None,
                     shard_tokens: int = 1 << 28) -> dict:
   """Writes an iterable of id arrays into `out_dir` as shards of `shard_tokens` ids; returns the index."""
   dtype = _dtype_for(vocab_size, dtype)
   os.makedirs(out_dir, exist_ok=True)
-  shards, f = [], None
+  shards, f, digest = [], None, _hasher(dtype, vocab_size)
   for k, chunk in enumerate(ids):
     chunk = np.asarray(chunk).ravel()
     if chunk.size and (chunk.min() < 0 or chunk.max() >= vocab_size):
@@ -55,13 +61,14 @@ def write_token_dir(out_dir, ids, *, vocab_size: int, tokenizer: str, dtype: str
         f = open(os.path.join(out_dir, shards[-1]["path"]), "wb")
       n = min(chunk.size, shard_tokens - shards[-1]["num_tokens"])
       chunk[:n].tofile(f)
+      digest.update(chunk[:n].tobytes())
       shards[-1]["num_tokens"] += n
       chunk = chunk[n:]
   if f:
     f.close()
   index = {"dtype": dtype, "vocab_size": int(vocab_size),
            "num_tokens": sum(s["num_tokens"] for s in shards), "tokenizer": tokenizer,
-           "shards": shards}
+           "shards": shards, "fingerprint": f"sha256:{digest.hexdigest()}"}
   tmp = os.path.join(out_dir, INDEX + ".tmp")
   with open(tmp, "w") as fi:
     json.dump(index, fi, indent=1)
@@ -106,6 +113,20 @@ def read_index(path) -> dict:
       raise ValueError(f"token shard {shard} has {size} bytes, {index_path} says {n} "
                        f"{dtype} tokens ({want} bytes): truncated or wrong dtype")
   return index
+
+
+def fingerprint(path) -> str:
+  """The content fingerprint of a token directory: the one its index records, else (an index
+  written before fingerprints) the same hash computed from its shards."""
+  index = read_index(path)
+  if "fingerprint" in index:
+    return index["fingerprint"]
+  digest = _hasher(index["dtype"], int(index["vocab_size"]))
+  for shard in index["shards"]:
+    with open(inside(path, shard["path"], INDEX), "rb") as f:
+      while block := f.read(1 << 24):
+        digest.update(block)
+  return f"sha256:{digest.hexdigest()}"
 
 
 class TokenFileSource:

@@ -11,14 +11,14 @@ from etils import epath
 def read_metrics(path) -> list[dict]:
   """The records of a metrics.jsonl by step; the last record of a step wins (as on resume)."""
   by_step = {}
-  with epath.Path(path).open() as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          record = json.loads(line)
-          by_step[int(record["step"])] = record
-        except (ValueError, KeyError, TypeError) as e:
-          raise ValueError(f"{path}:{n}: not a metrics record with a 'step' ({e!r})") from e
+  lines = epath.Path(path).read_bytes().split(b"\n")
+  for n, line in enumerate(lines, 1):
+    if line.strip():
+      try:
+        record = json.loads(line)
+        by_step[int(record["step"])] = record
+      except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{path}:{n}: not a metrics record with a 'step' ({e!r})") from None
   return [by_step[s] for s in sorted(by_step)]
 
 

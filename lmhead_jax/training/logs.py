@@ -4,6 +4,7 @@ progress on stderr (a tqdm bar on a terminal, otherwise a plain line every
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import secrets
@@ -14,6 +15,8 @@ import jax
 from etils import epath
 
 from lmhead_jax.training import experiment
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,25 @@ def listing(workdir) -> str:
   return f"files in {workdir}:\n" + "\n".join(lines)
 
 
+def repair_tail(path) -> int:
+  """Drops a torn last record of a JSON-lines file (a kill mid-write: no newline at its end, or
+  not JSON), with a warning naming the file; returns the bytes dropped."""
+  path = epath.Path(path)
+  data = path.read_bytes()
+  start = data.rfind(b"\n", 0, len(data) - 1) + 1  # of the last line
+  try:
+    whole = data.endswith(b"\n") and (start == len(data) or json.loads(data[start:]) is not None)
+  except ValueError:
+    whole = False
+  if not data or whole:
+    return 0
+  cut = start if data.endswith(b"\n") else data.rfind(b"\n") + 1
+  path.write_bytes(data[:cut])
+  log.warning("%s: dropped a torn last record (%d bytes, a run killed mid-write)", path,
+              len(data) - cut)
+  return len(data) - cut
+
+
 def _wandb(cfg, workdir: epath.Path, position: Position | None):
   """A W&B run for `logging.wandb_project` (None when off), named after the run; its files go to
   $WANDB_DIR, else the (local) workdir. The same W&B run continues when the workdir resumes."""
@@ -94,6 +116,8 @@ class Logger:
     self.first = None  # (time, step) of the first progress, after compiling: the rate's origin
     self.printed = -math.inf
     self.wandb = _wandb(cfg, workdir, position)  # first: nothing is left open if it fails
+    if (workdir / "metrics.jsonl").exists():
+      repair_tail(workdir / "metrics.jsonl")
     self.jsonl = (workdir / "metrics.jsonl").open("a")
     self.tb = SummaryWriter(str(workdir))
     self.bar = None

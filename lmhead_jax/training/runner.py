@@ -22,7 +22,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from lmhead_jax.data import pipeline
+from lmhead_jax.data import pipeline, tokens
 from lmhead_jax.training import checkpoint, experiment, logs, setup, sharding, train
 
 log = logging.getLogger(__name__)
@@ -32,29 +32,42 @@ DATA_KEYS = ("seed", "data.kind", "data.path", "data.shuffle", "data.window_mode
              "train.batch_size")
 
 
-class _Preemption:
-  """SIGTERM (one process) or JAX's preemption sync point (many) asks for save-and-exit.
+class Preempted(SystemExit):
+  """A run stopped by SIGTERM/SIGINT (or a preemption sync point) after saving its last step;
+  exits with status 0 unless caught (a sweep catches it to write its summary first)."""
 
-  The handler is installed for the whole run, start-up included, and removed afterwards.
+  def __init__(self, message: str):
+    super().__init__(0)
+    self.message = message
+
+
+class _Preemption:
+  """SIGTERM or SIGINT (Ctrl-C; one process), or JAX's preemption sync point (many), asks for
+  save-and-exit. The handlers are installed for the whole run, start-up included, and removed
+  afterwards; a second Ctrl-C while the save runs interrupts as usual.
   """
 
-  def __init__(self):
-    self.requested = False
-    self.previous = None
-    if jax.process_count() == 1:
-      self.previous = signal.signal(signal.SIGTERM, self._handle)
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def _handle(self, *_):
-    self.requested = True
+  def __init__(self):
+    self.requested = None  # the signal's name, once one came
+    self.previous = {}
+    if jax.process_count() == 1:
+      self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+  def _handle(self, signum, _):
+    if self.requested == "SIGINT" and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
 
   def __call__(self, step: int) -> bool:
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    return bool(self.requested)
 
   def close(self):
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
+    for sig, previous in self.previous.items():
+      signal.signal(sig, previous)
 
 
 def _lock(workdir: epath.Path) -> int | None:
@@ -115,9 +128,23 @@ def _history(workdir: epath.Path) -> tuple[dict, list]:
   path = workdir / "config.json"
   if not path.exists():
     return {}, []
-  old = json.loads(path.read_text())
-  history = old.pop("history", [])
+  try:
+    old = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not JSON ({e}): restore it, or use a new --workdir") from None
+  history = old.pop("history", []) if isinstance(old, dict) else None
+  if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+    raise ValueError(f"{path} is not a run's config (a JSON object whose 'history' is a list "
+                     "of objects): restore it, or use a new --workdir")
   return _flat(old), history
+
+
+def _data_fingerprints(cfg) -> dict:
+  """{data key: content fingerprint} of the token directories a run reads (none for SpamLang)."""
+  if cfg.data.kind != "tokens":
+    return {}
+  return {f"data.{k}": tokens.fingerprint(cfg.data[k]) for k in ("path", "eval_path")
+          if cfg.data[k]}
 
 
 def evaluate(cfg, mesh, eval_step, params, source) -> dict:
@@ -135,8 +162,12 @@ def evaluate(cfg, mesh, eval_step, params, source) -> dict:
 
 
 def _records(workdir: epath.Path) -> list[dict]:
+  """metrics.jsonl's records, a torn last line (a kill mid-write) dropped from the file first."""
   path = workdir / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+  if not path.exists():
+    return []
+  logs.repair_tail(path)
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _host(metrics) -> dict:
@@ -159,6 +190,9 @@ def run(cfg, workdir, position: logs.Position | None = None) -> dict:
     finally:
       if lock is not None:
         os.close(lock)
+  except Preempted as e:
+    log.warning("%s", e.message)
+    raise
   finally:
     preempted.close()
   if position is None and jax.process_index() == 0:
@@ -173,6 +207,11 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
   with its step, environment and the keys changed since the previous start.
   """
   old, history = _history(workdir)
+  if not old and ckpt.steps():
+    raise ValueError(
+        f"{workdir} holds checkpoints (steps {ckpt.steps()}) but no config.json, so nothing "
+        "shows that this config and data match them: restore config.json, or use a new "
+        "--workdir")
   resolved = json.loads(experiment.resolved(cfg).to_json())
   new = _flat(resolved)
   changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
@@ -185,12 +224,33 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
                      f"config.json: {shown}. Resume with the old values, or use a new "
                      "--workdir") from None
   if restored is None and (records := _records(workdir)):
-    raise RuntimeError(
-        f"{workdir}/metrics.jsonl holds {len(records)} records up to step "
-        f"{records[-1].get('step')}, but {ckpt.directory} holds no checkpoint: the run cannot "
-        "resume, and starting at step 0 would log its steps twice. To start over, use a new "
-        f"--workdir or delete {workdir}/metrics.jsonl")
+    last = int(records[-1].get("step", 0))
+    first_save = int(cfg.checkpoint.every) or int(cfg.train.steps)
+    if last > first_save:  # a checkpoint had committed, and is gone
+      raise RuntimeError(
+          f"{workdir}/metrics.jsonl holds {len(records)} records up to step {last}, but "
+          f"{ckpt.directory} holds no checkpoint: the run cannot resume, and starting at step "
+          f"0 would lose {last} steps. To start over, use a new --workdir or delete "
+          f"{workdir}/metrics.jsonl")
+    aside = workdir / f"metrics.jsonl.before-restart-{time.strftime('%Y%m%dT%H%M%S')}"
+    if jax.process_index() == 0:
+      (workdir / "metrics.jsonl").rename(aside)
+    log.warning("%s: no checkpoint was committed before step %d: starting over, the %d earlier "
+                "records kept in %s", workdir, last, len(records), aside.name)
   if restored is not None:
+    if restored[1] > int(cfg.train.steps):
+      raise ValueError(
+          f"cannot resume {workdir}: its checkpoint is at step {restored[1]}, beyond "
+          f"train.steps={cfg.train.steps}; training to fewer steps would overwrite it. Set "
+          f"train.steps >= {restored[1]}, or use a new --workdir")
+    fingerprints = _data_fingerprints(cfg)
+    recorded = history[-1].get("data_fingerprints", fingerprints) if history else fingerprints
+    if (moved_data := sorted(k for k in fingerprints if recorded.get(k) != fingerprints[k])):
+      raise ValueError(
+          f"cannot resume {workdir} at step {restored[1]}: the token data of "
+          f"{', '.join(moved_data)} changed since the last start (its content fingerprint "
+          "differs: re-prepared?), so the saved data position points into other data. Restore "
+          "the data, or use a new --workdir")
     data_keys = DATA_KEYS + (("data.seq_len",) if cfg.data.kind == "tokens" else ())
     moved = [k for k in data_keys if k in changed]
     if moved:
@@ -201,7 +261,7 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
     if changed:
       log.warning("resuming %s at step %d with a changed config: %s", workdir, restored[1], shown)
   entry = {"step": restored[1] if restored else 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "environment": environment()}
+           "environment": environment(), "data_fingerprints": _data_fingerprints(cfg)}
   if changed:
     entry["changed"] = changed
   if jax.process_index() == 0:
@@ -230,8 +290,7 @@ def _run(cfg, workdir: epath.Path, preempted: _Preemption, position) -> dict:
       state, start = restored
       log.info("resumed %s from step %d", workdir, start)
     if preempted.requested:
-      log.warning("SIGTERM during start-up: exiting before step %d, nothing to save", start + 1)
-      raise SystemExit(0)
+      raise Preempted(f"{preempted.requested} during start-up: exiting before step {start + 1}, nothing saved")
     return _train(cfg, workdir, s, state, start, data_iter, eval_source, ckpt, preempted,
                   position)
   finally:
@@ -289,11 +348,13 @@ def _train(cfg, workdir, s, state, start, data_iter, eval_source, ckpt, preempte
         pending = None
         ckpt.save(step, state, data_iter, force=True)
       if stop:
-        log.warning("preempted: saving step %d to %s, exiting", step, workdir)
-        raise SystemExit(0)
+        ckpt.wait()
+        raise Preempted(f"{preempted.requested or 'preempted'}: saved step {step} to {workdir}, "
+                        "exiting; run the same command again to resume")
     if pending is not None:
       finish(*pending)
     ckpt.save(total, state, data_iter, force=True)
+    ckpt.wait()  # summary.json only once the final checkpoint has committed
   finally:
     logger.close()
 

@@ -7,10 +7,23 @@ e.g. `model.d_model=16,optimizer.name=sgd`, and trains the config without `sweep
 overrides applied (command-line overrides of other keys apply to every run).
 
 DIR/summary.json is a list with one entry per run: `run`, `overrides`, the experiment's
-`describe(cfg)` fields, the run's final metrics (its own summary.json) and `wall_s`. A run
-whose summary.json covers `train.steps` is skipped when the sweep is started again; an
+`describe(cfg)` fields, the run's final metrics (its own summary.json) and `wall_s`. It is only
+a cache of the runs' own files: one that cannot be read is warned about and rebuilt (the wall
+times of the runs not trained again are then lost). A run's unreadable summary.json or
+config.json is refused, naming the file.
+
+Before anything trains, every run directory that holds a config.json (finished, diverged or
+unfinished) is compared with the run's resolved config now (`experiment.resolved`, keys
+flattened to dotted names, config.json's `history` left out): any difference refuses the whole
+sweep, naming the runs and keys (old -> new); use a new workdir, restore the old values, or
+delete those runs' directories. So a repeated sweep never mixes results of two configs, and a
+run that is resumed was started with the same config (also `train.steps`: a finished sweep is
+not extended in place). A run whose summary.json covers `train.steps` is then skipped; an
 unfinished one resumes from its checkpoint. A run that hits a non-finite loss is recorded as
-`diverged` and the sweep goes on. A config without `sweep` is a single run into DIR itself.
+`diverged` and the sweep goes on; started again with the same config, it is skipped (it would
+diverge the same way). A run stopped by SIGTERM (`runner.Preempted`) ends the sweep: DIR/
+summary.json gets the runs so far and the stopped run marked `preempted`, and the process exits
+0; the same command resumes it. A config without `sweep` is a single run into DIR itself.
 A run's progress names it (`<DIR's name>/<run> [i/n]`) and gives the sweep's ETA: the runs left
 to train take the mean wall time of those this call trained.
 """
@@ -19,13 +32,16 @@ import copy
 import functools
 import itertools
 import json
+import logging
 import time
 from collections.abc import Callable
 
 import jax
 from etils import epath
 
-from lmhead_jax.training import logs, runner
+from lmhead_jax.training import experiment, logs, runner
+
+log = logging.getLogger(__name__)
 
 
 def expand(grids) -> list[dict]:
@@ -73,8 +89,72 @@ def configure(cfg, overrides: dict):
   return out
 
 
-def _read_json(path: epath.Path):
-  return json.loads(path.read_text()) if path.exists() else None
+def _read_json(path: epath.Path, kind: type, fix: str):
+  """The JSON object (`kind` dict) or list (`kind` list) in `path`, None when there is no file;
+  anything else is a ValueError naming the file and saying how to `fix` it."""
+  if not path.exists():
+    return None
+  try:
+    value = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): {fix}") from None
+  if not isinstance(value, kind):
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise ValueError(f"{path} must hold a JSON {'object' if kind is dict else 'list'}, got "
+                     f"{shown}: {fix}")
+  return value
+
+
+def _walls(workdir: epath.Path) -> dict:
+  """{run: wall_s} from DIR/summary.json; unreadable, it is warned about and left out."""
+  try:
+    entries = _read_json(workdir / "summary.json", list,
+                         "rebuilding it from the runs' own files (their wall times are lost)")
+  except ValueError as e:
+    log.warning("%s", e)
+    return {}
+  return {e.get("run"): e.get("wall_s") for e in entries or () if isinstance(e, dict)}
+
+
+def _summary(run_dir: epath.Path) -> dict | None:
+  return _read_json(run_dir / "summary.json", dict,
+                    "it is written when the run ends: delete it to resume the run from its "
+                    f"last checkpoint, which writes it again, or delete {run_dir} to train the "
+                    "run again")
+
+
+def _changed(run_dir: epath.Path, cfg) -> dict | None:
+  """{dotted key: (recorded, now)} where run_dir/config.json (without `history`) differs from
+  `cfg` resolved; None when the run has no config.json."""
+  recorded = _read_json(run_dir / "config.json", dict,
+                        "it records the config the run was trained with: restore it, or "
+                        f"delete {run_dir} to train the run again")
+  if recorded is None:
+    return None
+  recorded.pop("history", None)
+  old = runner._flat(recorded)
+  new = runner._flat(json.loads(experiment.resolved(cfg).to_json()))
+  # json.dumps also equates NaN with NaN (a swept learning rate of nan).
+  return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+          if old.get(k) != new.get(k) and json.dumps(old.get(k)) != json.dumps(new.get(k))}
+
+
+def _refuse_changed(workdir: epath.Path, changed: dict) -> None:
+  """A ValueError listing the runs whose config.json differs from this call's config."""
+  lines = [f"  {name}: " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in keys.items())
+           for name, keys in changed.items()]
+  raise ValueError(
+      f"sweep {workdir}: {len(changed)} run(s) were trained with a config that differs from "
+      "this call's (their config.json, key: old -> new):\n" + "\n".join(lines) + "\nTheir "
+      "results would not match this config. Use a new --workdir, restore the old values, or "
+      "delete those run directories to train them again.")
+
+
+def _write(workdir: epath.Path, entries: list[dict]) -> None:
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "summary.json").write_text(json.dumps(entries, indent=2))
 
 
 def _line(i: int, n: int, entry: dict) -> str:
@@ -112,27 +192,37 @@ def run(cfg, workdir, describe: Callable[[object], dict] | None = None) -> list[
              "wall_s": time.perf_counter() - t}]
   runs = expand(grids)
   configs = [configure(cfg, o) for o in runs]  # every key is checked before anything trains
-  previous = {e["run"]: e for e in _read_json(workdir / "summary.json") or []}
   names = [run_name(o) for o in runs]
-  summaries = [_read_json(workdir / name / "summary.json") for name in names]
-  todo = [not (s and s.get("steps") == int(c.train.steps)) for s, c in zip(summaries, configs)]
+  changes = [_changed(workdir / name, c) for name, c in zip(names, configs)]
+  if changed := {name: keys for name, keys in zip(names, changes) if keys}:
+    _refuse_changed(workdir, changed)
+  summaries = [_summary(workdir / name) for name in names]
+  todo = [not (keys is not None and s and s.get("steps") == int(c.train.steps))
+          for keys, s, c in zip(changes, summaries, configs)]  # keys is None: no config.json
+  previous = _walls(workdir)
   entries, walls = [], []  # walls: of the runs trained by this call
   sweep_name = workdir.name or workdir.resolve().name
   for i, (overrides, run_cfg, name, summary) in enumerate(zip(runs, configs, names, summaries), 1):
+    entry = {"run": name, "overrides": overrides, **describe(run_cfg)}
     if not todo[i - 1]:
-      wall = previous.get(name, {}).get("wall_s")
+      wall = previous.get(name)
     else:
       mean = sum(walls) / len(walls) if walls else None
       position = logs.Position(f"{sweep_name}/{name}", i, len(runs), sum(todo[i:]), mean)
       t = time.perf_counter()
-      summary = _run_one(run_cfg, workdir / name, position)
+      try:
+        summary = _run_one(run_cfg, workdir / name, position)
+      except runner.Preempted as e:
+        _write(workdir, [*entries, entry | {"preempted": True}])
+        if jax.process_index() == 0:
+          print(f"[{i}/{len(runs)}] {name}: PREEMPTED ({e.message}); repeat the command to "
+                "resume this run", flush=True)
+        raise
       wall = time.perf_counter() - t
       walls.append(wall)
-    entries.append({"run": name, "overrides": overrides, **describe(run_cfg), **summary,
-                    "wall_s": wall})
+    entries.append(entry | summary | {"wall_s": wall})
+    _write(workdir, entries)
     if jax.process_index() == 0:
-      workdir.mkdir(parents=True, exist_ok=True)
-      (workdir / "summary.json").write_text(json.dumps(entries, indent=2))
       print(_line(i, len(runs), entries[-1]), flush=True)
   return entries
 
