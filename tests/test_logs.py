@@ -167,9 +167,11 @@ def test_wandb_not_installed_names_the_extra(monkeypatch):
 
 
 def clock(monkeypatch, module, *times):
-  """`module`'s time.perf_counter returns `times`, one per call."""
+  """`module`'s time.perf_counter returns `times`, one per call (time.time is the real one)."""
+  import time
   ticks = iter(times)
-  monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+  monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks),
+                                                            time=time.time))
 
 
 def test_bar_on_a_terminal_names_the_sweep_run_and_its_eta(tmp_path, monkeypatch):
@@ -253,3 +255,23 @@ def test_a_torn_last_record_is_dropped_with_a_warning(tmp_path, caplog):
   path.write_text("")
   assert logs.repair_tail(path) == 0
 
+
+
+def test_a_full_disk_under_the_logs_stops_the_run_naming_the_file(tmp_path):
+  """Writes past 48 KB fail (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC); the run used to
+  hang for good in the TensorBoard writer's queue once its thread had died."""
+  import resource
+  import signal
+
+  def limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, resource.RLIM_INFINITY))
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.spamlang", "--config=experiments/spamlang.py:smoke",
+       f"--workdir={tmp_path}", "--config.train.log_every=1", "--config.train.eval_every=0",
+       "--config.checkpoint.every=0"],
+      cwd=ROOT, preexec_fn=limit, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert re.match(rf"error: cannot write (TensorBoard events to )?{tmp_path}/"
+                  r"(metrics\.jsonl|events\.out\.tfevents\.\S+): .*File too large", last), last

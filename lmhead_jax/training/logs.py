@@ -1,6 +1,12 @@
 """A run's logs, written on host 0: metrics.jsonl, TensorBoard, Weights & Biases (optional) and
 progress on stderr (a tqdm bar on a terminal, otherwise a plain line every
-`logging.progress_every_s` seconds); and the listing of a workdir's files printed at the end."""
+`logging.progress_every_s` seconds); and the listing of a workdir's files printed at the end.
+
+Every write happens in the caller's thread, so a failed one (a full disk, a lost bucket) raises
+there at once as an OSError naming the file, and the run stops with its last checkpoint kept.
+TensorBoard events are written synchronously (tensorboardX's protos; its writer thread would
+hang the run when it dies), with the resolved config as a text summary at the start.
+"""
 
 import dataclasses
 import json
@@ -8,6 +14,7 @@ import logging
 import math
 import os
 import secrets
+import socket
 import sys
 import time
 
@@ -101,6 +108,39 @@ def _wandb(cfg, workdir: epath.Path, position: Position | None):
       config=experiment.resolved(cfg).to_dict())
 
 
+class TensorBoard:
+  """An event file in `logdir` (local or gs://), written and flushed in the caller's thread."""
+
+  def __init__(self, logdir: epath.Path, config_text: str):
+    from tensorboardX import summary
+    self.summary = summary
+    self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+    self.file = self.path.open("wb")
+    self.event(0, file_version="brain.Event:2")
+    self.event(0, summary=summary.text("config", config_text))
+
+  def event(self, step: int, **fields):
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+    data = event_pb2.Event(wall_time=time.time(), step=step, **fields).SerializeToString()
+    header = len(data).to_bytes(8, "little")
+    try:
+      self.file.write(header + masked_crc32c(header).to_bytes(4, "little") + data
+                      + masked_crc32c(data).to_bytes(4, "little"))
+      self.file.flush()
+    except OSError as e:
+      raise OSError(f"cannot write TensorBoard events to {self.path}: {e}") from e
+
+  def scalars(self, step: int, values: dict):
+    summary = self.summary.scalar  # one event for all values of the step
+    merged = type(summary("x", 0.0))(value=[v for k, x in values.items()
+                                            for v in summary(k, x).value])
+    self.event(step, summary=merged)
+
+  def close(self):
+    self.file.close()
+
+
 class Logger:
   """Every record goes to metrics.jsonl, TensorBoard and W&B; `progress` shows where the run is."""
 
@@ -109,17 +149,17 @@ class Logger:
     self.active = jax.process_index() == 0
     if not self.active:
       return
-    from tensorboardX import SummaryWriter
     self.total, self.position = total, position
     self.every_s = float(cfg.logging.progress_every_s)
     self.started = time.perf_counter()
     self.first = None  # (time, step) of the first progress, after compiling: the rate's origin
     self.printed = -math.inf
+    self.failed = False  # a write raised: closing may meet the same failure again
     self.wandb = _wandb(cfg, workdir, position)  # first: nothing is left open if it fails
     if (workdir / "metrics.jsonl").exists():
       repair_tail(workdir / "metrics.jsonl")
     self.jsonl = (workdir / "metrics.jsonl").open("a")
-    self.tb = SummaryWriter(str(workdir))
+    self.tb = TensorBoard(workdir, experiment.resolved(cfg).to_json(indent=2))
     self.bar = None
     if sys.stderr.isatty():
       import tqdm
@@ -129,13 +169,17 @@ class Logger:
   def write(self, record: dict):
     if not self.active:
       return
-    self.jsonl.write(json.dumps(record) + "\n")
-    self.jsonl.flush()
-    for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-        self.tb.add_scalar(k, v, record["step"])
+    self.failed = True  # until this record is written everywhere
+    try:
+      self.jsonl.write(json.dumps(record) + "\n")
+      self.jsonl.flush()
+    except OSError as e:
+      raise OSError(f"cannot write {self.jsonl.name}: {e}") from e
+    self.tb.scalars(record["step"], {k: v for k, v in record.items() if k != "step" and
+                                     isinstance(v, (int, float)) and math.isfinite(v)})
     if self.wandb is not None:
       self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    self.failed = False
 
   def _etas(self, step: int, now: float) -> dict:
     """The run's ETA and, in a sweep, the sweep's: runs yet to train take the mean wall time
@@ -173,10 +217,16 @@ class Logger:
             flush=True)
 
   def close(self):
+    """Closes every writer; after a failed write, the same failure met again while flushing
+    buffers on close is not raised a second time."""
     if self.active:
       if self.bar is not None:
         self.bar.close()
       if self.wandb is not None:
         self.wandb.finish()
-      self.tb.close()
-      self.jsonl.close()
+      for f in (self.tb, self.jsonl):
+        try:
+          f.close()
+        except OSError:
+          if not self.failed:
+            raise
