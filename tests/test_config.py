@@ -1,10 +1,13 @@
 """The config schema: every key declared once, unknown keys refused, resolved printing, checks."""
 
 import dataclasses
+import importlib
 import json
+import math
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +19,7 @@ from experiments import (gradient_spectrum, head_lab, measure_pretrained, rank_s
                          update_direction)
 from lmhead_jax.analysis import subjects
 from lmhead_jax.core.config import HeadConfig, ModelConfig
+from lmhead_jax.data import hf
 from lmhead_jax.data.tokens import write_token_dir
 from lmhead_jax.training import experiment
 
@@ -65,7 +69,8 @@ def test_every_key_read_is_declared():
     declared |= flat_keys(module.get_config(preset))
   reads = keys_read_in_source()
   assert len(reads) > 60  # the scan finds the reads (optimizer, data, train, ... keys)
-  assert {"optimizer.b2", "data.bos_id", "train.log_every", "spectrum.rank_k"} <= set(reads)
+  assert {"optimizer.b2", "data.bos_id", "train.log_every", "spectrum.rank_k",
+          "train.divergence_factor", "train.divergence_action"} <= set(reads)
   missing = {k: sorted(v) for k, v in reads.items() if k not in declared}
   assert not missing, f"keys read but never declared: {missing}"
 
@@ -88,6 +93,19 @@ def test_optional_model_keys_are_settable(key, value):
   cfg.model[key] = None  # back to the family default; the key keeps its type
   cfg.model[key] = value
   assert getattr(ModelConfig.of(cfg.model), key) == value
+
+
+def test_presets_are_every_preset_of_every_experiment():
+  """PRESETS (which the tests below validate) lists each experiments/*.py module with a
+  get_config, with the presets its unknown-preset error names."""
+  found = {}
+  for path in sorted((ROOT / "experiments").glob("*.py")):
+    module = importlib.import_module(f"experiments.{path.stem}")
+    if hasattr(module, "get_config"):
+      with pytest.raises(ValueError, match=r"\(known: ([\w, ]+)\)") as e:
+        module.get_config("no-such-preset")
+      found[module] = tuple(re.search(r"\(known: ([\w, ]+)\)", str(e.value))[1].split(", "))
+  assert found == PRESETS
 
 
 @pytest.mark.parametrize("module,preset", ALL)
@@ -172,6 +190,108 @@ def test_validate_names_key_and_value(overrides, needle):
     experiment.validate(cfg)
 
 
+def set_key(cfg, key, value):
+  group, _, name = key.rpartition(".")
+  (cfg[group] if group else cfg)[name] = value
+
+
+def out_of_range(key, value, allowed):
+  return pytest.param(key, value, f"{key}={value!r} must be {allowed}", id=f"{key}={value}")
+
+
+NAN, INF = math.nan, math.inf
+
+
+@pytest.mark.parametrize("key,value,message", [
+    out_of_range("optimizer.learning_rate", 0.0, "a finite number > 0"),
+    out_of_range("optimizer.learning_rate", NAN, "a finite number > 0"),
+    out_of_range("optimizer.learning_rate", INF, "a finite number > 0"),
+    out_of_range("optimizer.end_lr_fraction", -1.0, "a finite number in [0, 1]"),
+    out_of_range("optimizer.end_lr_fraction", 1.5, "a finite number in [0, 1]"),
+    out_of_range("optimizer.end_lr_fraction", INF, "a finite number in [0, 1]"),
+    out_of_range("optimizer.clip_norm", NAN, "a finite number >= 0"),
+    out_of_range("optimizer.weight_decay", NAN, "a finite number >= 0"),
+    out_of_range("optimizer.b1", 1.5, "a finite number in [0, 1)"),
+    out_of_range("optimizer.b1", -0.1, "a finite number in [0, 1)"),
+    out_of_range("optimizer.b2", 1.0, "a finite number in [0, 1)"),
+    out_of_range("optimizer.eps", -1.0, "a finite number > 0"),
+    out_of_range("optimizer.eps", 0.0, "a finite number > 0"),
+    out_of_range("optimizer.momentum", -0.5, "a finite number in [0, 1)"),
+    out_of_range("optimizer.momentum", 5.0, "a finite number in [0, 1)"),
+    out_of_range("train.alignment_weight", NAN, "a finite number >= 0"),
+    out_of_range("train.divergence_patience", 0, "an integer >= 1"),
+    out_of_range("seed", -1, "an integer in [0, 4294967295]"),
+    out_of_range("seed", 2**32, "an integer in [0, 4294967295]"),
+    out_of_range("data.bos_id", 1024, "an integer in [0, 1023]"),  # the smoke preset's V=1024
+    out_of_range("model.norm_eps", -1.0, "a finite number > 0"),
+    out_of_range("model.rope_theta", 0.0, "a finite number > 0"),
+    out_of_range("model.rope_theta", INF, "a finite number > 0"),
+    out_of_range("model.rotary_pct", NAN, "a finite number in (0, 1]"),
+    out_of_range("model.head_dim", 0, "an integer >= 1"),
+    out_of_range("model.d_ff", 0, "an integer >= 1"),
+    out_of_range("model.n_kv_heads", 0, "an integer >= 1"),
+    out_of_range("model.n_layers", 0, "an integer >= 1"),
+    out_of_range("model.max_seq_len", -1, "an integer >= 1"),
+    out_of_range("model.vocab_size", 2**31, "an integer in [2, 16777216]"),
+    out_of_range("model.vocab_size", 1, "an integer in [2, 16777216]"),
+    out_of_range("head.chunk_size", 0, "an integer >= 1"),
+    out_of_range("head.ortho_weight", INF, "a finite number >= 0"),
+    pytest.param("model.rope_scaling", (8.0, 1.0, 1.0, 64),
+                 "model.rope_scaling[2] (high_freq_factor, above low_freq_factor)=1.0 must be a "
+                 "finite number > 1", id="rope_scaling high=low"),
+    pytest.param("model.rope_scaling", (-8.0, 1.0, 4.0, 64),
+                 "model.rope_scaling[0] (factor)=-8.0 must be a finite number > 0",
+                 id="rope_scaling factor<0"),
+    pytest.param("train.divergence_factor", 0.5,
+                 "train.divergence_factor=0.5 must be 0 (off) or a finite number > 1", id="f=0.5"),
+    pytest.param("train.divergence_factor", NAN,
+                 "train.divergence_factor=nan must be 0 (off) or a finite number > 1", id="f=nan"),
+    pytest.param("train.divergence_action", "stopp", "train.divergence_action='stopp' is not one "
+                 "of ('warn', 'stop', 'off')", id="action=stopp"),
+    pytest.param("mesh.fsdp", 0, "mesh.fsdp=0 must be an integer >= 1, or -1 (the devices left)",
+                 id="mesh.fsdp=0"),
+])
+def test_validate_refuses_values_out_of_range(key, value, message):
+  """Each refused before step 1, naming the key, its value and the allowed range (once accepted:
+  a negative lr from step 22, clipping silently off, a later 'non-finite' stop naming no key,
+  a ZeroDivisionError, a MemoryError)."""
+  cfg = spamlang.get_config("smoke")
+  set_key(cfg, key, value)
+  with pytest.raises(ValueError) as e:
+    experiment.validate(cfg)
+  assert str(e.value) == message
+
+
+@pytest.mark.parametrize("edit,message", [
+    pytest.param({"rms_norm_eps": -1.0}, "model.norm_eps=-1.0 must be a finite number > 0",
+                 id="rms_norm_eps"),
+    pytest.param({"head_dim": 0}, "model.head_dim=0 must be an integer >= 1", id="head_dim"),
+    pytest.param({"vocab_size": 2**31},
+                 "model.vocab_size=2147483648 must be an integer in [2, 16777216]", id="vocab")])
+def test_hf_config_values_out_of_range_are_refused(tmp_path, edit, message):
+  """ModelConfig's own checks guard the HF import too."""
+  shutil.copy(ROOT / "tests/fixtures/hf/llama/config.json", tmp_path / "config.json")
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps(config | edit))
+  with pytest.raises(ValueError) as e:
+    hf.load_checkpoint(tmp_path)
+  assert str(e.value) == f"{tmp_path / 'config.json'}: {message}"
+
+
+def test_validate_accepts_the_range_edges():
+  cfg = spamlang.get_config("smoke")
+  cfg.seed = 2**32 - 1
+  cfg.data.bos_id = cfg.model.vocab_size - 1
+  cfg.optimizer.update(end_lr_fraction=1.0, clip_norm=0.0, weight_decay=0.0, b1=0.0, b2=0.0,
+                       momentum=0.0)
+  cfg.train.update(divergence_factor=0.0, divergence_patience=1, divergence_action="off")
+  cfg.mesh.data = -1
+  experiment.validate(cfg)
+  cfg.model.vocab_size = 2**24
+  cfg.train.divergence_factor = 1.01
+  experiment.validate(cfg)
+
+
 def test_validate_accepts_the_edges():
   cfg = spamlang.get_config("smoke")
   cfg.train.update(steps=1, eval_every=0, eval_batches=0, bottleneck_every=0, log_every=1)
@@ -218,16 +338,19 @@ def spamlang_cli(*args, cwd=ROOT):
                         cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_print_config_prints_the_resolved_config_and_exits(tmp_path):
-  proc = spamlang_cli("--config.model.d_model=16", "--config.model.family=gpt2",
-                      "--config.model.bias=False", "--print_config", cwd=tmp_path)
+def test_print_config_prints_each_runs_resolved_config_and_exits(tmp_path):
+  proc = spamlang_cli("--config.model.family=gpt2", "--config.model.bias=False",
+                      "--print_config", cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  out = json.loads(proc.stdout)
-  assert out["model"]["d_model"] == 16 and out["model"]["bias"] is False
-  # GPT-2: LayerNorm, tanh-approximated GELU, learned absolute positions.
-  assert (out["model"]["norm"], out["model"]["mlp_act"], out["model"]["pos"]) == (
-      "layer", "gelu_tanh", "learned")
-  assert out["train"]["steps"] == 1500 and out["sweep"][0]["model.d_model"] == [64, 8]
+  out = json.loads(proc.stdout)  # demo is a sweep: each run's config under its run name
+  assert list(out) == [f"model.d_model={d},optimizer.learning_rate=0.1,optimizer.name=sgd"
+                       for d in (64, 8)]
+  for d, run in zip((64, 8), out.values()):
+    assert run["model"]["d_model"] == d and run["model"]["bias"] is False
+    # GPT-2: LayerNorm, tanh-approximated GELU, learned absolute positions.
+    assert (run["model"]["norm"], run["model"]["mlp_act"], run["model"]["pos"]) == (
+        "layer", "gelu_tanh", "learned")
+    assert run["optimizer"]["name"] == "sgd" and run["train"]["steps"] == 1500
   assert list(tmp_path.iterdir()) == []  # nothing written
 
 
@@ -241,3 +364,14 @@ def test_cli_refuses_before_writing_anything(tmp_path, args, needle):
   assert proc.returncode != 0
   assert needle in proc.stderr
   assert list(tmp_path.iterdir()) == []
+
+
+def test_changed_keys_ignores_keys_added_since_at_their_default():
+  cfg = experiment.base_config()
+  recorded = json.loads(experiment.resolved(cfg).to_json())
+  del recorded["train"]["divergence_factor"]  # a config.json written before the key existed
+  assert experiment.changed_keys(recorded, cfg) == {}
+  cfg.train.divergence_factor = 5.0
+  cfg.optimizer.learning_rate = 0.5
+  assert experiment.changed_keys(recorded, cfg) == {
+      "optimizer.learning_rate": (1e-3, 0.5), "train.divergence_factor": (None, 5.0)}

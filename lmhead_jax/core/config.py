@@ -3,6 +3,8 @@ which those groups' keys are declared; the schema and checks of the whole config
 `lmhead_jax.training.experiment`."""
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +14,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FAMILIES = ("llama", "qwen3", "olmo2", "gpt2", "gpt_neox")
 HEAD_KINDS = ("linear", "tied", "factorized", "mos")
 HEAD_BACKWARDS = ("exact", "feedback_alignment", "whitened")
+# The largest model.vocab_size: 2^24 ids (16.8M; HF checkpoints have at most ~0.3M). One
+# embedding row of D=64 float32 per id is already 4 GiB of parameters.
+MAX_VOCAB_SIZE = 2**24
 
 # Architecture flags each family sets unless the config gives them (None = family default).
 _LLAMA = dict(norm="rms", bias=False, mlp_act="swiglu", pos="rope", rotary_pct=1.0,
@@ -31,6 +36,29 @@ FLAG_CHOICES = {
     "norm_position": ("pre", "post"),
     "qk_norm": ("none", "full", "head"),
 }
+
+
+def _number(x) -> str:
+  return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def check_range(key: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False, integer: bool = False) -> None:
+  """Refuses, naming `key`, `value` and the range, a `value` outside [low, high] (open ends
+  where asked) or not an int (`integer`) or not a finite real number; so NaN and inf always fail.
+  """
+  kind = numbers.Integral if integer else numbers.Real
+  ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+  if ok and (low < value if low_open else low <= value) and (
+      value < high if high_open else value <= high):
+    return
+  what = "an integer" if integer else "a finite number"
+  if high == math.inf:
+    bounds = f"{'>' if low_open else '>='} {_number(low)}"
+  else:
+    bounds = (f"in {'(' if low_open else '['}{_number(low)}, {_number(high)}"
+              f"{')' if high_open else ']'}")
+  raise ValueError(f"{key}={value!r} must be {what} {bounds}")
 
 
 def _from_mapping(cls, cfg, group: str):
@@ -96,23 +124,32 @@ class ModelConfig:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {choices}")
     if self.parallel_residual and self.norm_position == "post":
       raise ValueError("model.parallel_residual=True needs model.norm_position='pre'")
-    if not 0.0 < float(self.rotary_pct) <= 1.0:
-      raise ValueError(f"model.rotary_pct={self.rotary_pct} must be in (0, 1]")
+    check_range("model.rotary_pct", self.rotary_pct, 0, 1, low_open=True)
     if self.rope_scaling is not None:
       if len(self.rope_scaling) != 4:
         raise ValueError(
             f"model.rope_scaling={self.rope_scaling} must be (factor, low_freq_factor, "
             "high_freq_factor, original_max_len)")
       object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-      if int(getattr(self, name)) <= 0:
-        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+      factor, low, high, original_len = self.rope_scaling
+      check_range("model.rope_scaling[0] (factor)", factor, 0, low_open=True)
+      check_range("model.rope_scaling[1] (low_freq_factor)", low, 0, low_open=True)
+      check_range("model.rope_scaling[2] (high_freq_factor, above low_freq_factor)", high, low,
+                  low_open=True)
+      check_range("model.rope_scaling[3] (original_max_len)", original_len, 1, integer=True)
+    check_range("model.vocab_size", self.vocab_size, 2, MAX_VOCAB_SIZE, integer=True)
+    for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "n_kv_heads", "d_ff",
+                 "head_dim"):
+      if getattr(self, name) is not None:  # the last three: None takes the default
+        check_range(f"model.{name}", getattr(self, name), 1, integer=True)
+    for name in ("rope_theta", "norm_eps"):
+      check_range(f"model.{name}", getattr(self, name), 0, low_open=True)
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype={self.dtype!r} is not one of {tuple(DTYPES)}")
     if self.head_dim is None and self.d_model % self.n_heads:
       raise ValueError(
           f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
-    if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+    if self.n_heads % self.kv_heads:
       raise ValueError(
           f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}")
     if self.pos == "rope" and self.rotary_dim + self.rotary_dim % 2 > self.hd:
@@ -163,18 +200,19 @@ class HeadConfig:
   def __post_init__(self):
     if self.kind not in HEAD_KINDS:
       raise ValueError(f"head.kind={self.kind!r} is not one of {HEAD_KINDS}")
+    check_range("head.vocab_size", self.vocab_size, 2, MAX_VOCAB_SIZE, integer=True)
+    check_range("head.d_model", self.d_model, 1, integer=True)
     if self.kind == "factorized":
       if self.rank is None or not 0 < int(self.rank) <= self.d_model:
         raise ValueError(
             f"head.rank={self.rank} must satisfy 0 < rank <= d_model={self.d_model}")
-    if self.chunk_size is not None and int(self.chunk_size) <= 0:
-      raise ValueError(f"head.chunk_size={self.chunk_size} must be positive or None")
+    if self.chunk_size is not None:  # None: the dense loss
+      check_range("head.chunk_size", self.chunk_size, 1, integer=True)
     if self.kind == "mos" and (self.mixtures is None or int(self.mixtures) < 1):
       raise ValueError(f"head.kind='mos' needs head.mixtures >= 1, got {self.mixtures}")
     if self.backward not in HEAD_BACKWARDS:
       raise ValueError(f"head.backward={self.backward!r} is not one of {HEAD_BACKWARDS}")
-    if not float(self.ortho_weight) >= 0:
-      raise ValueError(f"head.ortho_weight={self.ortho_weight!r} must be >= 0")
+    check_range("head.ortho_weight", self.ortho_weight, 0)
     # The mos head has no single matrix W: no chunked loss, no W-based backward or regularizer.
     if self.kind == "mos":
       for key, value, plain in (("chunk_size", self.chunk_size, None),

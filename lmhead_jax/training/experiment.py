@@ -3,11 +3,14 @@
 The typed views of its `model` and `head` groups are `lmhead_jax.core.config`."""
 
 import dataclasses
+import json
+import math
 import typing
 
 import ml_collections
 
-from lmhead_jax.core.config import HeadConfig, ModelConfig
+from lmhead_jax.core.config import HeadConfig, ModelConfig, check_range
+from lmhead_jax.training import divergence
 from lmhead_jax.training.optim import OPTIMIZERS, SCHEDULES
 
 WANDB_MODES = ("", "online", "offline", "disabled")
@@ -43,7 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
       bos_id=0, window_mode="random"))
   c.train = ml_collections.ConfigDict(dict(
       steps=100, batch_size=32, log_every=10, eval_every=0, eval_batches=4,
-      bottleneck_every=1, grad_accum=1, alignment_weight=0.0))
+      bottleneck_every=1, grad_accum=1, alignment_weight=0.0,
+      # lmhead_jax.training.divergence: a loss above factor × its running minimum (0: not
+      # checked), or pinned at ln V with no gradient, for `patience` steps: warn, stop or off.
+      divergence_factor=3.0, divergence_patience=20, divergence_action="warn"))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=1e-3, schedule="constant", warmup_steps=0,
       end_lr_fraction=0.0, weight_decay=0.0, decay_embeddings=False, b1=0.9, b2=0.95,
@@ -69,45 +75,89 @@ def resolved(cfg) -> ml_collections.ConfigDict:
       "model": dataclasses.asdict(model), "head": {k: head[k] for k in cfg.head}})
 
 
-def _check_int(cfg, key: str, low: int) -> None:
-  group, name = key.split(".")
-  if group in cfg:
-    value = cfg[group][name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-      raise ValueError(f"{key}={value!r} must be an integer >= {low}")
+# Ranges of the numeric keys besides model.* and head.* (ModelConfig and HeadConfig check
+# those): key -> (low, high, check_range options). A missing group (measure.*) is skipped.
+def flat(d: dict, prefix: str = "") -> dict:
+  """A nested dict (a config as JSON) as {dotted key: value}."""
+  out = {}
+  for k, v in d.items():
+    out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def changed_keys(recorded: dict, cfg) -> dict:
+  """{dotted key: (recorded, now)} where a recorded resolved config (config.json without its
+  `history`) differs from `cfg` resolved. A key the record lacks (added to the schema since)
+  counts as changed only when `cfg` sets it away from its default."""
+  old, new = flat(recorded), flat(json.loads(resolved(cfg).to_json()))
+  defaults = flat(base_config().to_dict())
+  return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+          if old.get(k, defaults.get(k)) != new.get(k)}
+
+
+RANGES = {
+    "seed": (0, 2**32 - 1, dict(integer=True)),  # grain's seed range
+    **{key: (1, math.inf, dict(integer=True)) for key in (
+        "train.batch_size", "train.log_every", "train.grad_accum", "train.divergence_patience",
+        "data.seq_len", "checkpoint.keep", "measure.batch_size", "measure.num_sequences")},
+    **{key: (0, math.inf, dict(integer=True)) for key in (
+        "train.eval_every", "train.eval_batches", "train.bottleneck_every", "checkpoint.every",
+        "optimizer.warmup_steps")},
+    "train.alignment_weight": (0, math.inf, {}),
+    "optimizer.learning_rate": (0, math.inf, dict(low_open=True)),
+    "optimizer.end_lr_fraction": (0, 1, {}),
+    "optimizer.weight_decay": (0, math.inf, {}),
+    "optimizer.clip_norm": (0, math.inf, {}),  # 0: no clipping
+    "optimizer.b1": (0, 1, dict(high_open=True)),
+    "optimizer.b2": (0, 1, dict(high_open=True)),
+    "optimizer.eps": (0, math.inf, dict(low_open=True)),
+    "optimizer.momentum": (0, 1, dict(high_open=True)),  # 0: plain SGD
+}
+
+
+def _check(cfg, key: str, low: float, high: float = math.inf, **options) -> None:
+  """check_range on the dotted `key` of `cfg`; skipped when its group is absent."""
+  group, _, name = key.rpartition(".")
+  if not group or group in cfg:
+    check_range(key, (cfg[group] if group else cfg)[name], low, high, **options)
 
 
 def validate(cfg) -> None:
-  """Checks a run's config before anything is built or compiled; errors name the key and value.
+  """Checks a run's config before anything is built or compiled; errors name the key, its value
+  and what it may be. Every numeric key of base_config has a range (RANGES and the checks below;
+  model.* and head.* in ModelConfig and HeadConfig): NaN fails them all, inf all but
+  logging.progress_every_s (inf: a progress line at the last step only).
 
   A measurement config (one with a `measure` group) may have train.steps=0: it trains no model.
   """
   from lmhead_jax.data import pipeline, read_index  # lazy: grain is slow to import
 
-  head = HeadConfig.of(cfg.head, ModelConfig.of(cfg.model))
-  _check_int(cfg, "train.steps", 0 if "measure" in cfg else 1)
-  for key in ("train.batch_size", "train.log_every", "train.grad_accum", "data.seq_len",
-              "checkpoint.keep", "measure.batch_size", "measure.num_sequences"):
-    _check_int(cfg, key, 1)
-  for key in ("train.eval_every", "train.eval_batches", "train.bottleneck_every",
-              "checkpoint.every", "optimizer.warmup_steps"):
-    _check_int(cfg, key, 0)
+  model = ModelConfig.of(cfg.model)
+  head = HeadConfig.of(cfg.head, model)
+  _check(cfg, "train.steps", 0 if "measure" in cfg else 1, integer=True)
+  for key, (low, high, options) in RANGES.items():
+    _check(cfg, key, low, high, **options)
+  _check(cfg, "data.bos_id", 0, model.vocab_size - 1, integer=True)
+  for axis, size in cfg.mesh.items():
+    if isinstance(size, bool) or not isinstance(size, int) or not (size == -1 or size >= 1):
+      raise ValueError(f"mesh.{axis}={size!r} must be an integer >= 1, or -1 (the devices left)")
   t = cfg.train
-  if not float(t.alignment_weight) >= 0:
-    raise ValueError(f"train.alignment_weight={t.alignment_weight!r} must be >= 0")
   if t.alignment_weight > 0 and (head.kind == "mos" or head.chunk_size is not None):
     raise ValueError(f"train.alignment_weight={t.alignment_weight} needs G and one matrix W: "
                      f"not with head.kind={head.kind!r}, head.chunk_size={head.chunk_size}")
   if t.eval_every > 0 and t.eval_batches < 1:
     raise ValueError(f"train.eval_batches={t.eval_batches} must be >= 1 when evals are on "
                      f"(train.eval_every={t.eval_every}); set train.eval_every=0 for none")
+  if not (t.divergence_factor == 0 or 1 < t.divergence_factor < math.inf):
+    raise ValueError(f"train.divergence_factor={t.divergence_factor!r} must be 0 (off) or a "
+                     "finite number > 1")
+  if t.divergence_action not in divergence.ACTIONS:
+    raise ValueError(f"train.divergence_action={t.divergence_action!r} is not one of "
+                     f"{divergence.ACTIONS}")
   o = cfg.optimizer
   for key, choices in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
     if o[key] not in choices:
       raise ValueError(f"optimizer.{key}={o[key]!r} is not one of {choices}")
-  for key in ("learning_rate", "weight_decay", "clip_norm"):
-    if o[key] < 0:  # NaN passes: the train step's non-finite guard reports it
-      raise ValueError(f"optimizer.{key}={o[key]!r} must be >= 0")
   mode, project = cfg.logging.wandb_mode, cfg.logging.wandb_project
   if mode not in WANDB_MODES:
     raise ValueError(f"logging.wandb_mode={mode!r} is not one of {WANDB_MODES}")

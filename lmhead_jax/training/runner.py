@@ -23,7 +23,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from lmhead_jax.data import pipeline, tokens
-from lmhead_jax.training import checkpoint, experiment, logs, setup, sharding, train
+from lmhead_jax.training import checkpoint, divergence, experiment, logs, setup, sharding, train
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,6 @@ def _lock(workdir: epath.Path) -> int | None:
   return fd
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
-
-
 def environment() -> dict:
   """Package versions, Python, backend, devices and the git commit behind a run."""
   import importlib.metadata
@@ -124,7 +117,7 @@ def environment() -> dict:
 
 
 def _history(workdir: epath.Path) -> tuple[dict, list]:
-  """(flat config, history) of the workdir's config.json; ({}, []) when there is none."""
+  """(resolved config, history) of the workdir's config.json; ({}, []) when there is none."""
   path = workdir / "config.json"
   if not path.exists():
     return {}, []
@@ -136,7 +129,7 @@ def _history(workdir: epath.Path) -> tuple[dict, list]:
   if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
     raise ValueError(f"{path} is not a run's config (a JSON object whose 'history' is a list "
                      "of objects): restore it, or use a new --workdir")
-  return _flat(old), history
+  return old, history
 
 
 def _data_fingerprints(cfg) -> dict:
@@ -213,9 +206,7 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
         "shows that this config and data match them: restore config.json, or use a new "
         "--workdir")
   resolved = json.loads(experiment.resolved(cfg).to_json())
-  new = _flat(resolved)
-  changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
-             if old and old.get(k) != new.get(k)}
+  changed = experiment.changed_keys(old, cfg) if old else {}
   shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()) or "none"
   try:
     restored = ckpt.restore_latest(abstract_state, data_iter)
@@ -307,6 +298,7 @@ def _train(cfg, workdir, s, state, start, data_iter, eval_source, ckpt, preempte
   tokens_per_step = int(cfg.train.batch_size) * int(cfg.data.seq_len)
   total = int(cfg.train.steps)
   logger = logs.Logger(cfg, workdir, total, start, position)
+  guard = divergence.Guard.from_config(cfg)
   pending, last = None, {}
   t_log, step_log = time.perf_counter(), start
 
@@ -321,6 +313,12 @@ def _train(cfg, workdir, s, state, start, data_iter, eval_source, ckpt, preempte
           f"non-finite {bad[0]} at step {step} ({', '.join(f'{k}={m[k]}' for k in bad)}); "
           f"its update was not applied or saved (last checkpoint kept: "
           f"{ckpt.steps()[-1:] or 'none'})")
+    if guard is not None and (message := guard.update(step, m["loss"], m["grad_norm"])):
+      if cfg.train.divergence_action == "stop":
+        ckpt.wait()
+        raise FloatingPointError(f"diverging (train.divergence_action='stop'): {message}; last "
+                                 f"checkpoint kept: {ckpt.steps()[-1:] or 'none'}")
+      log.warning("diverging: %s", message)
     m.update(step=step, tokens_seen=step * tokens_per_step)
     if step % int(cfg.train.log_every) == 0 or step == total or extra:  # never drop an eval
       now = time.perf_counter()

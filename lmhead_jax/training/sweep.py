@@ -133,11 +133,7 @@ def _changed(run_dir: epath.Path, cfg) -> dict | None:
   if recorded is None:
     return None
   recorded.pop("history", None)
-  old = runner._flat(recorded)
-  new = runner._flat(json.loads(experiment.resolved(cfg).to_json()))
-  # json.dumps also equates NaN with NaN (a swept learning rate of nan).
-  return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
-          if old.get(k) != new.get(k) and json.dumps(old.get(k)) != json.dumps(new.get(k))}
+  return experiment.changed_keys(recorded, cfg)
 
 
 def _refuse_changed(workdir: epath.Path, changed: dict) -> None:
