@@ -309,6 +309,7 @@ def test_validate_checks_token_dirs(tmp_path):
   write_token_dir(tmp_path / "val", [np.arange(100)], vocab_size=128, tokenizer="none")
   cfg = rank_sweep.get_config("cpu")
   cfg.head.rank = 16  # one run of the sweep
+  cfg.model.vocab_size = 128
   cfg.data.update(path=str(tmp_path / "val"), eval_path=str(tmp_path / "val"))
   experiment.validate(cfg)
   cfg.data.eval_path = str(tmp_path / "nope")
@@ -375,3 +376,18 @@ def test_changed_keys_ignores_keys_added_since_at_their_default():
   cfg.optimizer.learning_rate = 0.5
   assert experiment.changed_keys(recorded, cfg) == {
       "optimizer.learning_rate": (1e-3, 0.5), "train.divergence_factor": (None, 5.0)}
+
+
+def test_a_model_vocab_above_the_datas_is_refused_unless_padding_is_asked_for(tmp_path):
+  write_token_dir(tmp_path / "tok", [np.arange(600) % 512], vocab_size=512, tokenizer="t")
+  cfg = experiment.base_config()
+  cfg.data.update(kind="tokens", path=str(tmp_path / "tok"))
+  cfg.model.vocab_size = 4096
+  with pytest.raises(ValueError, match=r"model.vocab_size=4096 but data.path=.* vocab_size=512: "
+                     r"3584 rows .*data.allow_vocab_padding=True"):
+    experiment.validate(cfg)
+  cfg.data.allow_vocab_padding = True
+  experiment.validate(cfg)
+  cfg.model.vocab_size = 512
+  cfg.data.allow_vocab_padding = False
+  experiment.validate(cfg)

@@ -43,7 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.head = _group(HeadConfig, skip=("vocab_size", "d_model"))  # V and D come from `model`
   c.data = ml_collections.ConfigDict(dict(
       kind="spamlang", seq_len=32, path="", eval_path="", shuffle=True, exclude_first=True,
-      bos_id=0, window_mode="random"))
+      bos_id=0, window_mode="random",
+      # a model vocab above the data's: its extra rows are never a target (see validate)
+      allow_vocab_padding=False))
   c.train = ml_collections.ConfigDict(dict(
       steps=100, batch_size=32, log_every=10, eval_every=0, eval_batches=4,
       bottleneck_every=1, grad_accum=1, alignment_weight=0.0,
@@ -177,9 +179,17 @@ def validate(cfg) -> None:
         data_vocab = int(read_index(cfg.data[key])["vocab_size"])
       except (OSError, ValueError) as e:
         raise ValueError(f"data.{key}={cfg.data[key]!r} is not a token directory: {e}") from e
-      if "measure" not in cfg and data_vocab > cfg.model.vocab_size:  # measuring: V from the model
+      if "measure" in cfg:  # measuring: V comes from the model
+        continue
+      if data_vocab > cfg.model.vocab_size:
         raise ValueError(f"data.{key}={cfg.data[key]!r} holds ids of vocab_size={data_vocab}, "
                          f"more than model.vocab_size={cfg.model.vocab_size}")
+      if data_vocab < cfg.model.vocab_size and not cfg.data.allow_vocab_padding:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} but data.{key}={cfg.data[key]!r} holds "
+            f"ids of vocab_size={data_vocab}: {cfg.model.vocab_size - data_vocab} rows of the "
+            "head would never be a target, and the bottleneck metrics would count them. Set "
+            f"model.vocab_size={data_vocab}, or data.allow_vocab_padding=True to pad on purpose")
 
 
 def validate_experiment(cfg) -> None:
