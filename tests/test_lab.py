@@ -119,12 +119,37 @@ def test_whitened_and_feedback_taps_change_dh_only():
   np.testing.assert_allclose(fa_dh, g @ b_fa, rtol=1e-5, atol=1e-7)
 
 
+def np_truncated(b, w, r):
+  """b V_r V_rᵀ from float64 numpy's SVD of W: for b = G W, G W_r (W_r the best rank-r W)."""
+  v_r = np.linalg.svd(w, full_matrices=False)[2][:r].T
+  return b @ v_r @ v_r.T
+
+
+def test_truncated_tap_passes_g_w_r_and_keeps_the_head_gradient():
+  h, w, y, m = random_problem()
+  h32, w32 = jnp.float32(h), jnp.float32(w)
+  ce = lambda z: cross_entropy(z, y, m)
+  g = np_logit_grad(h @ w.T, y, m) / m.sum()
+  u, s_, vt = np.linalg.svd(w, full_matrices=False)
+  for r in (1, 3, 6):
+    dh, dw = jax.grad(lambda h, w: ce(backward.truncated(h, w, r) @ w.T), (0, 1))(h32, w32)
+    w_r = (u[:, :r] * s_[:r]) @ vt[:r]  # Eckart–Young: the best rank-r approximation
+    # float32 eigh of WᵀW: the subspace to ≈ ε·σ_max²/gap, so an absolute bound on the scale of dh
+    np.testing.assert_allclose(dh, g @ w_r, rtol=1e-5, atol=2e-5 * np.abs(g @ w_r).max())
+    np.testing.assert_allclose(np_truncated(g @ w, w, r), g @ w_r, atol=1e-12)
+    np.testing.assert_allclose(dw, g.T @ h, rtol=1e-5, atol=1e-7)  # the head's own: exact
+  np.testing.assert_array_equal(backward.truncate(jnp.float32(g @ w), w32, 6),
+                                jnp.float32(g @ w))  # r = D: exact
+
+
 @pytest.mark.parametrize("kind,rule", [("linear", "feedback_alignment"), ("tied", "whitened"),
+                                       ("linear", "truncated"),
                                        pytest.param("factorized", "whitened",
                                                     marks=pytest.mark.slow)])
 def test_step_backward_rule_equals_tap_gradient(kind, rule):
   """The train step's explicit rule = jax.grad through the custom_vjp tap (validated above)."""
-  cfg = sgd_lr1(lab_config(kind, backward=rule))
+  rank = {"backward_rank": 3} if rule == "truncated" else {}
+  cfg = sgd_lr1(lab_config(kind, backward=rule, **rank))
   mesh = one_device_mesh()
   state, _ = train.init_state(jax.random.key(0), cfg, mesh)
   params, batch = copy(state.params), random_batch(cfg)
@@ -137,6 +162,8 @@ def test_step_backward_rule_equals_tap_gradient(kind, rule):
     hp = heads.params_of(p, hc)
     if rule == "whitened":
       z = heads.logits(hp, backward.whitened(h, jax.lax.stop_gradient(heads.matrix(hp))), hc)
+    elif rule == "truncated":
+      z = heads.logits(hp, backward.truncated(h, jax.lax.stop_gradient(heads.matrix(hp)), 3), hc)
     else:
       z = backward.feedback(heads.logits(hp, jax.lax.stop_gradient(h), hc), h, b_fa)
     return cross_entropy(z, batch["targets"], batch["mask"])
@@ -298,6 +325,9 @@ def test_mos_step_gradient_equals_jax_grad_and_reports_stats():
     ({"head.kind": "mos", "head.ortho_weight": 0.1}, "head.ortho_weight"),
     ({"head.backward": "feedback_alignment", "head.chunk_size": 64}, "head.chunk_size"),
     ({"head.backward": "whiten"}, "head.backward='whiten'"),
+    ({"head.backward": "truncated"}, "head.backward_rank=None must be"),
+    ({"head.backward": "truncated", "head.backward_rank": 33}, "head.backward_rank=33 must be"),
+    ({"head.backward_rank": 4}, "head.backward_rank=4 needs head.backward='truncated'"),
     ({"head.ortho_weight": -1.0}, "head.ortho_weight=-1.0"),
     ({"train.alignment_weight": -0.5}, "train.alignment_weight=-0.5"),
     ({"train.alignment_weight": 0.5, "head.chunk_size": 64}, "head.chunk_size=64"),
@@ -316,5 +346,46 @@ def test_bad_combinations_are_refused_naming_keys(override, words):
 def test_every_backward_works_with_every_matrix_head():
   for kind in ("linear", "tied", "factorized"):
     for rule in config.HEAD_BACKWARDS:
-      experiment.validate(lab_config(kind, backward=rule, ortho_weight=0.1))
+      rank = {"backward_rank": 4} if rule == "truncated" else {}
+      experiment.validate(lab_config(kind, backward=rule, ortho_weight=0.1, **rank))
   experiment.validate(lab_config("mos"))
+
+
+def test_truncated_metrics_describe_what_the_trunk_receives():
+  """backbone_norm = ‖G W_r‖ and visible_norm = ‖G Π_r‖ (Π_r onto W's top-r left singular
+  directions), from float64 logits; at r = D the step equals `exact`."""
+  cfg = lab_config(backward="truncated", backward_rank=3)
+  mesh = one_device_mesh()
+  state, _ = train.init_state(jax.random.key(0), cfg, mesh)
+  batch = random_batch(cfg)
+  _, metrics = train.make_train_step(cfg, mesh)(copy(state), batch)
+  c, hc = train.configs(cfg)
+  z = all_logits(state.params, batch, cfg).reshape(-1, hc.vocab_size)
+  y, m = batch["targets"].reshape(-1), batch["mask"].reshape(-1)
+  g = np_logit_grad(z, y, m) / m.sum()
+  w = np.asarray(heads.matrix(heads.params_of(state.params, hc)), np.float64)
+  u = np.linalg.svd(w, full_matrices=False)[0][:, :3]
+  np.testing.assert_allclose(metrics["bottleneck/backbone_norm"],
+                             np.linalg.norm(np_truncated(g @ w, w, 3)), rtol=1e-4)
+  np.testing.assert_allclose(metrics["bottleneck/visible_norm"], np.linalg.norm(g @ u @ u.T),
+                             rtol=1e-4)
+  np.testing.assert_allclose(metrics["bottleneck/full_norm"], np.linalg.norm(g), rtol=1e-4)
+  exact = train.make_train_step(lab_config(), mesh)(copy(state), batch)
+  full = train.make_train_step(lab_config(backward="truncated", backward_rank=hc.d_model), mesh)(
+      copy(state), batch)
+  for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(full)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_truncated_chunked_step_equals_dense():
+  mesh = one_device_mesh()
+  dense = lab_config(backward="truncated", backward_rank=3)
+  chunked = lab_config(backward="truncated", backward_rank=3, chunk_size=16)
+  state, _ = train.init_state(jax.random.key(0), dense, mesh)
+  batch = random_batch(dense)
+  a, ma = train.make_train_step(dense, mesh)(copy(state), batch)
+  b, mb = train.make_train_step(chunked, mesh)(copy(state), batch)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  for k in ("bottleneck/backbone_norm", "bottleneck/visible_norm", "bottleneck/destroyed_ratio"):
+    np.testing.assert_allclose(ma[k], mb[k], rtol=1e-4)

@@ -9,11 +9,17 @@
   directions that W spans (`whiten`). The hidden-only logit change it asks for,
   ∝ G W (WᵀW + λI)⁻¹ Wᵀ, tends to G Π as λ → 0: the best direction the head can realize,
   instead of G W Wᵀ.
+- `truncated` (`head.backward_rank=r`): G W_r, W_r the best rank-r approximation of W
+  (= G W V_r V_rᵀ, V_r the top-r right singular vectors of W, recomputed every step;
+  `truncate`). The forward pass is the full-rank head: the gradient bottleneck alone, without
+  the expressivity bottleneck of a rank-r head. At r ≥ D it is `exact`.
 
 The head's own parameter gradient stays exact. The train step applies these rules to the exact
 G W it already holds (it needs G W for the metrics too); `whitened` and `feedback` are the same
 rules as custom_vjp taps on the head's h-input, for anyone's `jax.grad` train step.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +52,39 @@ def whiten(b_NxD: jax.Array, w_VxD: jax.Array, rel_lambda: float = LAMBDA) -> ja
   norm_x = jnp.linalg.norm(x)
   x = x * (jnp.linalg.norm(b) / jnp.where(norm_x > 0, norm_x, 1.0))
   return x.reshape(b_NxD.shape).astype(b_NxD.dtype)
+
+
+def truncate(b_NxD: jax.Array, w_VxD: jax.Array, rank: int) -> jax.Array:
+  """b V_r V_rᵀ, V_r the top-`rank` right singular vectors of W (eigenvectors of WᵀW): for
+  b = G W, this is G W_r. b itself when rank ≥ D."""
+  d = w_VxD.shape[-1]
+  if rank >= d:
+    return b_NxD
+  w = w_VxD.astype(jnp.float32)
+  _, v_DxD = jnp.linalg.eigh(jnp.matmul(w.T, w, precision=jax.lax.Precision.HIGHEST))
+  v_DxR = v_DxD[:, d - rank:]  # eigh sorts ascending
+  b = b_NxD.astype(jnp.float32)
+  x = jnp.matmul(jnp.matmul(b, v_DxR, precision=jax.lax.Precision.HIGHEST), v_DxR.T,
+                 precision=jax.lax.Precision.HIGHEST)
+  return x.astype(b_NxD.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def truncated(h: jax.Array, w_VxD: jax.Array, rank: int) -> jax.Array:
+  """Identity on h; its cotangent G W leaves as G W_r (`truncate`). Use:
+  head(params, truncated(h, W, r))."""
+  return h
+
+
+def _truncated_fwd(h, w_VxD, rank):
+  return h, w_VxD
+
+
+def _truncated_bwd(rank, w_VxD, ct):
+  return truncate(ct, w_VxD, rank), None
+
+
+truncated.defvjp(_truncated_fwd, _truncated_bwd)
 
 
 @jax.custom_vjp

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FAMILIES = ("llama", "qwen3", "olmo2", "gpt2", "gpt_neox")
 HEAD_KINDS = ("linear", "tied", "factorized", "mos")
-HEAD_BACKWARDS = ("exact", "feedback_alignment", "whitened")
+HEAD_BACKWARDS = ("exact", "feedback_alignment", "whitened", "truncated")
 # The largest model.vocab_size: 2^24 ids (16.8M; HF checkpoints have at most ~0.3M). One
 # embedding row of D=64 float32 per id is already 4 GiB of parameters.
 MAX_VOCAB_SIZE = 2**24
@@ -194,7 +194,8 @@ class HeadConfig:
   rank: int | None = None
   chunk_size: int | None = None  # tokens per chunk in the fused loss; None = dense
   mixtures: int | None = None  # K softmaxes of the mos head
-  backward: str = "exact"  # exact | feedback_alignment | whitened
+  backward: str = "exact"  # exact | feedback_alignment | whitened | truncated
+  backward_rank: int | None = None  # truncated: the trunk receives G W_r, W_r of rank r
   ortho_weight: float = 0.0
 
   def __post_init__(self):
@@ -213,6 +214,11 @@ class HeadConfig:
     if self.backward not in HEAD_BACKWARDS:
       raise ValueError(f"head.backward={self.backward!r} is not one of {HEAD_BACKWARDS}")
     check_range("head.ortho_weight", self.ortho_weight, 0)
+    if self.backward == "truncated":
+      check_range("head.backward_rank", self.backward_rank, 1, self.d_model, integer=True)
+    elif self.backward_rank is not None:
+      raise ValueError(f"head.backward_rank={self.backward_rank} needs head.backward='truncated'"
+                       f", got {self.backward!r}")
     # The mos head has no single matrix W: no chunked loss, no W-based backward or regularizer.
     if self.kind == "mos":
       for key, value, plain in (("chunk_size", self.chunk_size, None),

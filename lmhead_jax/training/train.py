@@ -51,16 +51,24 @@ def _head_backward(params, h, batch, hc: HeadConfig):
   return loss, jnp.sum(tokens.correct_N) / n, tokens.g_sq_N, d_h, head_grads, None
 
 
-def _escape(params, h, g, d_h, mask, s: Setup):
-  """What the trunk receives (`head.backward`), and the regularizers' gradients and values."""
+def _passed_back(params, g, d_h, s: Setup):
+  """What the head passes back to the trunk under `head.backward` (G W when exact)."""
+  hc = s.head
+  if hc.backward == "whitened":
+    return backward.whiten(d_h, heads.matrix(heads.params_of(params, hc)))
+  if hc.backward == "truncated":
+    return backward.truncate(d_h, heads.matrix(heads.params_of(params, hc)), hc.backward_rank)
+  if hc.backward == "feedback_alignment":
+    b_VxD = backward.feedback_matrix(s.seed, hc.vocab_size, hc.d_model)
+    return jnp.einsum("...v,vd->...d", g, b_VxD).astype(d_h.dtype)
+  return d_h
+
+
+def _escape(params, h, g, d_trunk, mask, s: Setup):
+  """The trunk's cotangent: what the head passes back (`_passed_back`) plus the regularizers'
+  gradients; and the regularizers' parameter gradients and values."""
   hc = s.head
   w_of = lambda p: heads.matrix(heads.params_of(p, hc))
-  d_trunk = d_h
-  if hc.backward == "whitened":
-    d_trunk = backward.whiten(d_h, w_of(params))
-  elif hc.backward == "feedback_alignment":
-    b_VxD = backward.feedback_matrix(s.seed, hc.vocab_size, hc.d_model)
-    d_trunk = jnp.einsum("...v,vd->...d", g, b_VxD).astype(d_h.dtype)
   weights = {"ortho_penalty": float(hc.ortho_weight), "alignment_loss": s.alignment_weight}
   weights = {k: w for k, w in weights.items() if w > 0}
   if not weights:
@@ -97,7 +105,10 @@ def _loss_parts(params, batch, s: Setup, range_map_DxK=None, with_bottleneck: bo
   mask, hc = batch["mask"], s.head
   h, trunk_vjp = jax.vjp(lambda p: model.hidden(p, batch["inputs"], s.model), params)
   loss, acc, g_sq, d_h, head_grads, g = _head_backward(params, h, batch, hc)
-  d_trunk, reg_grads, terms = _escape(params, h, g, d_h, mask, s)
+  d_passed = _passed_back(params, g, d_h, s)
+  d_trunk, reg_grads, terms = _escape(params, h, g, d_passed, mask, s)
+  if hc.backward == "truncated":  # its metrics describe what the trunk receives: G W_r
+    d_h = d_passed
   (trunk_grads,) = trunk_vjp(d_trunk)
   grads = jax.tree.map(jnp.add, trunk_grads, head_grads)
   if reg_grads is not None:
