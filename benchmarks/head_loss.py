@@ -5,7 +5,7 @@
 Each variant is a jitted value_and_grad with respect to h and W on the same inputs:
   optax_ce       optax.softmax_cross_entropy_with_integer_labels, mean, on z = h Wᵀ (what a user
                  writes without this library)
-  lmhead_ce      lmhead_jax.loss.cross_entropy on z = h Wᵀ
+  lmhead_ce      lmhead_jax.core.loss.cross_entropy on z = h Wᵀ
   head_loss      bottleneck.head_loss, dense: the loss and BottleneckStats
   fused_ce       loss.fused_head_loss(chunk_size) alone (the chunked plain CE)
   head_loss_chunked  bottleneck.head_loss(chunk_size)

@@ -3,7 +3,7 @@
   python -m benchmarks.train_step --config=benchmarks/configs.py:bottleneck_cpu [--config.x=y]
       [--compare] [--steps=20] [--warmup=3]
 
-Prints one JSON line per variant. `mfu` is model FLOPs (lmhead_jax.costs) per second over the
+Prints one JSON line per variant. `mfu` is model FLOPs (lmhead_jax.tools.costs) per second over the
 peak of a large matmul of the model's compute dtype, measured in the same process. --compare
 alternates the variants step by step in one process (the machines are shared and noisy) and adds
 a line of ratios: bottleneck metrics on every step against off, and chunked against dense head

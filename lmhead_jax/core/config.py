@@ -185,8 +185,8 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
   """LM head: kind (linear / tied / factorized / mos), rank for factorized, mixtures for mos,
-  chunk_size for the loss; backward (what the trunk receives, `lmhead_jax.backward`) and
-  ortho_weight (`lmhead_jax.regularize.ortho`)."""
+  chunk_size for the loss; backward (what the trunk receives, `lmhead_jax.core.backward`) and
+  ortho_weight (`lmhead_jax.core.regularize.ortho`)."""
 
   vocab_size: int
   d_model: int

@@ -5,7 +5,7 @@ from the same computation, the loss, the logit gradient G, what the head passes 
 (G W) and the parameter gradient. The bottleneck metrics are read off G, G W and W. On the
 steps that compute them, `realized_cosine` also measures what the optimizer's update realizes.
 `head.backward` changes what the trunk receives, `head.ortho_weight` and
-`train.alignment_weight` add regularizers (`lmhead_jax.backward`, `lmhead_jax.regularize`).
+`train.alignment_weight` add regularizers (`lmhead_jax.core.backward`, `lmhead_jax.core.regularize`).
 Every function takes the experiment config or its resolved `Setup` (`training/setup.py`).
 """
 
