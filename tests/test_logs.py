@@ -15,6 +15,7 @@ import types
 import pytest
 from helpers import tiny_config
 
+from lmhead_jax.reporting import runs
 from lmhead_jax.training import experiment, logs, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,22 +257,152 @@ def test_a_torn_last_record_is_dropped_with_a_warning(tmp_path, caplog):
   assert logs.repair_tail(path) == 0
 
 
+def test_repair_tail_cuts_the_file_in_place(tmp_path):
+  """Rewriting the file would lose records when the write fails or is killed midway (here
+  files cannot grow past 4 KB, RLIMIT_FSIZE); cutting it in place only drops the torn one."""
+  good = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 400))
+  path = tmp_path / "metrics.jsonl"
+  torn = '{"step": 400, "lo'
+  path.write_text(good + torn)
+  script = """
+import resource, signal, sys
+from lmhead_jax.training import logs
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+print(logs.repair_tail(sys.argv[1]))
+"""
+  proc = subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, capture_output=True,
+                        text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == [str(len(torn))] and path.read_text() == good
+
+
+def test_a_resumed_logger_drops_a_torn_last_record_before_appending(tmp_path, caplog):
+  good = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+  torn = '{"step": 3, "lo'  # killed mid-write: appending would glue the next record onto it
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in good) + torn)
+  logger = logs.Logger(tiny_config(), tmp_path, total=4, start=2)
+  logger.write({"step": 3, "loss": 1.25})
+  logger.close()
+  assert runs.read_metrics(path) == good + [{"step": 3, "loss": 1.25}]
+  assert f"{path}: dropped a torn last record ({len(torn)} bytes" in caplog.text
+
 
 def test_a_full_disk_under_the_logs_stops_the_run_naming_the_file(tmp_path):
   """Writes past 48 KB fail (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC); the run used to
   hang for good in the TensorBoard writer's queue once its thread had died."""
-  import resource
-  import signal
-
-  def limit():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, resource.RLIM_INFINITY))
+  limited = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, resource.RLIM_INFINITY)); "
+             "sys.argv.pop(0); runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.spamlang", "--config=experiments/spamlang.py:smoke",
-       f"--workdir={tmp_path}", "--config.train.log_every=1", "--config.train.eval_every=0",
-       "--config.checkpoint.every=0"],
-      cwd=ROOT, preexec_fn=limit, capture_output=True, text=True, timeout=240)
+      [sys.executable, "-c", limited, "experiments.spamlang",
+       "--config=experiments/spamlang.py:smoke", f"--workdir={tmp_path}",
+       "--config.train.log_every=1", "--config.train.eval_every=0", "--config.checkpoint.every=0"],
+      cwd=ROOT, capture_output=True, text=True, timeout=240)
   assert proc.returncode == 1, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
-  assert re.match(rf"error: cannot write (TensorBoard events to )?{tmp_path}/"
+  assert re.match(rf"error: cannot write {tmp_path}/"
                   r"(metrics\.jsonl|events\.out\.tfevents\.\S+): .*File too large", last), last
+
+
+# A Logger in a subprocess, given a workdir, config overrides (JSON) and the record it writes
+# until a write fails. Once it is open, either its files cannot grow past `limit` bytes
+# (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC) or, for limit "kill-wandb", W&B's service
+# process (its only child) is killed.
+LOGGER = """
+import json, os, resource, signal, subprocess, sys, time
+sys.path.insert(0, "tests")
+from helpers import tiny_config
+from etils import epath
+from lmhead_jax.training import logs
+workdir, overrides, record, limit = sys.argv[1:]
+cfg = tiny_config()
+cfg.update_from_flattened_dict(json.loads(overrides))
+logger = logs.Logger(cfg, epath.Path(workdir), total=10**6, start=0)
+if limit == "kill-wandb":
+  service = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True)
+  os.kill(int(service.stdout), signal.SIGKILL)
+else:
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), resource.RLIM_INFINITY))
+t = time.perf_counter()
+for step in range(1, 10**5):
+  try:
+    logger.write({"step": step, **json.loads(record)})
+  except OSError as e:
+    failed, error = time.perf_counter() - t, str(e)
+    break
+logger.close()
+print(json.dumps({"step": step, "error": error, "failed_s": failed,
+                  "close_s": time.perf_counter() - t - failed}))
+"""
+
+
+def run_logger(workdir, overrides: dict, record: dict, limit, env=()) -> dict:
+  """What LOGGER prints; a hang fails the test after 60 s."""
+  proc = subprocess.run(
+      [sys.executable, "-c", LOGGER, str(workdir), json.dumps(overrides), json.dumps(record),
+       str(limit)],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **dict(env)),
+      capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("failing,record", [
+    ("events.out.tfevents.*", {f"m{i}": 1 for i in range(50)}),  # events grow faster
+    ("metrics.jsonl", {"loss": 1.5, "note": "x" * 300})])  # text: only in metrics.jsonl
+def test_a_full_disk_under_each_log_file_raises_at_once_naming_it(tmp_path, failing, record):
+  out = run_logger(tmp_path, {}, record, limit=48 * 1024)
+  (path,) = tmp_path.glob(failing)
+  assert out["error"].startswith(f"cannot write {path}: [Errno 27] File too large"), out
+  assert out["failed_s"] < 5 and out["close_s"] < 5, out
+  logs.repair_tail(tmp_path / "metrics.jsonl")  # what a resume does first
+  steps = [r["step"] for r in runs.read_metrics(tmp_path / "metrics.jsonl")]
+  assert steps == list(range(1, out["step"] + (failing != "metrics.jsonl")))
+
+
+@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install -e '.[wandb]')")
+def test_a_dead_wandb_service_raises_at_once_naming_the_run(tmp_path):
+  out = run_logger(tmp_path, {"logging.wandb_project": "p"}, {"loss": 1.0}, limit="kill-wandb",
+                   env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+  run_id = (tmp_path / "wandb_id").read_text()
+  assert re.match(rf"cannot write W&B run {run_id} \({tmp_path}/wandb/offline-run-\S+\): "
+                  r".*Connection (reset|lost)", out["error"]), out["error"]
+  assert out["failed_s"] < 5 and out["close_s"] < 5, out
+
+
+def test_a_logger_that_fails_to_open_closes_what_it_opened(tmp_path):
+  """Its events file cannot take the config text (files end at 1 KB): metrics.jsonl, the events
+  file and the W&B run opened before are closed again, and the process exits."""
+  script = """
+import json, os, resource, signal, sys
+sys.path.insert(0, "tests")
+from etils import epath
+from helpers import tiny_config
+from lmhead_jax.training import logs
+cfg = tiny_config()
+cfg.logging.wandb_project = sys.argv[2]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+try:
+  logs.Logger(cfg, epath.Path(sys.argv[1]), total=10, start=0)
+except OSError as e:
+  error = e  # its traceback keeps what the Logger held
+fds = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+wandb = sys.modules.get("wandb")
+print(json.dumps({"error": str(error), "open": [f for f in fds if f.startswith(sys.argv[1])],
+                  "wandb_run": bool(wandb and wandb.run)}))
+"""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", WANDB_MODE="offline",
+             WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+  proc = subprocess.run([sys.executable, "-c", script, str(workdir), "lmhead" * HAS_WANDB],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  (events,) = workdir.glob("events.out.tfevents.*")
+  assert out["error"].startswith(f"cannot write {events}: [Errno 27] File too large"), out
+  assert out["open"] == [] and not out["wandb_run"]

@@ -2,12 +2,15 @@
 progress on stderr (a tqdm bar on a terminal, otherwise a plain line every
 `logging.progress_every_s` seconds); and the listing of a workdir's files printed at the end.
 
-Every write happens in the caller's thread, so a failed one (a full disk, a lost bucket) raises
-there at once as an OSError naming the file, and the run stops with its last checkpoint kept.
-TensorBoard events are written synchronously (tensorboardX's protos; its writer thread would
-hang the run when it dies), with the resolved config as a text summary at the start.
+Every write happens in the caller's thread, so a failed one (a full disk, a lost bucket, a dead
+W&B service) raises there at once as an OSError naming the file, and the run stops with its last
+checkpoint kept. TensorBoard events are written synchronously (tensorboardX's protos; its writer
+thread would hang the run when it dies), with the resolved config as a text summary at the start.
+W&B writes its own files in a service process that only logs its failures (in its
+debug-internal.log): those cannot reach the run.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -70,9 +73,20 @@ def listing(workdir) -> str:
   return f"files in {workdir}:\n" + "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _writing(what):
+  """An OSError inside is raised again naming `what` (a file or W&B run); as a decorator, the
+  same around each call."""
+  try:
+    yield
+  except OSError as e:
+    raise OSError(f"cannot write {what}: {e}") from e
+
+
 def repair_tail(path) -> int:
   """Drops a torn last record of a JSON-lines file (a kill mid-write: no newline at its end, or
-  not JSON), with a warning naming the file; returns the bytes dropped."""
+  not JSON), with a warning naming the file; returns the bytes dropped. A local file is cut in
+  place, so a kill or a full disk meanwhile loses nothing else."""
   path = epath.Path(path)
   data = path.read_bytes()
   start = data.rfind(b"\n", 0, len(data) - 1) + 1  # of the last line
@@ -83,7 +97,10 @@ def repair_tail(path) -> int:
   if not data or whole:
     return 0
   cut = start if data.endswith(b"\n") else data.rfind(b"\n") + 1
-  path.write_bytes(data[:cut])
+  if "://" in str(path):
+    path.write_bytes(data[:cut])  # an object store replaces the whole object at once
+  else:
+    os.truncate(path, cut)
   log.warning("%s: dropped a torn last record (%d bytes, a run killed mid-write)", path,
               len(data) - cut)
   return len(data) - cut
@@ -116,20 +133,23 @@ class TensorBoard:
     self.summary = summary
     self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
     self.file = self.path.open("wb")
-    self.event(0, file_version="brain.Event:2")
-    self.event(0, summary=summary.text("config", config_text))
+    try:
+      self.event(0, file_version="brain.Event:2")
+      self.event(0, summary=summary.text("config", config_text))
+    except OSError:
+      with contextlib.suppress(OSError):  # flushing what did not fit fails again
+        self.file.close()
+      raise
 
   def event(self, step: int, **fields):
     from tensorboardX.proto import event_pb2
     from tensorboardX.record_writer import masked_crc32c
     data = event_pb2.Event(wall_time=time.time(), step=step, **fields).SerializeToString()
     header = len(data).to_bytes(8, "little")
-    try:
+    with _writing(self.path):
       self.file.write(header + masked_crc32c(header).to_bytes(4, "little") + data
                       + masked_crc32c(data).to_bytes(4, "little"))
       self.file.flush()
-    except OSError as e:
-      raise OSError(f"cannot write TensorBoard events to {self.path}: {e}") from e
 
   def scalars(self, step: int, values: dict):
     summary = self.summary.scalar  # one event for all values of the step
@@ -138,7 +158,8 @@ class TensorBoard:
     self.event(step, summary=merged)
 
   def close(self):
-    self.file.close()
+    with _writing(self.path):
+      self.file.close()
 
 
 class Logger:
@@ -155,30 +176,42 @@ class Logger:
     self.first = None  # (time, step) of the first progress, after compiling: the rate's origin
     self.printed = -math.inf
     self.failed = False  # a write raised: closing may meet the same failure again
-    self.wandb = _wandb(cfg, workdir, position)  # first: nothing is left open if it fails
-    if (workdir / "metrics.jsonl").exists():
-      repair_tail(workdir / "metrics.jsonl")
-    self.jsonl = (workdir / "metrics.jsonl").open("a")
-    self.tb = TensorBoard(workdir, experiment.resolved(cfg).to_json(indent=2))
-    self.bar = None
-    if sys.stderr.isatty():
-      import tqdm
-      self.bar = tqdm.tqdm(total=total, initial=start, desc=str(position or "train"),
-                           dynamic_ncols=True, mininterval=1.0)
+    self.opened = contextlib.ExitStack()  # each writer's close, run in reverse order
+    try:
+      self.wandb = _wandb(cfg, workdir, position)
+      if self.wandb is not None:
+        self.wandb_name = f"W&B run {self.wandb.id} ({self.wandb.dir})"
+        self.opened.callback(_writing(self.wandb_name)(self.wandb.finish))
+      self.jsonl_path = workdir / "metrics.jsonl"
+      if self.jsonl_path.exists():
+        repair_tail(self.jsonl_path)
+      self.jsonl = self.jsonl_path.open("a")
+      self.opened.callback(_writing(self.jsonl_path)(self.jsonl.close))
+      self.tb = TensorBoard(workdir, experiment.resolved(cfg).to_json(indent=2))
+      self.opened.callback(self.tb.close)
+      self.bar = None
+      if sys.stderr.isatty():
+        import tqdm
+        self.bar = self.opened.enter_context(tqdm.tqdm(
+            total=total, initial=start, desc=str(position or "train"), dynamic_ncols=True,
+            mininterval=1.0))
+    except BaseException:
+      self.failed = True  # what opened is closed again; the failure to open is the one raised
+      self.close()
+      raise
 
   def write(self, record: dict):
     if not self.active:
       return
     self.failed = True  # until this record is written everywhere
-    try:
+    with _writing(self.jsonl_path):
       self.jsonl.write(json.dumps(record) + "\n")
       self.jsonl.flush()
-    except OSError as e:
-      raise OSError(f"cannot write {self.jsonl.name}: {e}") from e
     self.tb.scalars(record["step"], {k: v for k, v in record.items() if k != "step" and
                                      isinstance(v, (int, float)) and math.isfinite(v)})
     if self.wandb is not None:
-      self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+      with _writing(self.wandb_name):
+        self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
     self.failed = False
 
   def _etas(self, step: int, now: float) -> dict:
@@ -217,16 +250,11 @@ class Logger:
             flush=True)
 
   def close(self):
-    """Closes every writer; after a failed write, the same failure met again while flushing
-    buffers on close is not raised a second time."""
+    """Closes every writer, even when one fails; after a failed write, the same failure met
+    again while flushing buffers on close is not raised a second time."""
     if self.active:
-      if self.bar is not None:
-        self.bar.close()
-      if self.wandb is not None:
-        self.wandb.finish()
-      for f in (self.tb, self.jsonl):
-        try:
-          f.close()
-        except OSError:
-          if not self.failed:
-            raise
+      try:
+        self.opened.close()
+      except OSError:
+        if not self.failed:
+          raise
