@@ -350,3 +350,13 @@ def test_divergence_without_nan_is_flagged(tmp_path, caplog, name, lr, action, n
   else:
     assert runner.run(cfg, tmp_path)["steps"] == 6
     assert caplog.text.count("diverging: step 4: loss") == 1  # once per episode
+
+
+def test_realized_cosine_has_its_own_cadence(tmp_path):
+  cfg = spam_config(5)
+  cfg.train.realized_cosine_every = 2
+  runner.run(cfg, tmp_path)
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = {r["step"]: r for r in map(json.loads, f)}
+  assert [s for s in sorted(records) if "bottleneck/realized_cosine" in records[s]] == [2, 4, 5]
+  assert all("bottleneck/destroyed_ratio" in r for r in records.values())

@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=100, batch_size=32, log_every=10, eval_every=0, eval_batches=4,
       bottleneck_every=1, grad_accum=1, alignment_weight=0.0,
+      # bottleneck/realized_cosine (a forward pass with tangents) on the metric steps that are
+      # multiples of this, and the last; 0: never
+      realized_cosine_every=10,
       # lmhead_jax.training.divergence: a loss above factor × its running minimum (0: not
       # checked), or pinned at ln V with no gradient, for `patience` steps: warn, stop or off.
       divergence_factor=3.0, divergence_patience=20, divergence_action="warn"))
@@ -104,7 +107,7 @@ RANGES = {
         "data.seq_len", "checkpoint.keep", "measure.batch_size", "measure.num_sequences")},
     **{key: (0, math.inf, dict(integer=True)) for key in (
         "train.eval_every", "train.eval_batches", "train.bottleneck_every", "checkpoint.every",
-        "optimizer.warmup_steps")},
+        "optimizer.warmup_steps", "train.realized_cosine_every")},
     "train.alignment_weight": (0, math.inf, {}),
     "optimizer.learning_rate": (0, math.inf, dict(low_open=True)),
     "optimizer.end_lr_fraction": (0, 1, {}),

@@ -292,7 +292,9 @@ def _train(cfg, workdir, s, state, start, data_iter, eval_source, ckpt, preempte
            position) -> dict:
   """Steps start+1 .. train.steps, then the summary."""
   every, mesh = int(cfg.train.bottleneck_every), s.mesh
-  steps = {b: train.make_train_step(s, with_bottleneck=b) for b in (True, False)}
+  realized_every = int(cfg.train.realized_cosine_every)
+  steps = {(b, r): train.make_train_step(s, with_bottleneck=b, with_realized=r)
+           for b in (True, False) for r in (True, False)}  # each compiled on first use
   eval_step = train.make_eval_step(s)
   batch_sh = sharding.batch_sharding(mesh)
   tokens_per_step = int(cfg.train.batch_size) * int(cfg.data.seq_len)
@@ -332,7 +334,8 @@ def _train(cfg, workdir, s, state, start, data_iter, eval_source, ckpt, preempte
     for step in range(start + 1, total + 1):
       batch = pipeline.global_batch(next(data_iter), batch_sh)
       with_b = every > 0 and (step % every == 0 or step == total)
-      state, metrics = steps[with_b](state, batch)
+      with_r = with_b and realized_every > 0 and (step % realized_every == 0 or step == total)
+      state, metrics = steps[with_b, with_r](state, batch)
       eval_due = ((cfg.train.eval_every and step % int(cfg.train.eval_every) == 0)
                   or (step == total and cfg.train.eval_batches))  # the final eval is logged too
       extra = (evaluate(cfg, mesh, eval_step, state.params, eval_source)

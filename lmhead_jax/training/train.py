@@ -222,10 +222,13 @@ def state_shardings(cfg, mesh=None) -> TrainState:
   return _on_mesh(cfg, mesh).state_shardings
 
 
-def make_train_step(cfg, mesh=None, *, with_bottleneck: bool = True):
+def make_train_step(cfg, mesh=None, *, with_bottleneck: bool = True,
+                    with_realized: bool | None = None):
   """step(state, batch) -> (state, metrics), jitted with explicit shardings; state donated.
-  `cfg`: an experiment config on `mesh`, or a Setup resolved on one."""
+  `cfg`: an experiment config on `mesh`, or a Setup resolved on one. `with_realized` (default:
+  `with_bottleneck`) adds bottleneck/realized_cosine, a forward pass with tangents."""
   s = _on_mesh(cfg, mesh)
+  with_realized = with_bottleneck if with_realized is None else with_realized
 
   def step(state: TrainState, batch):
     out, grads = loss_and_grads(state.params, batch, s, with_bottleneck)
@@ -247,6 +250,7 @@ def make_train_step(cfg, mesh=None, *, with_bottleneck: bool = True):
     metrics.update({k: out[k] for k in ("ortho_penalty", "alignment_loss") if k in out})
     if with_bottleneck:
       metrics.update(out["stats"].metrics())
+    if with_realized:
       metrics["bottleneck/realized_cosine"] = realized_cosine(state.params, updates, batch, s)
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
