@@ -1,7 +1,12 @@
+import hashlib
 import json
 import os
+import signal
+import socket
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +14,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmhead_jax.data import prepare as prepare_module
+from lmhead_jax.data import tokens
 from lmhead_jax.data.prepare import prepare
 from lmhead_jax.data.tokens import TokenFileSource, read_index
 
@@ -136,7 +142,7 @@ def test_bad_inputs(tmp_path):
     prepare(tmp_path / "o", [tmp_path / "in"], progress=False)
   with pytest.raises(ValueError, match="no input documents"):
     prepare(tmp_path / "o", [], **kw)
-  with pytest.raises(ValueError, match="--train-bpe 200: needs at least"):
+  with pytest.raises(ValueError, match=r"--train-bpe 200: must be in \[257, 16777216\]"):
     prepare(tmp_path / "o", [tmp_path / "in"], train_bpe_vocab=200, progress=False)
   no_eos = _own_tokenizer(tmp_path / "no_eos.json", ["<pad>"])
   with pytest.raises(ValueError, match=f"tokenizer {no_eos} has no EOS token"):
@@ -273,3 +279,97 @@ def test_train_bpe_that_runs_out_of_merges_reports_the_real_vocab(tmp_path):
   assert read_index(out / "train")["vocab_size"] == real
   assert (f"note: --train-bpe 512 gave a vocabulary of only {real} ids (the corpus ran out of "
           f"merges); the data's vocab_size is {real}") in r.stdout
+
+
+@pytest.mark.parametrize("flag", ["0", "-1"])
+def test_non_positive_shard_tokens_refused_in_one_line(tmp_path, flag):
+  """It used to write empty shards forever."""
+  (tmp_path / "a.txt").write_text("some text")
+  r = subprocess.run([sys.executable, "-m", "lmhead_jax.data.prepare", "--out", tmp_path / "out",
+                      "--train-bpe", "300", "--shard-tokens", flag, tmp_path / "a.txt"],
+                     capture_output=True, text=True, timeout=60)
+  assert r.returncode == 1 and r.stderr == (f"python -m lmhead_jax.data.prepare: error: "
+                                            f"--shard-tokens {flag}: must be at least 1 token "
+                                            f"per shard\n")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_train_bpe_beyond_the_bound_refused_before_any_work(tmp_path):
+  """tokenizers allocates ~70 bytes per requested id: 2**31 aborted the process inside Rust and
+  left the staging directory behind."""
+  (tmp_path / "a.txt").write_text("some text")
+  r = _cli("--out", tmp_path / "out", "--train-bpe", 2**31, tmp_path / "a.txt")
+  assert r.returncode == 1 and r.stderr == (
+      "python -m lmhead_jax.data.prepare: error: --train-bpe 2147483648: must be in [257, "
+      "16777216] (at least 256 bytes + 1 EOS id, at most model.vocab_size's bound)\n")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+  _refused_cleanly(tmp_path, r"--train-bpe 16777217: must be in \[257, 16777216\]",
+                   [tmp_path / "a.txt"], train_bpe_vocab=2**24 + 1)
+  index = prepare(tmp_path / "out", [tmp_path / "a.txt"], train_bpe_vocab=2**24,
+                  progress=False)["train"]  # the bound itself trains (the corpus's few merges)
+  assert 257 < index["vocab_size"] < 300
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_chars=0), "--max-chars 0: must be at least 1"),
+    (dict(max_chars=-5), "--max-chars -5: must be at least 1"),
+    (dict(val_fraction=1.0), r"--val-fraction 1.0: must be in \[0, 1\)"),
+    (dict(val_fraction=-0.1), r"--val-fraction -0.1: must be in \[0, 1\)"),
+    (dict(val_fraction=float("nan")), r"--val-fraction nan: must be in \[0, 1\)")])
+def test_flag_values_out_of_range_name_the_flag(tmp_path, kw, match):
+  _corpus(tmp_path / "in")
+  _refused_cleanly(tmp_path, match, [tmp_path / "in"], train_bpe_vocab=300, **kw)
+
+
+@pytest.mark.parametrize("umask, out", [(0o022, "out"), (0o027, "new/parent/out")])
+def test_new_out_gets_the_umask_mode(tmp_path, umask, out):
+  (tmp_path / "a.txt").write_text("some text")
+  old = os.umask(umask)
+  try:
+    prepare(tmp_path / out, [tmp_path / "a.txt"], train_bpe_vocab=300, progress=False)
+  finally:
+    os.umask(old)
+  for d in (tmp_path / out, tmp_path / out / "train"):
+    assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~umask, d
+  assert stat.S_IMODE((tmp_path / out / "tokenizer.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_staging_dir_of_a_killed_run_is_removed(tmp_path, caplog):
+  """A prepare killed mid-run leaves its staging directory; the next run into OUT removes it,
+  but not one of a live process or of another host."""
+  (tmp_path / "a.txt").write_text("some text")
+  out = tmp_path / "out"
+  run = subprocess.Popen([sys.executable, "-m", "lmhead_jax.data.prepare", "--stdlib",
+                          "--train-bpe", "30000", "--out", out], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 60
+    while not (stale := list(tmp_path.glob(".out.tmp-*"))):
+      assert run.poll() is None and time.monotonic() < deadline, "no staging directory appeared"
+      time.sleep(0.02)
+  finally:
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+  (stale,) = stale
+  live = tmp_path / f".out.tmp-{socket.gethostname()}-{os.getpid()}-0123abcd"
+  elsewhere = tmp_path / f".out.tmp-otherhost-{run.pid}-0123abcd"
+  live.mkdir()
+  elsewhere.mkdir()
+  prepare(out, [tmp_path / "a.txt"], train_bpe_vocab=300, progress=False)
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      [live.name, elsewhere.name, "a.txt", "out"])
+  assert caplog.messages == [f"removing {stale}: the staging directory of an unfinished prepare "
+                             f"into {out} (process {run.pid} is gone)"]
+
+
+def test_rerun_with_another_bpe_size_changes_the_fingerprint(tmp_path):
+  _corpus(tmp_path / "in")
+  out, seen = tmp_path / "out", {}
+  for vocab in (300, 270, 300):
+    prepare(out, [tmp_path / "in"], train_bpe_vocab=vocab, shard_tokens=64, progress=False)
+    index = read_index(out / "train")
+    shards = b"".join((out / "train" / s["path"]).read_bytes() for s in index["shards"])
+    want = hashlib.sha256(f"uint16:{index['vocab_size']}:".encode() + shards).hexdigest()
+    assert tokens.fingerprint(out / "train") == f"sha256:{want}"
+    seen.setdefault(vocab, set()).add(want)
+  assert len(seen[300]) == 1 and seen[300] != seen[270]

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -115,6 +117,31 @@ def test_truncated_shard(tmp_path):
   shard.write_bytes(shard.read_bytes()[:-2])
   with pytest.raises(ValueError, match=f"{shard} has 98 bytes.*truncated"):
     TokenFileSource(tmp_path, 4)
+
+
+def test_shard_of_another_dtype_than_its_label(tmp_path):
+  """uint32 ids under an index that says uint16: each shard is twice the size the index implies."""
+  _write(tmp_path, _stream(200, 100), 100, shard_tokens=50, dtype="uint32")
+  index = json.loads((tmp_path / "index.json").read_text()) | {"dtype": "uint16"}
+  (tmp_path / "index.json").write_text(json.dumps(index))
+  with pytest.raises(ValueError, match=f"token shard {tmp_path / 'shard_00000.bin'} has 200 bytes, "
+                                       f"{tmp_path / 'index.json'} says 50 uint16 tokens "
+                                       r"\(100 bytes\): truncated or wrong dtype"):
+    TokenFileSource(tmp_path, 4)
+  with pytest.raises(ValueError, match="shard_00000.bin has 200 bytes"):
+    tokens.fingerprint(tmp_path)
+
+
+@pytest.mark.parametrize("shard_tokens", [0, -1])
+def test_non_positive_shard_tokens_refused(tmp_path, shard_tokens):
+  """It used to open empty shards forever: run in a subprocess with a time limit."""
+  code = ("from lmhead_jax.data.tokens import write_token_dir; "
+          f"write_token_dir({str(tmp_path / 'd')!r}, [[1, 2]], vocab_size=5, tokenizer='t', "
+          f"shard_tokens={shard_tokens})")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert r.returncode == 1
+  assert r.stderr.splitlines()[-1] == f"ValueError: shard_tokens={shard_tokens} must be at least 1"
+  assert not (tmp_path / "d").exists()
 
 
 def test_ids_beyond_vocab_at_load_and_write(tmp_path):

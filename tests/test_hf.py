@@ -236,7 +236,12 @@ def test_config_json_that_is_not_an_object(tmp_path, text, match):
     ("llama", "tie_word_embeddings", "false", "tie_word_embeddings='false' is not true or false"),
     ("qwen3", "use_sliding_window", "no", "use_sliding_window='no' is not true or false"),
     ("gpt_neox", "use_parallel_residual", 1, "use_parallel_residual=1 is not true or false"),
-    ("llama", "rope_parameters", "llama3", "rope_parameters='llama3' is not a JSON object")])
+    ("llama", "rope_parameters", "llama3", "rope_parameters='llama3' is not a JSON object"),
+    ("gpt2", "activation_function", ["gelu_new"],
+     r"activation_function=\['gelu_new'\] is not a string"),
+    ("llama", "hidden_act", {"silu": 1}, r"hidden_act=\{'silu': 1\} is not a string"),
+    ("olmo2", "rope_parameters", {"rope_type": ["default"], "rope_theta": 1e4},
+     r"rope_type=\['default'\] is not a string")])
 def test_config_value_of_the_wrong_type(tmp_path, family, key, value, match):
   path = _copy(family, tmp_path)
   _edit_json(path / "config.json", **{key: value})
@@ -292,4 +297,128 @@ def test_safetensors_header_that_lies(tmp_path, edit):
   shard = sorted(path.glob("model-*.safetensors"))[1]
   _rewrite_header(shard, edit)
   with pytest.raises(ValueError, match=f"{shard} is not a valid safetensors file"):
+    hf.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("value, match", [(3, "lists 3, not a path inside"),
+                                          ([1], r"lists \[1\], not a path inside"),
+                                          (None, "lists None, not a path inside")])
+def test_weight_map_value_that_is_not_a_file_name(tmp_path, value, match):
+  """One bad value among the real shard names is named (not a bare TypeError from sorting)."""
+  path = _copy("llama", tmp_path)
+  index = json.loads((path / "model.safetensors.index.json").read_text())
+  index["weight_map"]["model.norm.weight"] = value
+  (path / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(ValueError, match=f"{path / 'model.safetensors.index.json'} {match}"):
+    hf.load_checkpoint(path)
+
+
+def test_tensors_of_layers_beyond_n_layer_are_refused(tmp_path):
+  path = _copy("gpt2", tmp_path)
+  _edit_json(path / "config.json", n_layer=1)
+  with pytest.raises(ValueError, match=r"12 tensor\(s\) that no parameter of the model in "
+                                       r"config.json reads: transformer\.h\.1\.attn\.c_attn\.bias, "
+                                       r".* and 7 more \(does config.json describe"):
+    hf.load_checkpoint(path)
+
+
+def test_stray_tensor_is_refused(tmp_path):
+  path = _copy("olmo2", tmp_path)
+  _edit_tensors(path / "model.safetensors",
+                lambda t: t | {"model.layers.0.mlp.extra.weight": np.ones(3, np.float32)})
+  with pytest.raises(ValueError, match=r"1 tensor\(s\) .* reads: model\.layers\.0\.mlp\.extra\."
+                                       r"weight \(does"):
+    hf.load_checkpoint(path)
+
+
+def _add_buffers(path, family):
+  """Adds the non-learned buffers older HF versions saved (mask biases, rotary inv_freq)."""
+  mask = np.tril(np.ones((1, 1, 64, 64), bool))
+  inv_freq = np.ones(8, np.float32)
+  if family == "gpt2":
+    extra = {f"transformer.h.{i}.attn.{b}": mask for i in (0, 1) for b in ("bias", "masked_bias")}
+  elif family == "gpt_neox":
+    buffers = {"bias": mask, "masked_bias": mask, "rotary_emb.inv_freq": inv_freq}
+    extra = {f"gpt_neox.layers.{i}.attention.{b}": x for i in (0, 1) for b, x in buffers.items()}
+  else:
+    extra = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq for i in (0, 1)}
+  file = sorted(path.glob("*.safetensors"))[-1]  # the last shard, if sharded
+  _edit_tensors(file, lambda t: t | extra)
+  if (index := path / "model.safetensors.index.json").is_file():
+    d = json.loads(index.read_text())
+    d["weight_map"] |= {k: file.name for k in extra}
+    index.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
+def test_buffers_hf_ignores_are_ignored(tmp_path, family):
+  path = _copy(family, tmp_path)
+  _add_buffers(path, family)
+  *_, ref, _, z = _outputs(path)
+  np.testing.assert_allclose(z, ref["logits"], rtol=0, atol=1e-4)
+
+
+def test_tied_head_tensor_must_equal_the_embedding(tmp_path):
+  path = _copy("gpt2", tmp_path)
+  _edit_tensors(path / "model.safetensors",
+                lambda t: t | {"lm_head.weight": t["transformer.wte.weight"]})
+  *_, ref, _, z = _outputs(path)  # a tied head stored as well, as HF's _tied_weights_keys
+  np.testing.assert_allclose(z, ref["logits"], rtol=0, atol=1e-4)
+  _edit_tensors(path / "model.safetensors",
+                lambda t: t | {"lm_head.weight": t["lm_head.weight"] * 2})
+  with pytest.raises(ValueError, match=f"{path / 'model.safetensors'}: tensor lm_head.weight "
+                                       f"differs from the embedding, which config.json ties"):
+    hf.load_checkpoint(path)
+
+
+def test_tensor_stored_in_two_shards(tmp_path):
+  path = _copy("llama", tmp_path)
+  first, _, last = sorted(path.glob("model-*.safetensors"))
+  norm = load_file(last)["model.norm.weight"]
+  _edit_tensors(first, lambda t: t | {"model.norm.weight": norm + 1})
+  with pytest.raises(ValueError, match=f"{path}: tensor 'norm.weight' is stored twice: as "
+                                       f"model.norm.weight in {first.name} and as "
+                                       f"model.norm.weight in {last.name}"):
+    hf.load_checkpoint(path)
+
+
+def test_tensor_stored_with_and_without_the_prefix(tmp_path):
+  path = _copy("gpt2", tmp_path)
+  _edit_tensors(path / "model.safetensors",
+                lambda t: t | {"h.0.ln_1.weight": t["transformer.h.0.ln_1.weight"]})
+  with pytest.raises(ValueError, match="tensor 'h.0.ln_1.weight' is stored twice: as "
+                                       "h.0.ln_1.weight in model.safetensors and as "
+                                       "transformer.h.0.ln_1.weight in model.safetensors"):
+    hf.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("family, name, value, dtype", [
+    ("gpt2", "transformer.h.1.mlp.c_fc.weight", np.nan, "float32"),
+    ("qwen3", "model.layers.0.self_attn.k_norm.weight", -np.inf, "bfloat16"),
+    ("olmo2", "lm_head.weight", 1e300, "float32"),  # finite in float64, not in float32
+])
+def test_non_finite_weight_names_the_tensor(tmp_path, family, name, value, dtype):
+  path = _copy(family, tmp_path)
+
+  def poison(t):
+    x = t[name].astype(np.float64 if value == 1e300 else t[name].dtype)
+    x.flat[5] = value
+    return t | {name: x}
+
+  _edit_tensors(path / "model.safetensors", poison)
+  with pytest.raises(ValueError, match=f"{path / 'model.safetensors'}: tensor {name} \\(for "
+                                       f".*\\) holds NaN or Inf values in {dtype}"):
+    hf.load_checkpoint(path, dtype)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(vocab_size=2**31), "vocab_size=2147483648 must be an integer in"),
+    (dict(n_layer=10**12), r"tensor 'h\.2\.attn\.c_attn\.bias' .* is missing"),
+    (dict(vocab_size=2**24, n_embd=2**12),
+     r"wte\.weight has shape \(128, 32\), expected \(16777216, 4096\)")])
+def test_absurd_sizes_refused_before_allocating(tmp_path, changes, match):
+  """Shapes are checked against the headers before any array is allocated (no MemoryError)."""
+  path = _copy("gpt2", tmp_path)
+  _edit_json(path / "config.json", **changes)
+  with pytest.raises(ValueError, match=match):
     hf.load_checkpoint(path)

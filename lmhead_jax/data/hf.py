@@ -5,12 +5,19 @@ model.safetensors.index.json) of a GPT-2, GPT-NeoX/Pythia, Llama-3, OLMo-2 or Qw
 `lmhead_jax.model` tree, one shard at a time. Each family is a table from our parameter paths to
 HF tensor names and layouts; one loader serves them all. Untied models get `params['head']` (the
 `linear` head kind); tied ones share the embedding (`head_config(cfg)` says which).
+
+The checkpoint must agree with its config.json. Refused, naming the key or tensor: config values
+of the wrong JSON type; tensors missing, misshapen, stored twice (say, in two shards) or read by no
+parameter (say, layers beyond `n_layer`), all found from the headers before any array is
+allocated; NaN/Inf weights. Only the buffers HF itself ignores on load (causal-mask biases, rotary
+`inv_freq`) may go unread, and a tied model's `lm_head.weight` if it equals the embedding.
 """
 
 import dataclasses
 import json
 import math
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -32,6 +39,11 @@ _REQUIRED = {
     "olmo2": {"attention_bias": False},
     "qwen3": {"attention_bias": False, "use_sliding_window": False},
 }
+# Buffers some checkpoints hold and HF ignores on load (its `_keys_to_ignore_on_load_unexpected`):
+# causal-mask biases and rotary frequencies, computed from the config rather than learned.
+_BUFFERS = {"gpt2": r"h\.\d+\.attn\.(bias|masked_bias)",
+            "gpt_neox": r"layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)"}
+_ROTARY_BUFFER = r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"  # llama, olmo2, qwen3
 _GELUS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
           "gelu_fast": "gelu_tanh"}
 
@@ -120,7 +132,8 @@ def _table(family: str, c: ModelConfig) -> dict[str, Src]:
 
 
 _UNSET = object()
-_KINDS = {int: "an integer", float: "a number", bool: "true or false", dict: "a JSON object"}
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", dict: "a JSON object",
+          str: "a string"}
 
 
 def _is(value, kind: type) -> bool:
@@ -133,7 +146,8 @@ def _is(value, kind: type) -> bool:
 def _get(hf: dict, *keys, default=_UNSET, kind: type | None = None):
   """The first of `keys` set in config.json, else `default` (an error if none is given).
 
-  With `kind` (int, float, bool or dict) a set value of another JSON type is an error naming it.
+  With `kind` (int, float, bool, dict or str) a set value of another JSON type is an error
+  naming it.
   """
   for k in keys:
     if (v := hf.get(k)) is not None:
@@ -153,7 +167,7 @@ def _model_config(hf: dict, dtype: str) -> ModelConfig:
   for key, want in _REQUIRED[family].items():
     if _get(hf, key, default=want, kind=bool) != want:
       raise ValueError(f"{key}={hf[key]!r} is not supported for model_type={family!r}")
-  act = _get(hf, "hidden_act", "activation_function")
+  act = _get(hf, "hidden_act", "activation_function", kind=str)
   if family in ("gpt2", "gpt_neox"):
     if act not in _GELUS:
       raise ValueError(f"activation {act!r} is not supported for {family}; use one of "
@@ -164,7 +178,7 @@ def _model_config(hf: dict, dtype: str) -> ModelConfig:
   else:
     mlp_act = "swiglu"
   rope = _get(hf, "rope_parameters", "rope_scaling", default={}, kind=dict)
-  rope_type = _get(rope, "rope_type", "type", default="default")
+  rope_type = _get(rope, "rope_type", "type", default="default", kind=str)
   if rope_type not in ("default", "llama3"):
     raise ValueError(f"rope_type={rope_type!r} is not supported (only 'default' and 'llama3')")
   scaling = None
@@ -215,7 +229,7 @@ def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
       raise ValueError(f"{index} has no weight_map (tensor name -> shard file) object")
-    files = [pathlib.Path(inside(path, f, index)) for f in sorted(set(weight_map.values()))]
+    files = [pathlib.Path(f) for f in sorted({inside(path, f, index) for f in weight_map.values()})]
   elif (path / "model.safetensors").is_file():
     files = [path / "model.safetensors"]
   else:
@@ -237,6 +251,36 @@ def _safe_open(file: pathlib.Path):
     raise ValueError(f"{file} is not a valid safetensors file: {e}") from None
 
 
+def _tensors(path: pathlib.Path, prefix: str) -> dict[str, tuple[pathlib.Path, str, tuple]]:
+  """HF name without `prefix` (aliases applied) -> (file, name in file, shape), from the headers;
+  a tensor stored twice (in two shards, or with and without the prefix) is an error."""
+  where = {}
+  for file in _weight_files(path):
+    with _safe_open(file) as f:
+      for name in f.keys():
+        short = name.removeprefix(prefix)
+        short = _ALIASES.get(short, short)
+        if short in where:
+          other, other_name, _ = where[short]
+          raise ValueError(f"{path}: tensor {short!r} is stored twice: as {other_name} in "
+                           f"{other.name} and as {name} in {file.name}")
+        where[short] = (file, name, tuple(f.get_slice(name).get_shape()))
+  return where
+
+
+def _unread(path: pathlib.Path, c: ModelConfig, where: dict, read: set) -> str | None:
+  """Refuses the tensors of `where` that no parameter reads, but for HF's ignorable buffers and
+  a tied model's lm_head.weight, which is returned (to be checked equal to the embedding)."""
+  buffer = re.compile(_BUFFERS.get(c.family, _ROTARY_BUFFER))
+  left = [n for n in where if n not in read and not buffer.fullmatch(n)]
+  tied_head = "lm_head.weight" if c.tie_embeddings and "lm_head.weight" in left else None
+  if names := [where[n][1] for n in left if n != tied_head]:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise ValueError(f"{path}: {len(names)} tensor(s) that no parameter of the model in "
+                     f"config.json reads: {shown} (does config.json describe this checkpoint?)")
+  return tied_head
+
+
 def _path(key_path) -> str:
   return "/".join(k.key for k in key_path)
 
@@ -249,8 +293,9 @@ def head_config(cfg: ModelConfig) -> HeadConfig:
 def load_checkpoint(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
   """(cfg, params) of a local HF checkpoint; params (and compute) in `dtype`.
 
-  All names and shapes are checked from the safetensors headers before any data is read; then
-  the shards are read one at a time into host arrays, which go to the default device at the end.
+  All names and shapes are checked from the safetensors headers before any memory is allocated;
+  then the shards are read one at a time into host arrays (each checked finite), which go to the
+  default device at the end.
   """
   path = pathlib.Path(path)
   if dtype not in DTYPES:
@@ -261,22 +306,15 @@ def load_checkpoint(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
   except ValueError as e:
     raise ValueError(f"{path / 'config.json'}: {e}") from None
   prefix = _PREFIX.get(c.family, "model.")
-  where = {}  # HF name without prefix -> (file, name in file, shape)
-  for file in _weight_files(path):
-    with _safe_open(file) as f:
-      for name in f.keys():
-        short = name.removeprefix(prefix)
-        where[_ALIASES.get(short, short)] = (file, name, tuple(f.get_slice(name).get_shape()))
-
+  where = _tensors(path, prefix)
   table, specs = _table(c.family, c), model.specs(c, head_config(c))
-  jobs = {}  # file -> [(our path, layer or None, name, Src, our shape)]
-  out = {}
-  for key_path, spec in jax.tree_util.tree_leaves_with_path(specs, is_leaf=is_spec):
+  leaves = jax.tree_util.tree_leaves_with_path(specs, is_leaf=is_spec)
+  jobs, read = {}, set()  # file -> [(our path, layer or None, name, Src, our shape)]
+  for key_path, spec in leaves:
     ours = _path(key_path)
     src = table[ours]
     stacked = ours.startswith("layers/")
     shape = spec.shape[1:] if stacked else spec.shape
-    out[ours] = np.empty(spec.shape, np.dtype(DTYPES[dtype]))
     for i in range(c.n_layers) if stacked else [None]:
       name = src.name.format(i=i)
       if name not in where:
@@ -287,15 +325,26 @@ def load_checkpoint(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
         raise ValueError(f"{file}: tensor {full_name} has shape {got}, expected "
                          f"{src.hf_shape(shape)} (for {ours} of shape {shape})")
       jobs.setdefault(file, []).append((ours, i, full_name, src, shape))
+      read.add(name)
+  tied_head = _unread(path, c, where, read)
 
+  out = {_path(kp): np.empty(spec.shape, np.dtype(DTYPES[dtype])) for kp, spec in leaves}
   for file, file_jobs in jobs.items():
     with _safe_open(file) as f:
       for ours, i, name, src, shape in file_jobs:
-        x = src.convert(f.get_tensor(name), shape)
-        if i is None:
-          out[ours][...] = x
-        else:
-          out[ours][i] = x
+        x = out[ours] if i is None else out[ours][i]  # a view
+        with np.errstate(over="ignore"):  # a cast to inf is refused below
+          x[...] = src.convert(f.get_tensor(name), shape)
+        if not np.isfinite(x).all():
+          raise ValueError(f"{file}: tensor {name} (for {ours}) holds NaN or Inf values in "
+                           f"{dtype}")
+  if tied_head:
+    file, name, _ = where[tied_head]
+    with _safe_open(file) as f:
+      head = f.get_tensor(name).astype(out["embed/w_VxD"].dtype)
+    if not np.array_equal(head, out["embed/w_VxD"]):
+      raise ValueError(f"{file}: tensor {name} differs from the embedding, which config.json "
+                       f"ties the head to (tie_word_embeddings)")
   params = jax.tree_util.tree_map_with_path(
       lambda kp, _: jax.device_put(out.pop(_path(kp))), specs, is_leaf=is_spec)
   return c, params

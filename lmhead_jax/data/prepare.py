@@ -19,26 +19,31 @@ Output layout::
                        i.e. every (1/f)-th document; the others go to OUT/train/. The split is
                        by documents, so it needs about 1/f of them (a .txt file is one)
 
-The input files, the tokenizer and the document count a val split needs are checked before any
-work (a bad document deep in a file is found when it is read). The output is written beside OUT
-and moved in at the end: a failed run leaves OUT as it was; a successful one replaces OUT's
-tokenizer.json, train/ and val/ (an old val/ is removed when no val split is made).
+The flags, the input files, the tokenizer and the document count a val split needs are checked
+before any work (a bad document deep in a file is found when it is read). The output is written
+into a staging directory beside OUT, `.OUT.tmp-HOST-PID-*`, and moved in at the end: a failed run
+leaves OUT as it was; a successful one replaces OUT's tokenizer.json, train/ and val/ (an old val/
+is removed when no val split is made). A new OUT gets the umask's mode. A run removes, with a
+warning, the staging directories of earlier runs into OUT on this host whose process is gone.
 
-`--train-bpe V` trains a byte-level BPE with V ids (including `<|endoftext|>`) on the train
-documents only; a corpus with few distinct words runs out of merges first, and then the real,
-smaller vocab size is printed and recorded in the indexes. The output depends only on the
-inputs and the flags.
+`--train-bpe V` trains a byte-level BPE with V ids (including `<|endoftext|>`; 257 <= V <= 2**24)
+on the train documents only; a corpus with few distinct words runs out of merges first, and then
+the real, smaller vocab size is printed and recorded in the indexes. The output depends only on
+the inputs and the flags.
 """
 
 import argparse
 import itertools
 import json
+import logging
 import math
 import os
 import pathlib
+import re
+import secrets
 import shutil
+import socket
 import sysconfig
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 
@@ -46,11 +51,13 @@ import numpy as np
 import tqdm
 from pydoc_data import topics
 
+from lmhead_jax.core.config import MAX_VOCAB_SIZE
 from lmhead_jax.data.tokens import write_token_dir
 
 EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 OUTPUTS = ("tokenizer.json", "train", "val")  # what prepare writes into OUT
+log = logging.getLogger(__name__)
 
 
 def stdlib_documents() -> Iterator[str]:
@@ -205,6 +212,51 @@ def _load_tokenizer(path: str):
     raise ValueError(f"tokenizer {path} is not a tokenizers tokenizer.json: {e}") from None
 
 
+def _check_flags(train_bpe_vocab: int | None, max_chars: int | None, val_fraction: float,
+                 shard_tokens: int):
+  """Refuses flag values outside their range, naming the flag. The --train-bpe bound is the
+  model's: tokenizers' BpeTrainer allocates ~70 bytes per requested id up front (2**31 asks for
+  141 GB and aborts the process inside Rust)."""
+  if train_bpe_vocab is not None and not 257 <= train_bpe_vocab <= MAX_VOCAB_SIZE:
+    raise ValueError(f"--train-bpe {train_bpe_vocab}: must be in [257, {MAX_VOCAB_SIZE}] (at "
+                     f"least 256 bytes + 1 EOS id, at most model.vocab_size's bound)")
+  if max_chars is not None and max_chars < 1:
+    raise ValueError(f"--max-chars {max_chars}: must be at least 1 (or not given: no cap)")
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+  if shard_tokens < 1:
+    raise ValueError(f"--shard-tokens {shard_tokens}: must be at least 1 token per shard")
+
+
+def _alive(pid: int) -> bool:
+  """Whether process `pid` exists on this host."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # it exists, as another user's
+    pass
+  return True
+
+
+def _new_stage(out: pathlib.Path) -> pathlib.Path:
+  """A new staging directory `.OUT.tmp-HOST-PID-RANDOM` in OUT's nearest existing ancestor, with
+  the umask's mode; first removes (with a warning) those of this host whose process is gone."""
+  anchor = out.parent
+  while not anchor.is_dir():
+    anchor = anchor.parent
+  host, ours = socket.gethostname(), f".{out.name}.tmp-"
+  stale = re.compile(rf"{re.escape(ours + host)}-(\d{{1,9}})-[0-9a-f]{{8}}")
+  for d in anchor.iterdir():
+    if (m := stale.fullmatch(d.name)) and d.is_dir() and not _alive(int(m[1])):
+      log.warning("removing %s: the staging directory of an unfinished prepare into %s "
+                  "(process %s is gone)", d, out, m[1])
+      shutil.rmtree(d, ignore_errors=True)
+  stage = anchor / f"{ours}{host}-{os.getpid()}-{secrets.token_hex(4)}"
+  stage.mkdir()
+  return stage
+
+
 def _publish(stage: pathlib.Path, out: pathlib.Path):
   """Moves the finished stage to `out`, replacing out's tokenizer.json, train/ and val/."""
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,8 +285,7 @@ def prepare(out_dir, inputs: Iterable[str] = (), *, tokenizer: str | None = None
   """
   if (tokenizer is None) == (train_bpe_vocab is None):
     raise ValueError("pass exactly one of tokenizer= (a tokenizer.json) or train_bpe_vocab=")
-  if not 0.0 <= val_fraction < 1.0:
-    raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+  _check_flags(train_bpe_vocab, max_chars, val_fraction, shard_tokens)
   out = pathlib.Path(out_dir).absolute()
   if out.exists() and not out.is_dir():
     raise ValueError(f"output {out} exists and is not a directory")
@@ -242,8 +293,6 @@ def prepare(out_dir, inputs: Iterable[str] = (), *, tokenizer: str | None = None
   if not files and not stdlib:
     raise ValueError("no input documents: pass input files or directories, or stdlib=True")
   if tokenizer is None:
-    if train_bpe_vocab < 257:
-      raise ValueError(f"--train-bpe {train_bpe_vocab}: needs at least 256 bytes + 1 EOS id")
     if eos_token not in (None, EOS_TOKENS[0]):
       raise ValueError(f"--eos-token {eos_token}: a trained BPE's EOS token is {EOS_TOKENS[0]}")
   else:
@@ -264,10 +313,7 @@ def prepare(out_dir, inputs: Iterable[str] = (), *, tokenizer: str | None = None
     raise ValueError(f"val_fraction={val_fraction} needs at least {need} documents for a val "
                      f"split, the input holds {n} (a .txt file is one document, a .jsonl line one)")
 
-  anchor = out.parent
-  while not anchor.is_dir():
-    anchor = anchor.parent
-  stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=anchor))
+  stage = _new_stage(out)
   try:
     tok_path = stage / "tokenizer.json"
     if tokenizer is None:

@@ -7,6 +7,9 @@ Layout of a token directory::
                      "fingerprint": "sha256:…" of dtype, V and the ids, in order (`fingerprint`)}
   shard_00000.bin   n little-endian ids, no header; shards concatenate into one stream
 
+`read_index` refuses a shard whose byte size is not its n times the dtype's size (truncated, or
+written in another dtype).
+
 `TokenFileSource` serves non-overlapping windows of W = seq_len + 1 consecutive tokens
 (windows may cross shard boundaries) as `inputs = w[:-1]`, `targets = w[1:]`, `mask = 1`.
 - "sequential": window k starts at k * W; there are N // W windows and fewer than W tokens
@@ -44,6 +47,8 @@ def write_token_dir(out_dir, ids, *, vocab_size: int, tokenizer: str, dtype: str
                     shard_tokens: int = 1 << 28) -> dict:
   """Writes an iterable of id arrays into `out_dir` as shards of `shard_tokens` ids; returns the index."""
   dtype = _dtype_for(vocab_size, dtype)
+  if shard_tokens < 1:
+    raise ValueError(f"shard_tokens={shard_tokens} must be at least 1")
   os.makedirs(out_dir, exist_ok=True)
   shards, f, digest = [], None, _hasher(dtype, vocab_size)
   for k, chunk in enumerate(ids):
