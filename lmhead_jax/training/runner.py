@@ -155,12 +155,20 @@ def evaluate(cfg, mesh, eval_step, params, source) -> dict:
 
 
 def _records(workdir: epath.Path) -> list[dict]:
-  """metrics.jsonl's records, a torn last line (a kill mid-write) dropped from the file first."""
+  """metrics.jsonl's records; host 0 first drops a torn last line (a kill mid-write) from the
+  file, which the other hosts skip."""
   path = workdir / "metrics.jsonl"
   if not path.exists():
     return []
-  logs.repair_tail(path)
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  if jax.process_index() == 0:
+    logs.repair_tail(path)
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  if lines and jax.process_index() != 0:
+    try:
+      json.loads(lines[-1])
+    except ValueError:
+      lines.pop()
+  return [json.loads(line) for line in lines]
 
 
 def _host(metrics) -> dict:
@@ -207,6 +215,7 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
         "--workdir")
   resolved = json.loads(experiment.resolved(cfg).to_json())
   changed = experiment.changed_keys(old, cfg) if old else {}
+  fingerprints = _data_fingerprints(cfg)
   shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()) or "none"
   try:
     restored = ckpt.restore_latest(abstract_state, data_iter)
@@ -234,7 +243,6 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
           f"cannot resume {workdir}: its checkpoint is at step {restored[1]}, beyond "
           f"train.steps={cfg.train.steps}; training to fewer steps would overwrite it. Set "
           f"train.steps >= {restored[1]}, or use a new --workdir")
-    fingerprints = _data_fingerprints(cfg)
     recorded = history[-1].get("data_fingerprints", fingerprints) if history else fingerprints
     if (moved_data := sorted(k for k in fingerprints if recorded.get(k) != fingerprints[k])):
       raise ValueError(
@@ -252,7 +260,7 @@ def _resume(cfg, workdir: epath.Path, ckpt, abstract_state, data_iter):
     if changed:
       log.warning("resuming %s at step %d with a changed config: %s", workdir, restored[1], shown)
   entry = {"step": restored[1] if restored else 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "environment": environment(), "data_fingerprints": _data_fingerprints(cfg)}
+           "environment": environment(), "data_fingerprints": fingerprints}
   if changed:
     entry["changed"] = changed
   if jax.process_index() == 0:
@@ -281,7 +289,8 @@ def _run(cfg, workdir: epath.Path, preempted: _Preemption, position) -> dict:
       state, start = restored
       log.info("resumed %s from step %d", workdir, start)
     if preempted.requested:
-      raise Preempted(f"{preempted.requested} during start-up: exiting before step {start + 1}, nothing saved")
+      raise Preempted(f"{preempted.requested} during start-up: exiting before step "
+                      f"{start + 1}, nothing saved")
     return _train(cfg, workdir, s, state, start, data_iter, eval_source, ckpt, preempted,
                   position)
   finally:
