@@ -97,3 +97,10 @@ def test_from_config():
   assert (Guard.from_config(cfg).factor, Guard.from_config(cfg).patience) == (5.0, 4)
   cfg.train.divergence_action = "off"
   assert Guard.from_config(cfg) is None
+
+
+def test_a_spike_near_zero_loss_is_not_diverging():
+  """Measured on the README's demo (SGD-momentum, V/D=64): 0.0097 -> 0.33 for 20 steps, then
+  0.002; three times a tiny minimum is no divergence, one nat above it is."""
+  assert feed(Guard(3.0, 2, V), [0.0097] + [0.33] * 20 + [0.002]) == {}
+  assert list(feed(Guard(3.0, 2, V), [0.0097, 1.02, 1.02])) == [3]

@@ -1,8 +1,10 @@
 """A guard against training runs that go wrong without a NaN, from each step's loss and grad_norm.
 
 Two conditions count, each for `train.divergence_patience` consecutive checked steps:
-- rising: the loss is above `train.divergence_factor` × its running minimum (a non-finite loss
-  counts too); factor 0 turns this one off;
+- rising: the loss is above `train.divergence_factor` × its running minimum and at least
+  MARGIN (1 nat) above it (a non-finite loss counts too): near a loss of 0, a factor alone
+  flags harmless spikes (a SpamLang run that learns went from 0.0097 to 0.33 and back); factor 0
+  turns this one off;
 - pinned: the loss is within 1e-4 (relative) of ln V, the loss of uniform predictions, with
   grad_norm < 1e-8: the model predicts uniformly and receives no gradient.
 
@@ -14,6 +16,7 @@ runner does with the message: 'warn' (log it), 'stop' (end the run) or 'off' (no
 import math
 
 ACTIONS = ("warn", "stop", "off")
+MARGIN = 1.0  # nats above the running minimum that a rising loss must also exceed
 PINNED_RTOL = 1e-4  # relative distance of the loss from ln V
 PINNED_GRAD_NORM = 1e-8
 
@@ -41,7 +44,7 @@ class Guard:
     """The message when a condition has held for `patience` consecutive steps (once per streak),
     else None."""
     loss, grad_norm = float(loss), float(grad_norm)
-    rising = self.factor > 0 and not loss <= self.factor * self.best
+    rising = self.factor > 0 and not loss <= max(self.factor * self.best, self.best + MARGIN)
     pinned = (abs(loss - self.log_v) <= PINNED_RTOL * self.log_v
               and grad_norm < PINNED_GRAD_NORM)
     if math.isfinite(loss) and loss < self.best:
