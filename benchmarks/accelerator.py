@@ -28,7 +28,9 @@ import numpy as np
 
 from benchmarks import configs, train_step
 from lmhead_jax.core import heads, model
+from lmhead_jax.core.config import default_head
 from lmhead_jax.data import hf
+from lmhead_jax.runs import experiment
 from lmhead_jax.training import sharding, train
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "hf"
@@ -62,7 +64,7 @@ def train_section(cfg, steps: int, warmup: int, matmul_n: int) -> dict:
 def bf16_section(cfg) -> dict:
   """Bottleneck metrics of one batch, trunk in bfloat16 and in float32, same params and batch."""
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  state, _ = train.init_state(jax.random.key(cfg.seed), cfg, mesh)
+  state, _ = train.init_state(jax.random.key(cfg.seed), experiment.resolve(cfg, mesh))
   rng = np.random.default_rng(1)
   shape = (cfg.train.batch_size, cfg.data.seq_len)
   batch = jax.device_put(
@@ -73,7 +75,8 @@ def bf16_section(cfg) -> dict:
   for dtype in ("bfloat16", "float32"):
     c = cfg.copy_and_resolve_references()
     c.model.dtype = dtype
-    metrics = jax.jit(lambda p, b, c=c: train.loss_and_grads(p, b, c)[0])(state.params, batch)
+    setup = experiment.resolve(c)
+    metrics = jax.jit(lambda p, b, s=setup: train.loss_and_grads(p, b, s)[0])(state.params, batch)
     stats = metrics["stats"].metrics("")
     out[dtype] = {k: float(v) for k, v in stats.items()} | {"loss": float(metrics["loss"])}
   out["abs_diff"] = {k: abs(out["bfloat16"][k] - out["float32"][k]) for k in out["float32"]}
@@ -92,7 +95,7 @@ def hf_parity_section() -> dict:
   for path in sorted(p for p in FIXTURES.iterdir() if (p / "reference.npz").is_file()):
     cfg, params = hf.load_checkpoint(path, "float32")
     ref = np.load(path / "reference.npz")
-    hc = hf.head_config(cfg)
+    hc = default_head(cfg)
     row = {}
     for precision in ("default", "highest"):
       with jax.default_matmul_precision(precision):

@@ -10,7 +10,7 @@
                   benchmarks.accelerator's tests (D=64, V=512; D=32, V=2,048; 64 tokens)
 """
 
-from lmhead_jax.training.experiment import base_config
+from lmhead_jax.runs.experiment import base_config
 
 
 def get_config(preset: str = "bottleneck_cpu"):

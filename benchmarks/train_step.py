@@ -6,8 +6,10 @@
 Prints one JSON line per variant. `mfu` is model FLOPs (lmhead_jax.tools.costs) per second over the
 peak of a large matmul of the model's compute dtype, measured in the same process. --compare
 alternates the variants step by step in one process (the machines are shared and noisy) and adds
-a line of ratios: bottleneck metrics on every step against off, and chunked against dense head
-when `head.chunk_size` is set.
+a line of ratios against a plain-JAX step of the same model (`jax.value_and_grad` of the mean CE,
+the same optax update, no metrics): the library's step with the bottleneck metrics on every step
+and realized_cosine every `train.realized_cosine_every` steps (the runner's default cadence),
+with the metrics off, and chunked against dense head when `head.chunk_size` is set.
 """
 
 import json
@@ -18,7 +20,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from lmhead_jax.core import heads, model
+from lmhead_jax.core.loss import cross_entropy
+from lmhead_jax.runs import experiment
 from lmhead_jax.tools import costs
 from lmhead_jax.training import sharding, train
 
@@ -57,16 +63,19 @@ def peak_memory_bytes() -> tuple[int, str]:
 class Variant:
   """One compiled train step with its own state and a fixed random batch."""
 
-  def __init__(self, name, cfg, mesh, with_bottleneck=True):
+  def __init__(self, name, cfg, mesh, with_bottleneck=True, with_realized=None, plain=False):
     self.name, self.cfg = name, cfg
-    self.state, _ = train.init_state(jax.random.key(cfg.seed), cfg, mesh)
+    setup = experiment.resolve(cfg, mesh)
+    self.state, _ = train.init_state(jax.random.key(cfg.seed), setup)
     rng = np.random.default_rng(0)
     shape = (cfg.train.batch_size, cfg.data.seq_len)
     self.batch = jax.device_put(
         {"inputs": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
          "targets": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
          "mask": np.ones(shape, np.float32)}, sharding.batch_sharding(mesh))
-    step = train.make_train_step(cfg, mesh, with_bottleneck=with_bottleneck)
+    step = (plain_step(setup) if plain else
+            train.make_train_step(setup, with_bottleneck=with_bottleneck,
+                                  with_realized=with_realized))
     t = time.perf_counter()
     self.compiled = step.lower(self.state, self.batch).compile()
     self.compile_time_s = time.perf_counter() - t
@@ -89,7 +98,7 @@ class Variant:
       return {"variant": self.name, "tokens_per_step": tokens, "fits": False,
               "compile_time_s": self.compile_time_s, "xla_temp_bytes": self.temp_bytes}
     step_s = statistics.median(self.times)
-    flops = costs.model_flops_per_token(self.cfg)
+    flops = costs.model_flops_per_token(*experiment.configs(self.cfg), self.cfg.data.seq_len)
     return {"variant": self.name, "tokens_per_step": tokens, "step_time_ms": 1e3 * step_s,
             "tokens_per_sec": tokens / step_s, "model_flops_per_token": flops,
             "mfu": flops * tokens / step_s / (peak * jax.device_count()),
@@ -97,10 +106,33 @@ class Variant:
             "xla_temp_bytes": self.temp_bytes, "timed_steps": len(self.times)}
 
 
+def plain_step(setup):
+  """A plain-JAX train step of the same model: the mean CE's value and gradient, the Setup's
+  optax update, the same shardings; no metrics, no clipping."""
+  def loss(params, batch):
+    h = model.hidden(params, batch["inputs"], setup.model)
+    z = heads.logits(heads.params_of(params, setup.head), h, setup.head)
+    return cross_entropy(z, batch["targets"], batch["mask"])
+
+  def step(state, batch):
+    value, grads = jax.value_and_grad(loss)(state.params, batch)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, opt_state=opt_state,
+                          params=optax.apply_updates(state.params, updates))
+    return state, {"loss": value}
+
+  return jax.jit(sharding.traced_on(setup.mesh, step),
+                 in_shardings=(setup.state_shardings, setup.batch_shardings),
+                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=0)
+
+
 def variants(cfg, mesh, compare: bool) -> list[Variant]:
   out = [Variant("bottleneck_every_step", cfg, mesh)]
   if compare:
+    out.append(Variant("bottleneck_no_realized", cfg, mesh, with_realized=False))
     out.append(Variant("bottleneck_off", cfg, mesh, with_bottleneck=False))
+    out.append(Variant("plain_jax", cfg, mesh, plain=True))
     if cfg.head.chunk_size:
       dense = cfg.copy_and_resolve_references()
       dense.head.chunk_size = None
@@ -122,9 +154,17 @@ def run(cfg, compare: bool, steps: int, warmup: int, matmul_n: int = 4096) -> li
     r.update(peak_memory_bytes=mem, peak_memory_source=source)
   if compare:
     by = {r["variant"]: r for r in rows}
+    time_of = lambda name: by[name]["step_time_ms"]
+    k = max(int(cfg.train.realized_cosine_every), 1)
+    cadence_ms = (time_of("bottleneck_every_step") + (k - 1) * time_of("bottleneck_no_realized")) / k
     ratios = {"variant": "ratios",
               "bottleneck_vs_off_throughput": by["bottleneck_every_step"]["tokens_per_sec"] /
-              by["bottleneck_off"]["tokens_per_sec"]}
+              by["bottleneck_off"]["tokens_per_sec"],
+              "vs_plain_jax_throughput": {
+                  "metrics_every_step_realized_every_step": time_of("plain_jax") /
+                  time_of("bottleneck_every_step"),
+                  f"metrics_every_step_realized_every_{k}": time_of("plain_jax") / cadence_ms,
+                  "metrics_off": time_of("plain_jax") / time_of("bottleneck_off")}}
     if "dense_head" in by:
       if "tokens_per_sec" in by["dense_head"]:
         ratios["chunked_vs_dense_throughput"] = (by["bottleneck_every_step"]["tokens_per_sec"] /

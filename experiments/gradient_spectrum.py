@@ -13,18 +13,18 @@ Writes WORKDIR/summary.json ({"models": [{..., "points": [one summary per N]}]},
 
 import time
 
-from lmhead_jax.analysis import gram, measure, subjects
+from lmhead_jax.analysis import gram, measure
 from lmhead_jax.reporting import figures_measure, plots
-from lmhead_jax.training import cli
+from lmhead_jax.runs import cli, corpus, measurement
 
 
 def get_config(preset: str = "cpu"):
-  cfg = subjects.base_config()
+  cfg = measurement.base_config()
   with cfg.unlocked():
     cfg.spectrum = dict(tokens="1000,2000,5000,10000,20000,50000,100000", method="auto",
                         gram_dtype="float64", gram_max_gib=16.0, rank_k=8192, power_iters=30)
   if preset == "cpu":
-    subjects.cpu_preset(cfg, vocab_size=4096, fresh="64", batch_size=16)
+    measurement.cpu_preset(cfg, vocab_size=4096, fresh="64", batch_size=16)
   elif preset == "pretrained":
     cfg.data.update(seq_len=1024, stdlib=False)
     cfg.measure.batch_size = 16
@@ -49,7 +49,7 @@ def table(results: list[dict]) -> str:
 def main(cfg, workdir):
   fmt = plots.figure_format(cfg)
   sp = cfg.spectrum
-  tokens = [int(t) for t in subjects.split_list(sp.tokens)]
+  tokens = [int(t) for t in corpus.split_list(sp.tokens)]
 
   def spectrum(s, source, mesh):
     method = gram.choose_method(sp.method, s.model_cfg.vocab_size, sp.gram_dtype, sp.gram_max_gib)
@@ -61,7 +61,7 @@ def main(cfg, workdir):
             "head": s.head_cfg.kind, "method": method, "seconds": time.perf_counter() - t0,
             "points": points}
 
-  subjects.measure_each(cfg, workdir, spectrum, table, figures_measure.spectrum,
+  measurement.measure_each(cfg, workdir, spectrum, table, figures_measure.spectrum,
                         f"spectrum_rank.{fmt}")
 
 

@@ -40,8 +40,8 @@ from etils import epath
 
 from experiments import rank_sweep, spamlang
 from lmhead_jax.analysis.measure import ci95
-from lmhead_jax.reporting import plots, runs
-from lmhead_jax.training import cli, experiment, sweep
+from lmhead_jax.reporting import metrics, plots
+from lmhead_jax.runs import cli, experiment, sweep
 
 LEARNED = 0.99  # held-out accuracy that counts as learned
 METHODS = {
@@ -135,7 +135,7 @@ def stat(values) -> dict:
 
 
 def _curve(workdir, entry, y, x="step"):
-  return runs.curve(runs.read_metrics(f"{workdir}/{entry['run']}/metrics.jsonl"), y, x)
+  return metrics.curve(metrics.read_metrics(f"{workdir}/{entry['run']}/metrics.jsonl"), y, x)
 
 
 def _training_mean(workdir, entry, metric) -> float:
@@ -190,7 +190,7 @@ def summarize_lm(workdir, entries: list[dict]) -> dict:
   for (method, rank), group in groups.items():
     base = groups[("baseline", rank or widest)]
     target = max((e["eval/loss"] for e in base if "eval/loss" in e), default=math.nan)  # diverged
-    tokens = lambda es: [runs.tokens_to_target(*_curve(workdir, e, "eval/loss", "tokens_seen"),
+    tokens = lambda es: [metrics.tokens_to_target(*_curve(workdir, e, "eval/loss", "tokens_seen"),
                                                target) for e in es]
     reach, base_reach = stat(tokens(group)), stat(tokens(base))
     speedup = (base_reach["mean"] / reach["mean"]
@@ -231,7 +231,7 @@ def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
                 f"{workdir}/head_lab_lm_{m}.{fmt}", xlabel="step", ylabel=m,
                 title=f"Head lab, LM: {m} (mean over seeds)", markers=False)
   columns, text = {"method": lambda r: r[0]}, ""
-  metrics = {m: (lambda r, m=m: _fmt(r[-1][m], 3)) for m in BOTTLENECK}
+  bottleneck_columns = {m: (lambda r, m=m: _fmt(r[-1][m], 3)) for m in BOTTLENECK}
   if "spamlang" in found:
     spam = found["spamlang"]
     series = {m: tuple(np.array([(float(k), v["accuracy"]["mean"] or 0.0)
@@ -243,18 +243,18 @@ def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
     columns["SpamLang largest V/D ≥ 99%"] = lambda r: _fmt(spam[r[0]]["largest_ratio"], 3)
     rows = [(m, k, v) for m, s in spam.items() for k, v in s["by_ratio"].items()]
     text = ("\n\nSpamLang at each V/D, the lr with the highest mean held-out accuracy; bottleneck "
-            "metrics: mean over logged steps, then over seeds\n\n" + runs.markdown_table(rows, {
+            "metrics: mean over logged steps, then over seeds\n\n" + metrics.markdown_table(rows, {
                 "method": lambda r: r[0], "V/D": lambda r: r[1], "lr": lambda r: r[2]["lr"],
-                "held-out accuracy": lambda r: _fmt(r[2]["accuracy"]), **metrics}))
+                "held-out accuracy": lambda r: _fmt(r[2]["accuracy"]), **bottleneck_columns}))
   lm = found["lm"]
   columns |= {
       "LM held-out loss": lambda r: _fmt(r[1]["eval_loss"]),
       "LM tokens to target": lambda r: _fmt(r[1]["tokens_to_target"], 3),
-      "speed-up": lambda r: r[1]["speedup"], **metrics}
+      "speed-up": lambda r: r[1]["speedup"], **bottleneck_columns}
   target = next(iter(lm.values()))["target"]
   return (f"LM target: the baseline seeds' highest final held-out loss ({target:.4f}); bottleneck "
           "metrics: LM, mean over logged steps, then over seeds (mean ± 95% CI)\n\n"
-          + runs.markdown_table(list(lm.items()), columns) + text)
+          + metrics.markdown_table(list(lm.items()), columns) + text)
 
 
 def by_method(found: dict) -> dict:

@@ -11,17 +11,17 @@ Writes WORKDIR/summary.json ({"models": [...]}, see `lmhead_jax.analysis.measure
 table and draws WORKDIR/measure_destroyed.png. Models and data: `lmhead_jax.analysis.subjects`.
 """
 
-from lmhead_jax.analysis import measure, subjects
+from lmhead_jax.analysis import measure
 from lmhead_jax.reporting import figures_measure, plots
-from lmhead_jax.training import cli
+from lmhead_jax.runs import cli, measurement
 
 
 def get_config(preset: str = "cpu"):
-  cfg = subjects.base_config()
+  cfg = measurement.base_config()
   with cfg.unlocked():
     cfg.measure.chunk_len = 0  # positions per chunk of the logits (0: whole sequences)
   if preset == "cpu":
-    subjects.cpu_preset(cfg, vocab_size=8192, fresh="32,64,128,128r16", batch_size=16)
+    measurement.cpu_preset(cfg, vocab_size=8192, fresh="32,64,128,128r16", batch_size=16)
     cfg.measure.num_sequences = 512
   elif preset == "pretrained":
     cfg.data.update(seq_len=1024, stdlib=False)
@@ -35,7 +35,7 @@ def get_config(preset: str = "cpu"):
 def main(cfg, workdir):
   fmt = plots.figure_format(cfg)
   m = cfg.measure
-  subjects.measure_each(
+  measurement.measure_each(
       cfg, workdir, lambda s, source, mesh: measure.measure(
           s, source, mesh, batch_size=m.batch_size, num_sequences=m.num_sequences,
           seed=cfg.seed, chunk_len=m.chunk_len or None),

@@ -13,17 +13,17 @@ prints the ratios by which −G beats each direction, and draws WORKDIR/update_d
 import jax
 import numpy as np
 
-from lmhead_jax.analysis import directions, gram, measure, subjects
+from lmhead_jax.analysis import directions, gram, measure
 from lmhead_jax.reporting import figures_measure, plots
-from lmhead_jax.training import cli
+from lmhead_jax.runs import cli, measurement
 
 
 def get_config(preset: str = "cpu"):
-  cfg = subjects.base_config()
+  cfg = measurement.base_config()
   with cfg.unlocked():
     cfg.update_dir = dict(eps_min=1e-4, eps_max=30.0, eps_points=22)
   if preset == "cpu":
-    subjects.cpu_preset(cfg, vocab_size=8192, fresh="64,128", batch_size=8)
+    measurement.cpu_preset(cfg, vocab_size=8192, fresh="64,128", batch_size=8)
   elif preset == "pretrained":
     cfg.data.update(seq_len=512, stdlib=False)
     cfg.measure.batch_size = 8
@@ -59,7 +59,7 @@ def main(cfg, workdir):
             "tokens": int(np.sum(jax.device_get(m))), "eps": eps.tolist(), "directions": res,
             "ratios": directions.ratios(res)}
 
-  subjects.measure_each(cfg, workdir, update_directions, table, figures_measure.update,
+  measurement.measure_each(cfg, workdir, update_directions, table, figures_measure.update,
                         f"update_directions.{fmt}")
 
 

@@ -37,7 +37,7 @@ if "JAX_PLATFORMS" not in os.environ and not _accelerator_present():
 
 __version__ = "0.1.0"
 
-LAYERS = ("core", "data", "training", "analysis", "tools", "reporting")
+LAYERS = ("core", "data", "training", "analysis", "runs", "tools", "reporting")
 MOVED = {f"{__name__}.{name}": f"{__name__}.{layer}.{name}" for layer, name in (
     ("core", "bottleneck"), ("core", "model"), ("data", "hf"), ("tools", "plan"),
     ("training", "train"))}

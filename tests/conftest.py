@@ -19,3 +19,10 @@ def _subjects_cache(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("LMHEAD_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+  """An empty cache directory, named by $LMHEAD_JAX_CACHE."""
+  monkeypatch.setenv("LMHEAD_JAX_CACHE", str(tmp_path / "cache"))
+  return tmp_path / "cache"

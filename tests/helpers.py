@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -14,10 +15,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from experiments import (gradient_spectrum, head_lab, measure_pretrained, rank_sweep, spamlang,
+
+
+                         update_direction)
 from lmhead_jax.core import heads, model
 from lmhead_jax.core.loss import cross_entropy
-from lmhead_jax.training import sharding, train
-from lmhead_jax.training.experiment import base_config
+from lmhead_jax.runs import experiment, measurement
+from lmhead_jax.training import sharding
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
@@ -26,7 +32,7 @@ TRICKY = "--config.note=it's \"quoted\" $HOME `x` a  b"  # a launch script passe
 
 def tiny_config(**model):
   """A model small enough for unit tests: V=256, D=32, 2 layers, GQA 4/2."""
-  cfg = base_config()
+  cfg = experiment.base_config()
   cfg.model.update(dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                         d_ff=64, max_seq_len=64), **model)
   cfg.data.seq_len = 16
@@ -49,7 +55,7 @@ def random_batch(cfg, seed=0, masked=True):
 
 
 def plain_loss(params, batch, cfg):
-  c, hc = train.configs(cfg)
+  c, hc = experiment.configs(cfg)
   h = model.hidden(params, batch["inputs"], c)
   return cross_entropy(heads.logits(heads.params_of(params, hc), h, hc), batch["targets"],
                        batch["mask"])
@@ -154,3 +160,46 @@ def write_fake_experiment(experiments):
   """`experiments`/toy.py: FAKE_EXPERIMENT, the experiment of the launch scripts' tests."""
   experiments.mkdir(parents=True, exist_ok=True)
   (experiments / "toy.py").write_text(FAKE_EXPERIMENT)
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def svg_lines(path) -> dict:
+  """{gid: (style dict, [[x, y], ...] in pixels)} of the SVG's paths in groups named series:* or
+  reference*, as matplotlib wrote them."""
+  import xml.etree.ElementTree as ET
+  out = {}
+  for g in ET.parse(path).iter(f"{SVG}g"):
+    gid = g.get("id", "")
+    if gid.startswith(("series:", "reference")):
+      for i, p in enumerate(g.iter(f"{SVG}path")):
+        style = dict(kv.split(": ") for kv in p.get("style").split("; "))
+        xy = re.findall(r"[ML] (-?[\d.]+) (-?[\d.]+)", p.get("d"))
+        out[gid if i == 0 else f"{gid}#{i}"] = (style, np.array(xy, float))
+  return out
+
+
+def counting(monkeypatch, module, name: str) -> list:
+  """Wraps module.name so that each call appends its positional arguments to the returned list."""
+  calls, real = [], getattr(module, name)
+  monkeypatch.setattr(module, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+  return calls
+
+
+def tiny_measurement_config(cfg=None):
+  cfg = cfg or measurement.base_config()
+  cfg.model.update(vocab_size=300, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32,
+                   max_seq_len=16)
+  cfg.data.update(max_chars=100_000, seq_len=16)
+  cfg.train.update(batch_size=4, eval_batches=0, bottleneck_every=0)
+  return cfg
+
+
+# Every preset of every experiment module.
+PRESETS = {spamlang: ("smoke", "demo", "cpu", "paper"), rank_sweep: ("cpu", "paper"),
+           measure_pretrained: ("cpu", "pretrained"), gradient_spectrum: ("cpu", "pretrained"),
+           update_direction: ("cpu", "pretrained"), head_lab: ("smoke", "cpu", "paper")}
+
+
+ALL = [(m, p) for m, presets in PRESETS.items() for p in presets]

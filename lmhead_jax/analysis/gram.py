@@ -1,25 +1,10 @@
 """Singular values of the logit gradient G over many tokens, without ever holding the N×V matrix.
 
-Two methods, both streaming G in chunks of tokens recomputed from the hidden states:
-- `gram`: C = GᵀG (V×V) accumulates chunk by chunk, sharded by rows over every device; then
-  σ_i² are the eigenvalues of C. In float64 (default; XLA on the host CPU, or a GPU) eigenvalues
-  are resolved down to ≈ σ_1·√(ε₆₄) ≈ 1.5e-8 σ_1; in float32 (TPU) only to ≈ σ_1·√(ε₃₂) ≈ 3e-4 σ_1.
-- `randomized`: when V×V does not fit. The top k σ from a randomized range finder on C
-  (Halko et al. 2011, block k + k/2, power iterations until every σ_1..σ_k is within 1% by the
-  Ritz residual estimate): each product C X = Σ_chunks gᵀ(g X) is one pass over the tokens.
-  ‖G‖² is known exactly (Σ‖g_t‖²), so k_p ≤ k and the rank-2D residual (2D ≤ k) are determined,
-  each with an error estimate (X_err); ranks, effective rank and k_p > k are not (None).
-  Slowly decaying spectra are the hard case: V=2000, D=64, N=3000, k=2D takes 14 passes.
-
-G is scaled by 1/N as in the paper (ratios and ranks do not depend on it); g_t = p_t − e_{y_t}
-is computed in float32. Rank rules (N valid tokens):
-- `numerical_rank`: σ > σ_1·max(N, V)·ε₃₂, the project's rule for a float32 G (numpy's
-  matrix_rank). Coarse at large N: at N = 10⁵ it drops every σ below 1.2% of σ_1.
-- `numerical_rank_fine`: σ > σ_1·√max(N, V)·ε₃₂. Rounding G to float32 perturbs it by
-  ‖E‖₂ of a few ε₃₂σ_1 (entrywise relative error ε₃₂), so σ above this cut-off are genuine; it stays
-  above the float64 Gram's resolution and below it the sum-to-zero direction (rows of G sum to
-  0, so rank G ≤ V − 1) is excluded. A rule whose cut-off is below the eigensolver's resolution
-  (float32: both at large N) gives None.
+Two methods, both streaming G in chunks of tokens recomputed from the hidden states: `gram`
+(C = GᵀG, V×V, accumulated sharded over every device, then its eigenvalues; float64 by default)
+and `randomized` (the top k σ of C by a randomized range finder, one pass over the tokens per
+product, when V×V does not fit). G is scaled by 1/N as in the paper. Resolution, convergence and
+the rank rules (`numerical_rank`, `numerical_rank_fine`): docs/INTERNALS.md.
 """
 
 import math
@@ -103,16 +88,17 @@ def summary(sigma, total_sq: float, shape: tuple[int, int], d_model: int,
   of it (σ that underestimate make residual_2d an upper bound).
   """
   n, v = shape
-  s = np.sort(np.asarray(sigma, np.float64))[::-1][:min(n, v)]
-  k, complete = len(s), len(s) == min(n, v)
-  padded = s if complete else np.append(s, math.sqrt(max(total_sq - np.sum(s**2), 0.0)))
+  sigma_K = np.sort(np.asarray(sigma, np.float64))[::-1][:min(n, v)]
+  k, complete = len(sigma_K), len(sigma_K) == min(n, v)
+  tail = math.sqrt(max(total_sq - np.sum(sigma_K**2), 0.0))
+  padded = sigma_K if complete else np.append(sigma_K, tail)
   with jax.enable_x64(True):
     st = spectrum.spectrum_stats(jnp.asarray(padded), d_model)
   out = {f: float(getattr(st, f)) for f in ("effective_rank", "k_70", "k_999", "residual_d",
                                              "residual_2d", "max_cosine_2d")}
-  out.update(k_70=int(out["k_70"]), k_999=int(out["k_999"]), sigma_1=float(s[0]))
+  out.update(k_70=int(out["k_70"]), k_999=int(out["k_999"]), sigma_1=float(sigma_K[0]))
   for name, tol in (("numerical_rank", max(n, v)), ("numerical_rank_fine", math.sqrt(max(n, v)))):
-    above = int(np.sum(s > s[0] * tol * EPS32))
+    above = int(np.sum(sigma_K > sigma_K[0] * tol * EPS32))
     out[name] = above if (complete or above < k) and tol * EPS32 >= resolution else None
   if not complete:
     out["effective_rank"] = None
@@ -121,8 +107,8 @@ def summary(sigma, total_sq: float, shape: tuple[int, int], d_model: int,
       if needs > k:
         out[key] = None
   if sigma_err is not None:
-    err = np.asarray(sigma_err, np.float64)[np.argsort(sigma)[::-1]][:len(s)]
-    hi = summary(s * (1 + err), total_sq, shape, d_model, resolution)
+    err = np.asarray(sigma_err, np.float64)[np.argsort(sigma)[::-1]][:len(sigma_K)]
+    hi = summary(sigma_K * (1 + err), total_sq, shape, d_model, resolution)
     out |= {f"{key}_err": None if x is None or hi[key] is None else abs(hi[key] - x)
             for key, x in list(out.items())}
     err = out["residual_2d_err"]
@@ -130,16 +116,16 @@ def summary(sigma, total_sq: float, shape: tuple[int, int], d_model: int,
   return out
 
 
-def hidden_chunks(s, source, mesh, *, num_tokens: int, batch_size: int, seed: int = 0):
-  """(h, targets, mask, valid count) of `s` on batches of `source`, sharded by rows, until
+def hidden_chunks(subject, source, mesh, *, num_tokens: int, batch_size: int, seed: int = 0):
+  """(h, targets, mask, valid count) of `subject` on batches of `source`, sharded by rows, until
   num_tokens valid tokens."""
-  step = jax.jit(lambda p, x, m: (model.hidden(p, x, s.model_cfg), jnp.sum(m)),
+  step = jax.jit(lambda p, x, m: (model.hidden(p, x, subject.model_cfg), jnp.sum(m)),
                  out_shardings=(sharding.batch_sharding(mesh, 3), sharding.replicated(mesh)))
   ds = iter(pipeline.make_dataset(source, global_batch_size=batch_size, seed=seed))
   seen = 0
   while seen < num_tokens:
     b = pipeline.global_batch(next(ds), sharding.batch_sharding(mesh))
-    h, n = step(s.params, b["inputs"], b["mask"])
+    h, n = step(subject.params, b["inputs"], b["mask"])
     seen += int(n)
     yield h, b["targets"], b["mask"], int(n)
 
@@ -153,7 +139,7 @@ def choose_method(method: str, v: int, gram_dtype: str, gram_max_gib: float) -> 
   return method
 
 
-def growing_spectrum(s, source, mesh, *, tokens: list[int], batch_size: int, method: str,
+def growing_spectrum(subject, source, mesh, *, tokens: list[int], batch_size: int, method: str,
                      gram_dtype: str = "float64", k: int = 0, power_iters: int = 30,
                      seed: int = 0) -> list[dict]:
   """Spectrum summaries of G over the first N valid tokens, for each N of `tokens` (reached at
@@ -165,8 +151,8 @@ def growing_spectrum(s, source, mesh, *, tokens: list[int], batch_size: int, met
                      f"{len(source)} windows of {source.seq_len}; windows would repeat")
   if method == "randomized" and k < 1:
     raise ValueError(f"spectrum.rank_k={k}: the randomized method needs the number of σ to find")
-  v, d = s.model_cfg.vocab_size, s.model_cfg.d_model
-  w = measure.head_matrix(s.params, s.head_cfg)
+  v, d = subject.model_cfg.vocab_size, subject.model_cfg.d_model
+  w = measure.head_matrix(subject.params, subject.head_cfg)
   sq = jax.jit(lambda h, w, y, m: jnp.sum(jnp.square(chunk_grad(h, w, y, m, jnp.float32))),
                out_shardings=sharding.replicated(mesh))
   pending, points, seen, total_sq, cache = sorted(set(tokens)), [], 0, 0.0, []
@@ -189,8 +175,8 @@ def growing_spectrum(s, source, mesh, *, tokens: list[int], batch_size: int, met
     with x64():
       update, c = make_gram(mesh, v, jnp.dtype(gram_dtype))
   prod = jax.jit(lambda x, h, w, y, m: (lambda g: g.T @ (g @ x))(chunk_grad(h, w, y, m, x.dtype)))
-  for h, y, m, n in hidden_chunks(s, source, mesh, num_tokens=max(tokens), batch_size=batch_size,
-                                  seed=seed):
+  for h, y, m, n in hidden_chunks(subject, source, mesh, num_tokens=max(tokens),
+                                  batch_size=batch_size, seed=seed):
     seen, total_sq = seen + n, total_sq + float(sq(h, w, y, m))
     if method == "gram":
       with x64():

@@ -1,19 +1,11 @@
 """Streaming, sharded bottleneck measurement of a model over many sequences, with 95% CIs.
 
-Every token t contributes its loss, ‖g_t‖² and ‖g_t Π‖² with g_t = p_t − e_{y_t} (the 1/N of
-G = ∂ℒ/∂Z cancels in every ratio). One jitted step takes a batch of sequences, sharded over the
-mesh's batch axes, and returns per-sequence sums; only those [B] vectors leave the devices, so
-any number of sequences streams through. Aggregations (`aggregate`):
-
-- batch: destroyed_ratio and visible_cosine of each batch's G (the Frobenius ratios of
-  `bottleneck.linear_head_stats` on that batch), then mean over batches;
-- token: token_destroyed_ratio, the mean over valid tokens of ‖g_t(I − Π)‖ / ‖g_t‖, per batch;
-- pooled: the Frobenius ratios of all measured tokens as one G (no CI).
-
-CI: mean ± t_{0.975, n−1} · sd / √n over the n batches. Batches are disjoint random windows of
-the token stream, so they are the independent units; tokens within a window are not.
-Baseline: an isotropic G keeps a rank(W)/V share of ‖G‖², so destroyed ≈ √(1 − rank/V)
-(rank = D, or r for a factorized head).
+Every token t contributes its loss, ‖g_t‖² and ‖g_t Π‖² with g_t = p_t − e_{y_t}. One jitted step
+takes a batch of sequences, sharded over the mesh's batch axes, and returns per-sequence sums;
+only those [B] vectors leave the devices, so any number of sequences streams through.
+`aggregate` gives batch, token and pooled ratios; CIs are over batches (disjoint random
+windows, the independent units). The aggregations, the CI and the isotropic baseline:
+docs/INTERNALS.md.
 """
 
 import math
@@ -69,11 +61,11 @@ def head_matrix(params, hc):
   return heads.matrix(heads.params_of(params, hc))
 
 
-def make_step(s, mesh, chunk_len: int):
+def make_step(subject, mesh, chunk_len: int):
   """step(params, m, batch) -> [B] sums, jitted with the batch sharded and the sums replicated."""
   def step(params, m_DxK, batch):
-    h = model.hidden(params, batch["inputs"], s.model_cfg)
-    return sequence_sums(h, head_matrix(params, s.head_cfg), m_DxK, batch["targets"],
+    h = model.hidden(params, batch["inputs"], subject.model_cfg)
+    return sequence_sums(h, head_matrix(params, subject.head_cfg), m_DxK, batch["targets"],
                          batch["mask"], chunk_len)
 
   batch_sh = {k: sharding.batch_sharding(mesh) for k in ("inputs", "targets", "mask")}
@@ -105,26 +97,26 @@ def ci95(x) -> dict:
 
 def aggregate(sums: dict, batch_size: int) -> dict:
   """Batch, token and pooled aggregations (module docstring) of per-sequence sums [S]."""
-  s = {f: np.asarray(sums[f], np.float64) for f in FIELDS}
-  if s["n"].size % batch_size:
-    raise ValueError(f"{s['n'].size} sequences do not split into batches of {batch_size}")
-  per_batch = {f: v.reshape(-1, batch_size).sum(1) for f, v in s.items()}
+  per_seq = {f: np.asarray(sums[f], np.float64) for f in FIELDS}
+  if per_seq["n"].size % batch_size:
+    raise ValueError(f"{per_seq['n'].size} sequences do not split into batches of {batch_size}")
+  per_batch = {f: v.reshape(-1, batch_size).sum(1) for f, v in per_seq.items()}
   cos_sq = lambda vis, full: np.clip(vis / np.where(full > 0, full, 1.0), 0.0, 1.0)
   c2 = cos_sq(per_batch["vis_sq"], per_batch["g_sq"])
-  pooled = cos_sq(s["vis_sq"].sum(), s["g_sq"].sum())
-  n = np.maximum(per_batch["n"], 1.0)
+  pooled = cos_sq(per_seq["vis_sq"].sum(), per_seq["g_sq"].sum())
+  n, n_all = np.maximum(per_batch["n"], 1.0), per_seq["n"].sum()
   return {
       "destroyed_ratio": ci95(np.sqrt(1.0 - c2)) | {"pooled": float(np.sqrt(1.0 - pooled))},
       "visible_cosine": ci95(np.sqrt(c2)) | {"pooled": float(np.sqrt(pooled))},
       "token_destroyed_ratio": ci95(per_batch["token_ratio"] / n)
-                               | {"pooled": float(s["token_ratio"].sum() / s["n"].sum())},
-      "loss": ci95(per_batch["loss"] / n) | {"pooled": float(s["loss"].sum() / s["n"].sum())},
+                               | {"pooled": float(per_seq["token_ratio"].sum() / n_all)},
+      "loss": ci95(per_batch["loss"] / n) | {"pooled": float(per_seq["loss"].sum() / n_all)},
   }
 
 
-def measure(s, source, mesh, *, batch_size: int, num_sequences: int, seed: int = 0,
+def measure(subject, source, mesh, *, batch_size: int, num_sequences: int, seed: int = 0,
             chunk_len: int | None = None) -> dict:
-  """Streams `num_sequences` shuffled windows of `source` through subject `s`; the summary."""
+  """Streams `num_sequences` shuffled windows of `source` through subject `subject`; the summary."""
   num_batches = min(num_sequences, len(source)) // batch_size
   if num_batches < 1:
     raise ValueError(f"measure.num_sequences={num_sequences} (source holds {len(source)}) gives "
@@ -133,23 +125,23 @@ def measure(s, source, mesh, *, batch_size: int, num_sequences: int, seed: int =
   if batch_size % dp:
     raise ValueError(f"measure.batch_size={batch_size} is not divisible by the data-parallel "
                      f"size {dp}")
-  v, d = s.model_cfg.vocab_size, s.model_cfg.d_model
+  v, d = subject.model_cfg.vocab_size, subject.model_cfg.d_model
   m = jax.jit(bottleneck.range_map, out_shardings=sharding.replicated(mesh))(
-      head_matrix(s.params, s.head_cfg))
-  step = make_step(s, mesh, chunk_len or source.seq_len)
+      head_matrix(subject.params, subject.head_cfg))
+  step = make_step(subject, mesh, chunk_len or source.seq_len)
   ds = iter(pipeline.make_dataset(source, global_batch_size=batch_size, seed=seed))
   batch_sh = sharding.batch_sharding(mesh)
   t0, sums = time.perf_counter(), []
   for i in range(num_batches):
-    sums.append(step(s.params, m, pipeline.global_batch(next(ds), batch_sh)))
+    sums.append(step(subject.params, m, pipeline.global_batch(next(ds), batch_sh)))
     if i == 0:  # the throughput leaves out compilation and the first batch
       jax.block_until_ready(sums[0])
       t1 = time.perf_counter()
   sums = {f: np.concatenate([np.asarray(x[f]) for x in jax.device_get(sums)]) for f in FIELDS}
   t2 = time.perf_counter()
   rank = head_rank(m)
-  return ({"name": s.name, "family": s.model_cfg.family, "vocab_size": v, "d_model": d,
-           "head": s.head_cfg.kind, "rank": rank, "baseline": baseline(rank, v),
+  return ({"name": subject.name, "family": subject.model_cfg.family, "vocab_size": v, "d_model": d,
+           "head": subject.head_cfg.kind, "rank": rank, "baseline": baseline(rank, v),
            "sequences": num_batches * batch_size, "seq_len": source.seq_len,
            "tokens": int(sums["n"].sum()), "seconds": t2 - t0,
            "tokens_per_sec": float(sums["n"][batch_size:].sum() / max(t2 - t1, 1e-9))}

@@ -1,22 +1,14 @@
 """What the trunk receives from the head (`head.backward`) instead of ∂ℒ/∂h = G W.
 
 - `exact`: G W.
-- `feedback_alignment`: G B, with B a fixed random V×D matrix drawn N(0, 1/D) (the scale of W's
-  init) from the run's seed (`feedback_matrix`): a constant of the step, not a parameter, not in
-  the optimizer state. Needs G, so only the dense head (no head.chunk_size).
-- `whitened`: G W (WᵀW + λI)⁻¹, rescaled to the Frobenius norm of G W over the batch, with
-  λ = LAMBDA · tr(WᵀW)/D (a fraction of W's mean squared singular value), inverted on the
-  directions that W spans (`whiten`). The hidden-only logit change it asks for,
-  ∝ G W (WᵀW + λI)⁻¹ Wᵀ, tends to G Π as λ → 0: the best direction the head can realize,
-  instead of G W Wᵀ.
-- `truncated` (`head.backward_rank=r`): G W_r, W_r the best rank-r approximation of W
-  (= G W V_r V_rᵀ, V_r the top-r right singular vectors of W, recomputed every step;
-  `truncate`). The forward pass is the full-rank head: the gradient bottleneck alone, without
-  the expressivity bottleneck of a rank-r head. At r ≥ D it is `exact`.
-
-The head's own parameter gradient stays exact. The train step applies these rules to the exact
-G W it already holds (it needs G W for the metrics too); `whitened` and `feedback` are the same
-rules as custom_vjp taps on the head's h-input, for anyone's `jax.grad` train step.
+- `feedback_alignment`: G B, B a fixed random V×D matrix N(0, 1/D) drawn from the run's seed
+  (`feedback_matrix`); dense head only.
+- `whitened`: G W (WᵀW + λI)⁻¹, rescaled to the norm of G W over the batch (`whiten`).
+- `truncated` (`head.backward_rank=r`): G W_r, W_r the best rank-r approximation of W,
+  recomputed every step (`truncate`): the gradient bottleneck without the expressivity one.
+The head's own parameter gradient stays exact. The rules are taps for anyone's `jax.grad` train
+step: `whitened` and `truncated` on the head's h-input (custom_vjp), `feedback` on its logits
+(custom_jvp, so that the bottleneck stats can take its Jacobian B). Details: docs/INTERNALS.md.
 """
 
 import functools
@@ -89,7 +81,8 @@ truncated.defvjp(_truncated_fwd, _truncated_bwd)
 
 @jax.custom_vjp
 def whitened(h: jax.Array, w_VxD: jax.Array) -> jax.Array:
-  """Identity on h; its cotangent G W leaves as `whiten(G W, W)`. Use: head(params, whitened(h, W))."""
+  """Identity on h; its cotangent G W leaves as `whiten(G W, W)`.
+  Use: head(params, whitened(h, W))."""
   return h
 
 
@@ -104,20 +97,15 @@ def _whitened_bwd(w_VxD, ct):
 whitened.defvjp(_whitened_fwd, _whitened_bwd)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def feedback(z: jax.Array, h: jax.Array, b_VxD: jax.Array) -> jax.Array:
-  """Identity on the logits z; h receives G B. Use: feedback(head(params, stop_gradient(h)), h, B)."""
+  """Identity on the logits z, whose derivative in h is B: h receives G B, and a Jacobian (jacfwd)
+  in h is B. Use: feedback(head(params, stop_gradient(h)), h, B)."""
   return z
 
 
-def _feedback_fwd(z, h, b_VxD):
-  return z, (h, b_VxD)
-
-
-def _feedback_bwd(res, g):
-  h, b_VxD = res
-  d_h = jnp.einsum("...v,vd->...d", g, b_VxD, preferred_element_type=jnp.float32)
-  return g, d_h.astype(h.dtype), None
-
-
-feedback.defvjp(_feedback_fwd, _feedback_bwd)
+@feedback.defjvp
+def _feedback_jvp(primals, tangents):
+  z, _, b_VxD = primals
+  dz, dh, _ = tangents
+  return z, dz + jnp.einsum("...d,vd->...v", dh, b_VxD, preferred_element_type=jnp.float32)

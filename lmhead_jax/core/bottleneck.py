@@ -2,44 +2,11 @@
 
 G = ∂ℒ/∂Z (rows g_t = (p_t − e_y)/N) is what the loss asks of the logits; the backbone only
 receives G W. Π = W (WᵀW)⁺ Wᵀ projects onto range(W); G Π is visible, G (I − Π) destroyed.
-‖g_t Π‖ is computed from b_t = g_t W alone, through the SVD of W's small factor R, so
-no V×V matrix is ever formed:
-
-  W = Q R (Q orthonormal, R with D columns),  R = U S Vᵀ,  ‖g Π‖ = ‖b V S⁻¹‖ over kept σ.
-
-R comes from one of two formulations (`range_map(w, method)`; "auto" picks "gram" when the
-program is lowered for TPU, AOT from a CPU host included, else "qr"):
-- "qr": Householder QR of W. On TPU with W sharded over V, XLA all-gathers W and every chip runs
-  the whole QR (docs/PERFORMANCE.md).
-- "gram": W's D×D Gram matrices only (an all-reduce over a sharded V, matmuls on the V-long
-  side): A = WᵀW = U Λ Uᵀ, W₁ = W U Λ⁻½ (λ floored at D·ε·λ_max), W₁ᵀW₁ = U₁ Λ₁ U₁ᵀ, R =
-  Λ₁½ U₁ᵀ Λ½ Uᵀ. W₁ is well conditioned, so the second eigh resolves σ(W) down to ≈ 2√D·ε·σ_max
-  (measured on rank-r heads, D = 128–1024; the QR's: ≈ ε·σ_max), 5–15× under the rank rule's
-  tolerance; one eigh of the float32 Gram alone resolves only down to √ε·σ_max (it squares κ)
-  and misses κ ≥ 1e3. Max relative error of ‖g_t Π‖ against float64 (V=8192, D=256, s
-  log-spaced, on CPU; tests/test_range_map.py):
-
-    κ(W)              1        1e2      1e3      1e4
-    qr                1.8e-7   1.1e-6   6.9e-6   5.8e-5
-    gram              3.4e-7   1.3e-6   7.8e-6   5.0e-5
-    one eigh of WᵀW   2.1e-7   3.5e-5   4.3e-3   2.1e-1
-
-Rank rule: σ ≤ σ_max · max(D, √V) · ε_float32 counts as zero. A rank-r W computed in float32
-(A·B, duplicated columns) has spurious σ of 0.15–15 σ_max·ε, growing with D but not with V
-(measured on CPU for V ≤ 131072, D ≤ 4096). numpy's matrix_rank rule, max(V, D)·ε, scales with V
-instead and drops genuine directions: at V = 128k, every σ < 1.5% σ_max (condition number > 65).
-√V covers round-off growth along the V-long columns of the QR, D that of the D×D SVD. A head
-keeps every direction up to condition number 1/(max(D, √V)·ε) (2.3e4 at V = 128k, D ≤ 362).
-
-Accuracy (float32): visible_norm and visible_cosine to a relative ≈ κ(W)·ε (b's round-off is
-scaled by S⁻¹); destroyed_ratio = √(1 − cosine²), so near 0 (D ≥ V) only to an absolute √ε.
-Target ids out of [0, V) raise in eager calls (under jit see `checks`), except −100, which is
-masked (`loss.IGNORE_INDEX`).
-
-`head_loss` and `head_fn_loss` are training losses that return the stats beside the loss, for
-`jax.value_and_grad(..., has_aux=True)` in anyone's train step, at no second pass over the head,
-with the options of `loss.Options` (softcap, z-loss, label smoothing, weights, reduction); G is
-then the gradient of that objective with respect to the raw logits z = h Wᵀ.
+‖g_t Π‖ is computed from b_t = g_t W alone, through the SVD of W's small factor R (W = Q R), so
+no V×V matrix is ever formed (`range_map`: "qr", or "gram" for W sharded over V on TPU).
+`linear_head_stats` and `head_stats` measure; `head_loss` and `head_fn_loss` are training losses
+that return the stats beside the loss, from the same pass, with the options of `loss.Options`.
+The two formulations' accuracy, the rank rule and the float32 error: docs/INTERNALS.md.
 """
 
 import functools
@@ -49,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lmhead_jax.core import checks
+from lmhead_jax.core import backward, checks
 from lmhead_jax.core.loss import (IGNORE_INDEX, cross_entropy, fused_head_loss, logit_loss,
                                   options, token_weights, valid_mask)
 
@@ -246,8 +213,8 @@ def jacobian_visible_sq(head_fn, h_NxD, b_NxD, linear_in_h: bool) -> jax.Array:
 
 
 def head_loss(h, w, targets, mask=None, *, chunk_size=None, z_loss=0.0, softcap=None,
-              label_smoothing=0.0, weights=None, reduction="mean",
-              return_lse=False) -> tuple[jax.Array, BottleneckStats]:
+              label_smoothing=0.0, weights=None, reduction="mean", return_lse=False,
+              backward_rank=None) -> tuple[jax.Array, BottleneckStats]:
   """(loss of z = h Wᵀ, its BottleneckStats), differentiable in h[..., D] and W[V, D].
 
   The loss is the mean CE by default, with the options of `loss.Options`, all exact: softcap
@@ -265,6 +232,8 @@ def head_loss(h, w, targets, mask=None, *, chunk_size=None, z_loss=0.0, softcap=
   The matmuls run in h's dtype (float32 accumulation); gradients come in h's and w's dtypes.
   With bf16 h, G is rounded to bf16 for G W as for the gradient: the norms read off G W (and
   the ratios) carry ≈ 2⁻⁹ relative error; linear_head_stats computes in float32 throughout.
+  backward_rank=r: h receives G W_r instead of G W, W_r the best rank-r approximation of W (the
+  forward pass and W's gradient unchanged; `backward.truncate`), and the stats describe G W_r.
   """
   opts = options(z_loss, softcap, label_smoothing, reduction)
   w = _matrix(w)
@@ -272,8 +241,13 @@ def head_loss(h, w, targets, mask=None, *, chunk_size=None, z_loss=0.0, softcap=
   checks.token_ids(targets_N, w.shape[0], "targets", IGNORE_INDEX)
   weights_N = token_weights(targets, weights).reshape(-1)
   value_grads = functools.partial(_fused_value_grads, chunk_size, opts)
+  w_fixed = jax.lax.stop_gradient(w)
+  if backward_rank is not None:
+    h_NxD = backward.truncated(h_NxD, w_fixed, backward_rank)
   loss, tok, dh = _one_pass(value_grads, w, h_NxD, targets_N, mask_N, weights_N)
-  m_DxK = range_map(jax.lax.stop_gradient(w))
+  if backward_rank is not None:
+    dh = backward.truncate(dh, w_fixed, backward_rank)
+  m_DxK = range_map(w_fixed)
   return _outputs(loss, tok, dh, mask_N, weights_N, opts, lambda b: visible_sq(b, m_DxK),
                   jnp.shape(targets), return_lse)
 

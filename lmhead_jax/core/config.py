@@ -1,6 +1,6 @@
-"""Typed views of the experiment config's `model` and `head` groups (ModelConfig, HeadConfig), from
-which those groups' keys are declared; the schema and checks of the whole config are
-`lmhead_jax.training.experiment`."""
+"""Typed views of the experiment config's `model`, `head` and `loss` groups (ModelConfig,
+HeadConfig, LossConfig), from which those groups' keys are declared; the schema and checks of the
+whole config are `lmhead_jax.runs.experiment`."""
 
 import dataclasses
 import math
@@ -9,6 +9,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+
+from lmhead_jax.core import loss
+from lmhead_jax.core.attention import KINDS as ATTENTION_KINDS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FAMILIES = ("llama", "qwen3", "olmo2", "gpt2", "gpt_neox")
@@ -61,7 +64,7 @@ def check_range(key: str, value, low: float, high: float = math.inf, *, low_open
   raise ValueError(f"{key}={value!r} must be {what} {bounds}")
 
 
-def _from_mapping(cls, cfg, group: str):
+def from_mapping(cls, cfg, group: str):
   """Builds a frozen dataclass from a dataclass, dict or ConfigDict; a key that is not one of
   its fields, or a missing required one, is an error naming `group.key`."""
   if isinstance(cfg, cls):
@@ -112,6 +115,7 @@ class ModelConfig:
   qk_norm: str | None = None  # RMSNorm on q and k: 'none' | 'full' (all heads) | 'head'
   # llama3 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_len)
   rope_scaling: tuple[float, float, float, int] | None = None
+  attention: str = "xla"  # 'xla' | 'flash' | 'cudnn' | 'auto' (`lmhead_jax.core.attention`)
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -146,6 +150,8 @@ class ModelConfig:
       check_range(f"model.{name}", getattr(self, name), 0, low_open=True)
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype={self.dtype!r} is not one of {tuple(DTYPES)}")
+    if self.attention not in ATTENTION_KINDS:
+      raise ValueError(f"model.attention={self.attention!r} is not one of {ATTENTION_KINDS}")
     if self.head_dim is None and self.d_model % self.n_heads:
       raise ValueError(
           f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
@@ -158,7 +164,7 @@ class ModelConfig:
 
   @classmethod
   def of(cls, cfg: Any) -> "ModelConfig":
-    return _from_mapping(cls, cfg, "model")
+    return from_mapping(cls, cfg, "model")
 
   @property
   def kv_heads(self) -> int:
@@ -252,4 +258,37 @@ class HeadConfig:
         d["kind"] = "tied"
       elif d.get("kind") == "tied":
         raise ValueError("head.kind='tied' needs model.tie_embeddings=True")
-    return _from_mapping(cls, d, "head")
+    return from_mapping(cls, d, "head")
+
+
+def default_head(model: ModelConfig) -> HeadConfig:
+  """The plain head of `model`: tied to the embedding when it ties them, else linear."""
+  return HeadConfig(model.vocab_size, model.d_model,
+                    kind="tied" if model.tie_embeddings else "linear")
+
+
+def typed(value, cls):
+  """`value` if it is a `cls`, else a TypeError that says how to make one."""
+  if not isinstance(value, cls):
+    raise TypeError(f"expected a {cls.__name__}, got {type(value).__name__} (a mapping converts "
+                    f"with {cls.__name__}.of)")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The training loss's options (`loss.Options`, the mean reduction): the train step's head
+  loss takes them; evals report the plain mean CE."""
+
+  z_loss: float = 0.0
+  softcap: float | None = None
+  label_smoothing: float = 0.0
+
+  def __post_init__(self):
+    try:
+      loss.options(**self.options())
+    except ValueError as e:
+      raise ValueError(f"loss.{e}") from None
+
+  def options(self) -> dict:
+    return dataclasses.asdict(self)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from lmhead_jax.core import mos
 from lmhead_jax.core.config import HeadConfig
-from lmhead_jax.core.params import ParamSpec, materialize
+from lmhead_jax.core.params import ParamSpec
 
 
 def specs(cfg: HeadConfig) -> dict:

@@ -397,10 +397,12 @@ def _chunked_bwd(static, res, ct):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd, symbolic_zeros=True)
 
 
-def _to_chunks(x, k, c):
-  """[N, ...] → [K, C, ...], token n at (n mod K, n div K); padding is zero."""
-  x = jnp.pad(x, [(0, k * c - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-  return jnp.swapaxes(x.reshape((c, k) + x.shape[1:]), 0, 1)
+def token_chunks(x, chunk_size: int):
+  """[N, ...] → [T, C, ...] (C = chunk_size, T = ⌈N/C⌉), token n at (n mod T, n div T), so that
+  every chunk spans the whole batch; padding is zero."""
+  k = -(-x.shape[0] // chunk_size)
+  x = jnp.pad(x, [(0, k * chunk_size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+  return jnp.swapaxes(x.reshape((chunk_size, k) + x.shape[1:]), 0, 1)
 
 
 def _from_chunks(x_TxC, n):
@@ -452,11 +454,10 @@ def fused_head_loss(h, w_VxD, targets, mask=None, *, chunk_size, vocab_block=Non
 
   n = y_N.shape[0]
   c = max(1, min(chunk_size, n))
-  k = -(-n // c)
   u = min(vocab_block or v, v)
   nb = -(-v // u)
   w_MxUxD = jnp.pad(w_VxD, [(0, nb * u - v), (0, 0)]).reshape(nb, u, d)
-  chunks = [_to_chunks(x, k, c) for x in (h_NxD, y_N, m_N, r_N)]
+  chunks = [token_chunks(x, c) for x in (h_NxD, y_N, m_N, r_N)]
   loss, tok = _chunked(chunks[0], w_MxUxD, *chunks[1:], (opts, v, dtype))
   if reduction == "none":
     loss = _from_chunks(loss, n)

@@ -1,19 +1,10 @@
-"""Pure-functional decoder trunk: init(key, cfg) -> params, hidden(params, tokens, cfg) -> h.
+"""Pure-functional decoder trunk: init(key, c) -> params, hidden(params, tokens, c) -> h.
 
 One trunk covers Llama-3, Qwen3, OLMo-2, GPT-2 and GPT-NeoX through the ModelConfig flags that
-each family sets by default (`config.FAMILY_FLAGS`):
-
-| flag          | llama  | qwen3  | olmo2  | gpt2      | gpt_neox          |
-|---------------|--------|--------|--------|-----------|-------------------|
-| norm          | rms    | rms    | rms    | layer     | layer             |
-| bias          | no     | no     | no     | yes       | yes               |
-| mlp_act       | swiglu | swiglu | swiglu | gelu_tanh | gelu              |
-| pos           | rope   | rope   | rope   | learned   | rope, rotary_pct  |
-| residual      | pre    | pre    | post   | pre       | parallel          |
-| qk_norm       | none   | head   | full   | none      | none              |
-
-Layers are stacked on a leading axis and run with `lax.scan`, so compile time does not grow
-with depth. The head is not part of the trunk: `lmhead_jax.core.heads` turns h into logits.
+each family sets by default (`config.FAMILY_FLAGS`; the table is in docs/INTERNALS.md). Layers
+are stacked on a leading axis and run with `lax.scan`, so compile time does not grow with depth.
+The head is not part of the trunk: `lmhead_jax.core.heads` turns h into logits. Every function
+takes a typed ModelConfig (and HeadConfig).
 """
 
 import math
@@ -22,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from lmhead_jax.core import checks, heads
-from lmhead_jax.core.config import HeadConfig, ModelConfig
+from lmhead_jax.core.attention import causal_attention
+from lmhead_jax.core.config import HeadConfig, ModelConfig, default_head, typed
 from lmhead_jax.core.params import ParamSpec, batch_sharded, logical_axes, materialize, stack
 
 
@@ -66,10 +58,11 @@ def _layer_specs(c: ModelConfig) -> dict:
   return {"attn_norm": _norm_specs(c), "attn": attn, "mlp_norm": _norm_specs(c), "mlp": mlp}
 
 
-def specs(cfg, head_cfg=None) -> dict:
-  """Spec tree of the whole model: embed, (learned positions), stacked layers, final norm, head."""
-  c = ModelConfig.of(cfg)
-  hc = HeadConfig.of(head_cfg or {"kind": "linear"}, c)
+def specs(c: ModelConfig, hc: HeadConfig | None = None) -> dict:
+  """Spec tree of the whole model: embed, (learned positions), stacked layers, final norm, head
+  (`config.default_head` when hc is None)."""
+  c = typed(c, ModelConfig)
+  hc = default_head(c) if hc is None else typed(hc, HeadConfig)
   tree = {
       "embed": {"w_VxD": ParamSpec((c.vocab_size, c.d_model), ("vocab", "embed"),
                                    std=c.d_model**-0.5)},
@@ -85,14 +78,14 @@ def specs(cfg, head_cfg=None) -> dict:
   return tree
 
 
-def init(key: jax.Array, cfg, head_cfg=None) -> dict:
+def init(key: jax.Array, c: ModelConfig, hc: HeadConfig | None = None) -> dict:
   """float32 parameters of the trunk and, unless tied, of the head (under 'head')."""
-  return materialize(key, specs(cfg, head_cfg))
+  return materialize(key, specs(c, hc))
 
 
-def param_axes(cfg, head_cfg=None) -> dict:
+def param_axes(c: ModelConfig, hc: HeadConfig | None = None) -> dict:
   """Logical axis names of every parameter, same tree as `init`."""
-  return logical_axes(specs(cfg, head_cfg))
+  return logical_axes(specs(c, hc))
 
 
 def rms_norm(x, scale, eps, axis=-1):
@@ -159,7 +152,8 @@ def _dense(p, name: str, x, contract: str):
 
 
 def attention(p, x_BxLxD, rope, c: ModelConfig):
-  """Causal (grouped-query) attention; `rope` is (cos, sin) or None for learned positions."""
+  """Causal (grouped-query) attention by `c.attention` (`core.attention`); `rope` is (cos, sin)
+  or None for learned positions."""
   q = _dense(p, "wq", x_BxLxD, "bld,dhk->blhk")
   k = _dense(p, "wk", x_BxLxD, "bld,dhk->blhk")
   v = _dense(p, "wv", x_BxLxD, "bld,dhk->blhk")
@@ -169,7 +163,7 @@ def attention(p, x_BxLxD, rope, c: ModelConfig):
     k = rms_norm(k, p["k_norm"]["scale"], c.norm_eps, axis)
   if rope is not None:
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-  o = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(c.hd))
+  o = causal_attention(q, k, v, c.attention, scale=1.0 / math.sqrt(c.hd))
   return _dense(p, "wo", o, "blhk,hkd->bld")
 
 
@@ -206,18 +200,18 @@ def block(layer, x_BxLxD, rope, c: ModelConfig):
   return x + ff(norm2(x))
 
 
-def hidden(params: dict, tokens_BxL: jax.Array, cfg) -> jax.Array:
+def hidden(params: dict, tokens_BxL: jax.Array, c: ModelConfig) -> jax.Array:
   """Final-norm hidden states h[B, L, D] (compute dtype) that the LM head consumes."""
-  c = ModelConfig.of(cfg)
+  c = typed(c, ModelConfig)
   tokens_BxL = checks.token_ids(tokens_BxL, c.vocab_size, "tokens")
   if tokens_BxL.ndim != 2:
     raise ValueError(f"tokens must be [batch, length], got shape {tokens_BxL.shape}")
   return hidden_from_embeddings(params, jnp.take(params["embed"]["w_VxD"], tokens_BxL, axis=0), c)
 
 
-def hidden_from_embeddings(params: dict, x_BxLxD: jax.Array, cfg) -> jax.Array:
+def hidden_from_embeddings(params: dict, x_BxLxD: jax.Array, c: ModelConfig) -> jax.Array:
   """`hidden` from token embeddings instead of ids (learned positions are added here)."""
-  c = ModelConfig.of(cfg)
+  c = typed(c, ModelConfig)
   if x_BxLxD.ndim != 3 or x_BxLxD.shape[-1] != c.d_model:
     raise ValueError(f"embeddings must be [batch, length, {c.d_model}], got {x_BxLxD.shape}")
   length = x_BxLxD.shape[1]

@@ -4,7 +4,7 @@ Reads a local directory (config.json plus model.safetensors, or shards listed in
 model.safetensors.index.json) of a GPT-2, GPT-NeoX/Pythia, Llama-3, OLMo-2 or Qwen3 model into the
 `lmhead_jax.model` tree, one shard at a time. Each family is a table from our parameter paths to
 HF tensor names and layouts; one loader serves them all. Untied models get `params['head']` (the
-`linear` head kind); tied ones share the embedding (`head_config(cfg)` says which).
+`linear` head kind); tied ones share the embedding (`config.default_head(cfg)` says which).
 
 The checkpoint must agree with its config.json. Refused, naming the key or tensor: config values
 of the wrong JSON type; tensors missing, misshapen, stored twice (say, in two shards) or read by no
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from lmhead_jax.core import model
-from lmhead_jax.core.config import DTYPES, HeadConfig, ModelConfig
+from lmhead_jax.core.config import DTYPES, ModelConfig, default_head
 from lmhead_jax.core.params import is_spec
 from lmhead_jax.data.tokens import inside
 
@@ -285,9 +285,9 @@ def _path(key_path) -> str:
   return "/".join(k.key for k in key_path)
 
 
-def head_config(cfg: ModelConfig) -> HeadConfig:
-  """The head of a loaded checkpoint: 'tied' if it shares the embedding, else 'linear'."""
-  return HeadConfig.of({"kind": "linear"}, cfg)
+def read_config(path, dtype: str = "float32") -> ModelConfig:
+  """The ModelConfig of a local Hugging Face checkpoint directory, from its config.json alone."""
+  return _model_config(_read_json(pathlib.Path(path) / "config.json"), dtype)
 
 
 def load_checkpoint(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
@@ -307,7 +307,7 @@ def load_checkpoint(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
     raise ValueError(f"{path / 'config.json'}: {e}") from None
   prefix = _PREFIX.get(c.family, "model.")
   where = _tensors(path, prefix)
-  table, specs = _table(c.family, c), model.specs(c, head_config(c))
+  table, specs = _table(c.family, c), model.specs(c, default_head(c))
   leaves = jax.tree_util.tree_leaves_with_path(specs, is_leaf=is_spec)
   jobs, read = {}, set()  # file -> [(our path, layer or None, name, Src, our shape)]
   for key_path, spec in leaves:

@@ -1,35 +1,13 @@
 """Tokenizes text into token directories: `python -m lmhead_jax.data.prepare`.
 
-    python -m lmhead_jax.data.prepare --out OUT [INPUT ...] [--stdlib] \\
+    python -m lmhead_jax.data.prepare --out OUT [INPUT ...] [--stdlib] \
         (--tokenizer tokenizer.json | --train-bpe VOCAB_SIZE) [--val-fraction 0.01]
 
-Inputs are `.txt` files (one document per file), `.jsonl` (one document per line, field
-`--text-field`), `.parquet` (column `--text-field`; needs pyarrow) or directories of those
-(searched recursively, in sorted order); input files must be UTF-8 and not empty. `--stdlib`
-adds a real corpus that needs no download: the `pydoc_data` topics, then the standard library's
-own `*.py` files, in sorted order. `--max-chars` caps the total text. Every document is followed
-by the EOS id.
-
-Output layout::
-
-  OUT/tokenizer.json   the tokenizer: a copy of --tokenizer, or the BPE trained by --train-bpe
-  OUT/train/           a token directory (lmhead_jax.data.tokens); its index names the
-                       tokenizer as "../tokenizer.json"
-  OUT/val/             with --val-fraction f > 0: documents i with floor((i+1) f) > floor(i f),
-                       i.e. every (1/f)-th document; the others go to OUT/train/. The split is
-                       by documents, so it needs about 1/f of them (a .txt file is one)
-
-The flags, the input files, the tokenizer and the document count a val split needs are checked
-before any work (a bad document deep in a file is found when it is read). The output is written
-into a staging directory beside OUT, `.OUT.tmp-HOST-PID-*`, and moved in at the end: a failed run
-leaves OUT as it was; a successful one replaces OUT's tokenizer.json, train/ and val/ (an old val/
-is removed when no val split is made). A new OUT gets the umask's mode. A run removes, with a
-warning, the staging directories of earlier runs into OUT on this host whose process is gone.
-
-`--train-bpe V` trains a byte-level BPE with V ids (including `<|endoftext|>`; 257 <= V <= 2**24)
-on the train documents only; a corpus with few distinct words runs out of merges first, and then
-the real, smaller vocab size is printed and recorded in the indexes. The output depends only on
-the inputs and the flags.
+Inputs are .txt, .jsonl or .parquet files or directories of them; `--stdlib` adds the Python
+standard library as a corpus that needs no download. OUT gets tokenizer.json, train/ and (with
+--val-fraction) val/, token directories of `lmhead_jax.data.tokens`. Everything is checked
+before any work, and the output is staged beside OUT and moved in at the end, so a failed run
+leaves OUT as it was. Inputs, layout, the val split and the BPE: docs/INTERNALS.md.
 """
 
 import argparse

@@ -1,6 +1,6 @@
-"""Layer 6, reporting: reading results back and presenting them.
+"""Layer 7, reporting: reading results back and presenting them.
 
-runs (metrics.jsonl, curves, tokens-to-target, tables), plots (training curves),
+metrics (metrics.jsonl, curves, tokens-to-target, tables), plots (training curves),
 figures_measure (figures of the measurement experiments).
 Imports: any layer below.
 """

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 from etils import epath
 
-from lmhead_jax.reporting import runs as metrics
+from lmhead_jax.reporting import metrics
 
 
 # Paul Tol's "muted" colours without the light cyan and sand (each ≥ 2.8:1 on white), then black:

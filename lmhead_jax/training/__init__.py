@@ -1,6 +1,6 @@
-"""Layer 3, training: one sharded train step and the runs built around it.
+"""Layer 3, training: the sharded train step, built from typed parts.
 
-experiment (the experiment config: schema, checks, what config.json holds), train (the step),
-optim, sharding, checkpoint (the only module that talks to orbax), runner, sweep, cli.
+setup (Setup: model, head, loss and optimizer configs, batch shape, shardings; TrainState), train
+(the train and eval steps), optim, sharding. Nothing here reads the experiment config.
 Imports: core, data.
 """

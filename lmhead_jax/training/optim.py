@@ -1,4 +1,6 @@
-"""Optimizers and learning-rate schedules from the `optimizer` config group (optax)."""
+"""Optimizers and learning-rate schedules (optax) from a typed OptimizerConfig."""
+
+import dataclasses
 
 import jax
 import optax
@@ -7,10 +9,32 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-def make_schedule(o, total_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """The `optimizer` config group; clipping (`clip_norm`, 0 = off) is the train step's."""
+
+  name: str = "adamw"
+  learning_rate: float = 1e-3
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  end_lr_fraction: float = 0.0
+  weight_decay: float = 0.0
+  decay_embeddings: bool = False
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  momentum: float = 0.9  # sgd; 0: plain SGD
+  nesterov: bool = False
+  clip_norm: float = 0.0
+
+  def __post_init__(self):
+    for key, choices in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
+      if getattr(self, key) not in choices:
+        raise ValueError(f"optimizer.{key}={getattr(self, key)!r} is not one of {choices}")
+
+
+def make_schedule(o: OptimizerConfig, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 over `warmup_steps`, then constant, cosine or linear decay."""
-  if o.schedule not in SCHEDULES:
-    raise ValueError(f"optimizer.schedule={o.schedule!r} is not one of {SCHEDULES}")
   peak, warmup = float(o.learning_rate), int(o.warmup_steps)
   span = max(int(total_steps) - warmup, 1)
   decay = {
@@ -31,11 +55,9 @@ def decay_mask(axes, decay_embeddings: bool):
   return jax.tree_util.tree_map_with_path(keep, axes, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def make_optimizer(o, total_steps: int, axes) -> tuple[optax.GradientTransformation,
-                                                       optax.Schedule]:
+def make_optimizer(o: OptimizerConfig, total_steps: int, axes) -> tuple[
+    optax.GradientTransformation, optax.Schedule]:
   """The update rule (clipping is applied by the train step, so it can report both norms)."""
-  if o.name not in OPTIMIZERS:
-    raise ValueError(f"optimizer.name={o.name!r} is not one of {OPTIMIZERS}")
   schedule = make_schedule(o, total_steps)
   mask = decay_mask(axes, o.decay_embeddings)
   if o.name == "adamw":

@@ -1,10 +1,7 @@
-"""The experiment config resolved once into the typed parts that the train step is built from.
-
-`resolve(cfg, mesh)` reads the ConfigDict once: model and head config, the parameters' logical
-axes (the spec tree), optimizer and schedule, the train options, and, on a mesh, the shardings
-of every TrainState leaf and of the batch. The train step, the runner and the tools take the
-Setup's parts; only `resolve` reads the raw config. A Setup passed to `resolve` comes back as
-it is (placed on `mesh` if one is given), so public functions accept either.
+"""The typed parts that the train step is built from: `Setup` (model, head, optimizer, batch
+shape, and on a mesh the shardings of every TrainState leaf and of the batch) and `TrainState`.
+`build` makes a Setup from typed configs; the run layer's `experiment.resolve` reads the
+experiment config into one, once.
 """
 
 import dataclasses
@@ -16,9 +13,9 @@ import optax
 from flax import struct
 
 from lmhead_jax.core import model
-from lmhead_jax.core.config import HeadConfig, ModelConfig
-from lmhead_jax.training import checkpoint, sharding
-from lmhead_jax.training.optim import make_optimizer
+from lmhead_jax.core.config import HeadConfig, LossConfig, ModelConfig
+from lmhead_jax.training import sharding
+from lmhead_jax.training.optim import OptimizerConfig, make_optimizer
 
 
 @struct.dataclass
@@ -43,6 +40,7 @@ class Setup:
   seq_len: int
   clip_norm: float
   alignment_weight: float
+  loss: LossConfig = LossConfig()
   mesh: jax.sharding.Mesh | None = None
   state_shardings: TrainState | None = None  # NamedSharding per leaf, on `mesh`
   batch_shardings: dict | None = None
@@ -57,7 +55,7 @@ class Setup:
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs of the TrainState, carrying its shardings (for restore or lowering)."""
     shapes = jax.eval_shape(self.new_state, jax.random.key(0))
-    return checkpoint.abstract_like(shapes, self.state_shardings)
+    return sharding.abstract_like(shapes, self.state_shardings)
 
   def on(self, mesh) -> "Setup":
     """This setup placed on `mesh`: checked against it, with the shardings of state and batch."""
@@ -75,37 +73,28 @@ def check_batch_split(batch_size: int, grad_accum: int, dp: int) -> None:
                      "it a multiple, or change train.grad_accum or the mesh")
 
 
-def configs(cfg) -> tuple[ModelConfig, HeadConfig]:
-  """The model and head configs of an experiment config."""
-  c = ModelConfig.of(cfg.model)
-  return c, HeadConfig.of(cfg.head, c)
+def build(model_cfg: ModelConfig, head_cfg: HeadConfig, optimizer: OptimizerConfig, *, seed: int,
+          steps: int, batch_size: int, grad_accum: int, seq_len: int,
+          alignment_weight: float = 0.0, loss: LossConfig = LossConfig(), mesh=None) -> Setup:
+  """A Setup from typed configs, checked; placed on `mesh` if given."""
+  if grad_accum < 1 or batch_size % grad_accum:
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by "
+                     f"train.grad_accum={grad_accum}")
+  if seq_len > model_cfg.max_seq_len:
+    raise ValueError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+  axes = model.param_axes(model_cfg, head_cfg)
+  tx, schedule = make_optimizer(optimizer, steps, axes)
+  out = Setup(model=model_cfg, head=head_cfg, axes=axes, tx=tx, schedule=schedule, seed=seed,
+              steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
+              clip_norm=float(optimizer.clip_norm), alignment_weight=float(alignment_weight),
+              loss=loss)
+  return out if mesh is None else out.on(mesh)
 
 
-def resolve(cfg, mesh=None) -> Setup:
-  """`cfg` (a ConfigDict, or a Setup that passes through) resolved, on `mesh` if given."""
-  s = cfg if isinstance(cfg, Setup) else _resolve(cfg)
-  return s if mesh is None or s.mesh == mesh else s.on(mesh)
-
-
-def _resolve(cfg) -> Setup:
-  c, hc = configs(cfg)
-  b, k = int(cfg.train.batch_size), int(cfg.train.grad_accum)
-  if k < 1 or b % k:
-    raise ValueError(f"train.batch_size={b} is not divisible by train.grad_accum={k}")
-  if cfg.data.seq_len > c.max_seq_len:
-    raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={c.max_seq_len}")
-  axes = model.param_axes(c, hc)
-  tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, axes)
-  return Setup(model=c, head=hc, axes=axes, tx=tx, schedule=schedule, seed=int(cfg.seed),
-               steps=int(cfg.train.steps), batch_size=b, grad_accum=k,
-               seq_len=int(cfg.data.seq_len), clip_norm=float(cfg.optimizer.clip_norm),
-               alignment_weight=float(cfg.train.alignment_weight))
-
-
-def _state_shardings(s: Setup, mesh) -> TrainState:
+def _state_shardings(setup: Setup, mesh) -> TrainState:
   """Shardings of every TrainState leaf; optimizer moments follow their parameter."""
-  shapes = jax.eval_shape(s.new_state, jax.random.key(0))
-  p_sh = sharding.param_shardings(shapes.params, s.axes, mesh)
+  shapes = jax.eval_shape(setup.new_state, jax.random.key(0))
+  p_sh = sharding.param_shardings(shapes.params, setup.axes, mesh)
   rep = sharding.replicated(mesh)
   # optax states hold copies of the param tree (mu, nu, trace): match them by structure.
   p_def = jax.tree.structure(shapes.params)

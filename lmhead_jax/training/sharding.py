@@ -85,3 +85,9 @@ def replicated(mesh) -> NamedSharding:
 
 def data_parallel_size(mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def abstract_like(shapes, shardings):
+  """ShapeDtypeStructs carrying the target shardings, for restore."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      shardings)

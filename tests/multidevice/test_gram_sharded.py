@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from lmhead_jax.analysis import gram, subjects
+from lmhead_jax.runs import measurement
+from lmhead_jax.analysis import gram
 from lmhead_jax.core import model
 from lmhead_jax.data import pipeline
 from lmhead_jax.training import sharding
@@ -17,11 +18,11 @@ class W:
 
 
 def test_gram_on_eight_devices():
-  cfg = subjects.base_config()
+  cfg = measurement.base_config()
   cfg.fresh = "8"
   cfg.model.update(vocab_size=64, n_layers=1, n_heads=2, n_kv_heads=2, max_seq_len=16)
   mesh = sharding.make_mesh(data=8)
-  s = next(subjects.load(cfg, "/x", mesh))
+  s = next(measurement.load(cfg, "/x", mesh))
   got = gram.growing_spectrum(s, W(), mesh, tokens=[512], batch_size=8, method="gram")[-1]
   it, rows = iter(pipeline.make_dataset(W(), global_batch_size=8, seed=0)), []
   w = np.asarray(s.params["head"]["w_VxD"], np.float64)

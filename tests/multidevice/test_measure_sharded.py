@@ -4,17 +4,18 @@ import jax
 import numpy as np
 
 from helpers import FIXTURES, reference_stats
-from lmhead_jax.analysis import measure, subjects
+from lmhead_jax.runs import measurement
+from lmhead_jax.analysis import measure
 from lmhead_jax.training import sharding
 
 
 def test_checkpoint_on_eight_devices():
   """A sharded (data 4 × fsdp 2) measurement of the llama fixture, against transformers' logits
   (each reference sequence 4 times: the Frobenius ratios do not change)."""
-  cfg = subjects.base_config()
+  cfg = measurement.base_config()
   cfg.checkpoints = str(FIXTURES / "llama")
   mesh = sharding.make_mesh(data=4, fsdp=2)
-  s = next(subjects.load(cfg, "/nonexistent", mesh))
+  s = next(measurement.load(cfg, "/nonexistent", mesh))
   tokens = np.repeat(np.load(FIXTURES / "llama" / "reference.npz")["tokens"], 4, axis=0)
   class Src:
     seq_len = 15

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import one_device_mesh, tiny_config
+from lmhead_jax.runs import experiment
 from lmhead_jax.training import sharding, train
 
 
@@ -18,8 +19,8 @@ def run(mesh, chunk_size=None):
   batches = [{"inputs": rng.integers(0, 256, shape).astype(np.int32),
               "targets": rng.integers(0, 256, shape).astype(np.int32),
               "mask": (rng.random(shape) > 0.2).astype(np.float32)} for _ in range(3)]
-  state, _ = train.init_state(jax.random.key(0), cfg, mesh)
-  step = train.make_train_step(cfg, mesh)
+  state, _ = train.init_state(jax.random.key(0), experiment.resolve(cfg, mesh))
+  step = train.make_train_step(experiment.resolve(cfg, mesh))
   out = []
   for b in batches:
     state, m = step(state, b)

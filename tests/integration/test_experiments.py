@@ -1,0 +1,174 @@
+"""Experiment presets: parameter counts, sweep grids, reports, and tiny end-to-end runs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import rank_sweep, spamlang
+import helpers
+
+from lmhead_jax.data.tokens import write_token_dir
+from lmhead_jax.tools import costs
+from lmhead_jax.runs import experiment, grid
+
+ROOT = str(helpers.ROOT)
+PRESETS = [(spamlang, p) for p in ("smoke", "demo", "cpu", "paper")] + [
+    (rank_sweep, p) for p in ("cpu", "paper")]
+
+
+def runs(cfg):
+  return [grid.configure(cfg, o) for o in grid.expand(cfg.sweep or ({},))]
+
+
+@pytest.mark.parametrize("module,preset", PRESETS)
+def test_presets_expand_to_valid_runs(module, preset):
+  cfg = module.get_config(preset)
+  for run_cfg in runs(cfg):
+    experiment.configs(run_cfg)  # validates the model and head configs
+    assert "sweep" not in run_cfg
+  names = [grid.run_name(o) for o in grid.expand(cfg.get("sweep") or ())]
+  assert len(names) == len(set(names))
+
+
+def test_rank_sweep_paper_parameter_counts():
+  v, d, layers, heads, kv, hd, ff = 49152, 4096, 6, 32, 8, 128, 18432
+  trunk = v * d + layers * (2 * d * heads * hd + 2 * d * kv * hd + 3 * d * ff + 2 * d) + d
+  cfg = rank_sweep.get_config("paper")
+  counts = {}
+  for run_cfg in runs(cfg):
+    r = run_cfg.head.rank
+    counts[r] = costs.param_counts(*experiment.configs(run_cfg))["total"]
+    assert counts[r] == trunk + v * r + r * d
+  assert sorted(counts) == [32, 64, 128, 256, 512, 1024, 2048, 4096]
+  assert 1.8e9 <= min(counts.values()) and max(counts.values()) < 2.05e9
+  assert {round(n / 1e9, 1) for n in counts.values()} <= {1.8, 1.9, 2.0}
+  assert cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len == pytest.approx(11e9, rel=0.01)
+
+
+def test_spamlang_paper_trunk_and_ratios():
+  cfg = spamlang.get_config("paper")
+  d, layers, ff = 768, 12, 2816
+  trunk = layers * (4 * d * d + 3 * d * ff + 2 * d) + d
+  assert trunk == 106_187_520
+  ratios = set()
+  for run_cfg in runs(cfg):
+    v = run_cfg.model.vocab_size
+    embed = v * d * (1 if run_cfg.model.tie_embeddings else 2)
+    assert costs.param_counts(*experiment.configs(run_cfg))["total"] == trunk + embed
+    ratios.add(v / d)
+    assert spamlang.describe(run_cfg)["coverage"] >= 19
+  assert max(ratios) / min(ratios) >= 1000
+
+
+def test_spamlang_cpu_grid():
+  entries = [spamlang.describe(c) for c in runs(spamlang.get_config("cpu"))]
+  adamw = sorted(e["V/D"] for e in entries if spamlang.arm(e) == "adamw lr=0.01")
+  assert adamw == [32, 64, 128, 256, 512, 1024]
+  assert {spamlang.arm(e) for e in entries} == {
+      "adamw lr=0.01", "adamw lr=0.01 tied", "sgd lr=0.1", "sgd lr=1", "sgd lr=10"}
+  assert all(e["coverage"] == 1500 * 32 / 4096 for e in entries)
+
+
+def test_rank_sweep_paper_needs_a_data_path(tmp_path):
+  with pytest.raises(ValueError, match="data.path is empty"):
+    rank_sweep.use_stdlib_corpus(rank_sweep.get_config("paper"), str(tmp_path))
+
+
+def fake_rank_runs(workdir):
+  """Entries and metrics of three ranks with piecewise-linear held-out loss curves."""
+  curves = {2: [6.0, 5.0, 4.0], 4: [6.0, 4.0, 3.0], 8: [5.0, 3.0, 2.0]}
+  entries = []
+  for r, losses in curves.items():
+    run = f"head.rank={r}"
+    os.makedirs(workdir / run)
+    with open(workdir / run / "metrics.jsonl", "w") as f:
+      for k, loss in enumerate(losses, 1):
+        f.write(json.dumps({"step": k, "tokens_seen": 1000 * k, "eval/loss": loss}) + "\n")
+    entries.append({"run": run, "r": r, "V": 64, "V/r": 64 / r, "params": 1e6 + r,
+                    "eval/loss": losses[-1], "bottleneck/destroyed_ratio": 1 - r / 64,
+                    "wall_s": 1.0})
+  return entries
+
+
+def test_rank_sweep_report(tmp_path):
+  text = rank_sweep.report(tmp_path, fake_rank_runs(tmp_path))
+  assert text.startswith("target: r=2's final held-out loss 4.0000")
+  rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines()[3:]}
+  # r=4 reaches 4.0 at 2000 tokens; r=8 between 1000 (5.0) and 2000 (3.0): 1500; base 3000.
+  assert rows["2"][4:6] == ["3000", "1"]
+  assert rows["4"][4:6] == ["2000", "1.5"]
+  assert rows["8"][4:6] == ["1500", "2"]
+  for png in ("loss_vs_tokens.png", "destroyed_vs_rank.png"):
+    assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def tiny_token_dirs(root, vocab=64):
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 20_000), ("val", 2_000)):
+    write_token_dir(root / split, [rng.integers(0, vocab, n)], vocab_size=vocab, tokenizer="none")
+  return str(root / "train"), str(root / "val")
+
+
+def test_rank_sweep_end_to_end_tiny(tmp_path, capsys):
+  cfg = rank_sweep.get_config("cpu")
+  cfg.model.update(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+  cfg.data.path, cfg.data.eval_path = tiny_token_dirs(tmp_path / "data")
+  cfg.data.seq_len = 16
+  cfg.optimizer.warmup_steps = 1
+  cfg.train.update(steps=4, batch_size=4, log_every=1, bottleneck_every=1, eval_every=2,
+                   eval_batches=1)
+  cfg.sweep = ({"head.rank": (2, 16)},)
+  rank_sweep.main(cfg, str(tmp_path / "out"))
+  summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+  assert [e["r"] for e in summary] == [2, 16]
+  assert all(math.isfinite(e["eval/loss"]) and e["tokens"] == 4 * 4 * 16 for e in summary)
+  results = (tmp_path / "out" / "results.md").read_text()
+  assert "| r | V/r | params |" in results and "| 16 | 4 |" in results
+  assert "[2/2] head.rank=16" in capsys.readouterr().out
+  assert (tmp_path / "out" / "loss_vs_tokens.png").exists()
+
+
+def test_spamlang_report(tmp_path):
+  entries = []
+  for d, acc in ((64, 1.0), (4, 0.0)):
+    run = f"model.d_model={d}"
+    os.makedirs(tmp_path / run)
+    with open(tmp_path / run / "metrics.jsonl", "w") as f:
+      for step in (50, 100):
+        f.write(json.dumps({"step": step, "accuracy": acc * step / 100,
+                            "bottleneck/destroyed_ratio": 1 - d / 4096}) + "\n")
+    entries.append({"run": run, "V": 4096, "D": d, "V/D": 4096 / d, "optimizer": "adamw",
+                    "lr": 0.01, "tied": False, "coverage": 11.71875, "eval/accuracy": acc,
+                    "eval/loss": 3.0, "bottleneck/destroyed_ratio": 1 - d / 4096, "wall_s": 10.4})
+  entries.append(dict(entries[1], run="x", optimizer="sgd", lr=10.0, diverged=True))
+  lines = spamlang.report(tmp_path, entries).splitlines()
+  assert lines[2:] == [
+      "| 64 | 64 | adamw lr=0.01 | 1 | 3 | 0.9844 | 11.72 | 10.4 |",
+      "| 1024 | 4 | adamw lr=0.01 | 0 | 3 | 0.999 | 11.72 | 10.4 |",
+      "| 1024 | 4 | sgd lr=10 | diverged | 3 | 0.999 | 11.72 | 10.4 |"]
+  for png in ("accuracy_vs_ratio.png", "destroyed_ratio_curves.png", "accuracy_curves.png"):
+    assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_spamlang_demo_cli_tiny(tmp_path):
+  overrides = ["--config.train.steps=3", "--config.train.log_every=1",
+               "--config.train.bottleneck_every=1", "--config.model.vocab_size=64",
+               "--config.train.eval_batches=1", "--config.checkpoint.every=0"]
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.spamlang", "--config=experiments/spamlang.py:demo",
+       f"--workdir={tmp_path}", *overrides], cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| V/D | D | arm | accuracy (held-out) |" in proc.stdout
+  assert "| 1 | 64 | sgd lr=0.1 |" in proc.stdout and "| 8 | 8 | sgd lr=0.1 |" in proc.stdout
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert [e["D"] for e in summary] == [64, 8]
+  assert all(e["coverage"] == 3 * 32 / 64 for e in summary)
+  for png in ("accuracy_vs_ratio.png", "destroyed_ratio_curves.png", "accuracy_curves.png"):
+    assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,79 @@
+"""Reading runs back: metrics.jsonl, curves, tokens-to-target, speed-ups, tables."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lmhead_jax.reporting import metrics
+
+
+def write_jsonl(path, records):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_read_metrics_keeps_the_last_record_of_each_step(tmp_path):
+  # A run resumed from step 2 logs steps 3 and 4 again.
+  write_jsonl(tmp_path / "m.jsonl", [{"step": s, "loss": 10.0 - s} for s in (1, 2, 3, 4)]
+              + [{"step": 3, "loss": 0.5}, {"step": 4, "loss": 0.25}, {"step": 5, "loss": 0.1}])
+  records = metrics.read_metrics(tmp_path / "m.jsonl")
+  assert [(r["step"], r["loss"]) for r in records] == [(1, 9.0), (2, 8.0), (3, 0.5),
+                                                      (4, 0.25), (5, 0.1)]
+
+
+def test_read_metrics_names_a_bad_line(tmp_path):
+  (tmp_path / "m.jsonl").write_text('{"step": 1}\n{"loss": 2}\n')
+  with pytest.raises(ValueError, match=r"m.jsonl:2"):
+    metrics.read_metrics(tmp_path / "m.jsonl")
+
+
+def test_read_metrics_names_the_file_of_binary_garbage(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_bytes(b'{"step": 1}\n\xff\xfe\x00garbage\n')
+  with pytest.raises(ValueError, match=rf"{path}:2: not a metrics record"):
+    metrics.read_metrics(path)
+
+
+def test_curve_skips_missing_and_nonfinite_values():
+  records = [{"step": 1, "tokens_seen": 10, "eval/loss": 3.0}, {"step": 2, "tokens_seen": 20},
+             {"step": 3, "tokens_seen": 30, "eval/loss": float("nan")},
+             {"step": 4, "tokens_seen": 40, "eval/loss": 2.0}]
+  x, y = metrics.curve(records, "eval/loss", "tokens_seen")
+  np.testing.assert_array_equal(x, [10, 40])
+  np.testing.assert_array_equal(y, [3.0, 2.0])
+
+
+@pytest.mark.parametrize("x,y,target,want", [
+    ([10, 20, 30, 40], [5, 4, 2, 1], 3.0, 25.0),  # 20 + 10 * (4 - 3) / (4 - 2)
+    ([10, 20, 30, 40], [5, 4, 2, 1], 2.0, 30.0),  # reached exactly at a logged point
+    ([10, 20, 30, 40], [5, 4, 2, 1], 6.0, 10.0),  # already below at the first point
+    ([10, 20, 30, 40], [5, 3, 4, 2], 3.5, 17.5),  # the first crossing counts
+    ([0, 100], [1.0, 0.2], 0.8, 25.0),
+    ([10, 20, 30, 40], [5, 4, 2, 1], 0.5, math.nan)])  # never reached
+def test_tokens_to_target_interpolates_the_first_crossing(x, y, target, want):
+  got = metrics.tokens_to_target(np.array(x), np.array(y), target)
+  assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-12)
+
+
+def test_speedups_against_the_lowest_rank():
+  curves = {"r=4": (np.array([100, 200, 300, 400]), np.array([6.0, 5.0, 4.5, 4.0])),
+            "r=8": (np.array([100, 200, 300, 400]), np.array([6.0, 4.5, 3.5, 3.0])),
+            "r=16": (np.array([100, 200, 300, 400]), np.array([5.0, 3.0, 2.5, 2.0])),
+            "r=2": (np.array([100, 200, 300, 400]), np.array([7.0, 6.0, 5.0, 4.5]))}
+  out = metrics.speedups(curves, "r=4")
+  assert out["r=4"] == {"target": 4.0, "tokens_to_target": 400.0, "speedup": 1.0}
+  # r=8 crosses 4.0 between 200 (4.5) and 300 (3.5): 250 tokens; 400 / 250 = 1.6.
+  assert out["r=8"]["tokens_to_target"] == pytest.approx(250.0)
+  assert out["r=8"]["speedup"] == pytest.approx(1.6)
+  # r=16 crosses between 100 (5.0) and 200 (3.0): 150 tokens; 400 / 150.
+  assert out["r=16"]["tokens_to_target"] == pytest.approx(150.0)
+  assert out["r=16"]["speedup"] == pytest.approx(400 / 150)
+  assert math.isnan(out["r=2"]["tokens_to_target"]) and math.isnan(out["r=2"]["speedup"])
+
+
+def test_markdown_table():
+  rows = [{"a": 1, "b": 0.123456}, {"a": 2, "b": None}]
+  text = metrics.markdown_table(rows, {"A": lambda r: r["a"], "B x2": lambda r: r["b"]})
+  assert text == "| A | B x2 |\n|---|---|\n| 1 | 0.1235 |\n| 2 |  |"
