@@ -1,107 +1,221 @@
-"""bottleneck.head_loss against a plain CE, side by side in one process (issues 13, 23).
+"""bottleneck.head_loss against other fused linear cross-entropies, in one process (issues 13, 23).
 
-  python -m benchmarks.head_loss [--cases=small,large] [--repeats=15] [--chunk_size=1024]
+  python -m benchmarks.head_loss [--cases=small,large,issue23] [--dtypes=float32,bfloat16]
+      [--variants=all] [--repeats=7] [--warmup=1] [--chunk_size=1024] [--wait_s=600]
 
-Each variant is a jitted value_and_grad with respect to h and W on the same inputs:
-  optax_ce       optax.softmax_cross_entropy_with_integer_labels, mean, on z = h Wᵀ (what a user
-                 writes without this library)
-  lmhead_ce      lmhead_jax.core.loss.cross_entropy on z = h Wᵀ
-  head_loss      bottleneck.head_loss, dense: the loss and BottleneckStats
-  fused_ce       loss.fused_head_loss(chunk_size) alone (the chunked plain CE)
-  head_loss_chunked  bottleneck.head_loss(chunk_size)
-  range_map      bottleneck.range_map(W) alone (the stats' fixed cost: QR of W, SVD of R)
-With OPTIONS (softcap, z-loss, label smoothing):
-  optax_options  optax on materialized logits: c·tanh(z/c), optax.smooth_labels and
-                 softmax_cross_entropy, plus α·logsumexp² (what a user writes without us)
-  head_loss_options, head_loss_options_chunked  bottleneck.head_loss(**OPTIONS), dense, chunked
-The variants alternate call by call (the machine is shared and its load drifts); medians are
-reported. Prints one JSON line per case with the ratios head_loss / plain.
+Each variant (`VARIANTS`) is a jitted value_and_grad in h[N, D] and W of a mean CE of z = h Wᵀ,
+on the same inputs. tokamax and jax-cce are optional (`pip install tokamax jax-cce`); a variant
+that does not import is listed with its error. Per variant: XLA's temporary bytes
+(`memory_analysis`), the median time of fwd+bwd, and the process's peak RSS during its first call
+(variants run in order of their temporaries, as freed memory can stay resident a while: an upper
+bound close to the variant's own). The variants alternate call by call (the machine is shared
+and its load drifts); medians. A call waits up to wait_s for its temporaries and outputs + 1 GiB
+of free memory, else is skipped. Prints one JSON line per case and dtype (progress on stderr).
 """
 
 import argparse
+import importlib
 import json
 import statistics
+import sys
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import psutil
 
-from lmhead_jax import bottleneck
-from lmhead_jax.core.loss import cross_entropy, fused_head_loss
+from lmhead_jax.core import bottleneck
+from lmhead_jax.core.loss import fused_head_loss
 
-CASES = {"small": dict(v=8192, d=64, n=2048), "large": dict(v=32768, d=256, n=8192)}
+CASES = {"small": dict(v=8192, d=64, n=2048), "large": dict(v=32768, d=256, n=8192),
+         "issue23": dict(v=131072, d=1024, n=8192)}
+VOCAB_BLOCK = 8192  # fused_ce_blocked's
 OPTIONS = dict(softcap=30.0, z_loss=1e-4, label_smoothing=0.1)
+VARIANTS = {
+    "optax_ce": "optax.softmax_cross_entropy_with_integer_labels on materialized z (fp32)",
+    "fused_ce": "loss.fused_head_loss, dense: this library's CE without the stats",
+    "fused_ce_chunked": "loss.fused_head_loss(chunk_size)",
+    "fused_ce_blocked": "loss.fused_head_loss(chunk_size, vocab_block): online LSE over V",
+    "head_loss": "bottleneck.head_loss, dense: the CE and its BottleneckStats",
+    "head_loss_chunked": "bottleneck.head_loss(chunk_size)",
+    "range_map": "bottleneck.range_map(W) alone: the stats' fixed cost (no gradient)",
+    "tokamax": "tokamax.linear_softmax_cross_entropy_loss, 'xla' (its CPU default; dense)",
+    "tokamax_chunked": "the same, 'chunked_xla' (token blocks 1024, vocabulary blocks 2048)",
+    "jax_cce": "jax_cce.linear_cross_entropy (vocabulary chunks of 4096)",
+    "optax_options": "optax on materialized z with OPTIONS: tanh cap, smooth_labels, z-loss",
+    "head_loss_options": "bottleneck.head_loss(**OPTIONS), dense",
+    "head_loss_options_chunked": "bottleneck.head_loss(**OPTIONS, chunk_size)",
+}
+TRANSPOSED = ("tokamax", "tokamax_chunked")  # take W as [D, V], tokamax's layout
+RATIOS = {  # of median times; "…_temp" of XLA temporaries
+    "chunked_over_dense": ("head_loss_chunked", "head_loss"),
+    "chunked_over_dense_temp": ("head_loss_chunked", "head_loss"),
+    "stats_overhead_dense": ("head_loss", "fused_ce"),
+    "stats_overhead_chunked": ("head_loss_chunked", "fused_ce_chunked"),
+    "head_loss_chunked_over_optax_ce": ("head_loss_chunked", "optax_ce"),
+    "head_loss_chunked_over_tokamax_chunked": ("head_loss_chunked", "tokamax_chunked"),
+    "head_loss_chunked_over_jax_cce": ("head_loss_chunked", "jax_cce"),
+    "range_map_over_fused_ce_chunked": ("range_map", "fused_ce_chunked"),
+    "head_loss_options_over_optax_options": ("head_loss_options", "optax_options"),
+    "options_chunked_over_optax_options": ("head_loss_options_chunked", "optax_options"),
+}
 
 
-def optax_options(z, y):
+def _optional(module):
+  """(the module, None), or (None, why it does not import)."""
+  try:
+    return importlib.import_module(module), None
+  except Exception as e:  # an optional baseline may fail in any way (a jax it does not fit)
+    return None, f"{type(e).__name__}: {e}"
+
+
+tokamax, TOKAMAX_ERROR = _optional("tokamax")
+jax_cce, JAX_CCE_ERROR = _optional("jax_cce")
+UNAVAILABLE = {k: e for k, e in [("tokamax", TOKAMAX_ERROR), ("tokamax_chunked", TOKAMAX_ERROR),
+                                 ("jax_cce", JAX_CCE_ERROR)] if e}
+
+
+def logits(h_NxD, w_VxD):
+  """z = h Wᵀ with float32 accumulation (and result), whatever the inputs' dtype."""
+  return jnp.einsum("nd,vd->nv", h_NxD, w_VxD, preferred_element_type=jnp.float32)
+
+
+def optax_options(z_NxV, y_N):
   """The mean of OPTIONS' objective on materialized logits z, written with optax."""
   c, alpha, eps = OPTIONS["softcap"], OPTIONS["z_loss"], OPTIONS["label_smoothing"]
-  s = c * jnp.tanh(z / c)
-  labels = optax.smooth_labels(jax.nn.one_hot(y, z.shape[-1]), eps)
+  s = c * jnp.tanh(z_NxV / c)
+  labels = optax.smooth_labels(jax.nn.one_hot(y_N, z_NxV.shape[-1]), eps)
   return jnp.mean(optax.softmax_cross_entropy(s, labels) + alpha * jax.nn.logsumexp(s, -1) ** 2)
 
 
-def variants(y, chunk_size):
-  """name -> f(h, w), each to be jitted."""
-  logits = lambda h, w: h @ w.T
-  optax_ce = lambda h, w: optax.softmax_cross_entropy_with_integer_labels(logits(h, w), y).mean()
+def variants(y_N, chunk_size, vocab_block=VOCAB_BLOCK) -> dict:
+  """name -> f(h, w) of every installed variant, each to be jitted; w is [D, V] for TRANSPOSED
+  variants, else [V, D]. f returns (loss, (dh, dW)), loss being (loss, stats) for head_loss, or
+  range_map's M."""
   grad = lambda f, aux=False: jax.value_and_grad(f, (0, 1), has_aux=aux)
-  return {
-      "optax_ce": grad(optax_ce),
-      "lmhead_ce": grad(lambda h, w: cross_entropy(logits(h, w), y)),
-      "head_loss": grad(lambda h, w: bottleneck.head_loss(h, w, y), aux=True),
-      "fused_ce": grad(lambda h, w: fused_head_loss(h, w, y, chunk_size=chunk_size)[0]),
-      "head_loss_chunked": grad(
-          lambda h, w: bottleneck.head_loss(h, w, y, chunk_size=chunk_size), aux=True),
+  head = lambda **kw: grad(lambda h, w: bottleneck.head_loss(h, w, y_N, **kw), aux=True)
+  fns = {
+      "optax_ce": grad(lambda h, w: optax.softmax_cross_entropy_with_integer_labels(
+          logits(h, w), y_N).mean()),
+      "fused_ce": grad(lambda h, w: fused_head_loss(h, w, y_N, chunk_size=None)[0]),
+      "fused_ce_chunked": grad(lambda h, w: fused_head_loss(h, w, y_N, chunk_size=chunk_size)[0]),
+      "fused_ce_blocked": grad(lambda h, w: fused_head_loss(
+          h, w, y_N, chunk_size=chunk_size, vocab_block=vocab_block)[0]),
+      "head_loss": head(),
+      "head_loss_chunked": head(chunk_size=chunk_size),
       "range_map": lambda h, w: bottleneck.range_map(w),
-      "optax_options": grad(lambda h, w: optax_options(logits(h, w), y)),
-      "head_loss_options": grad(lambda h, w: bottleneck.head_loss(h, w, y, **OPTIONS), aux=True),
-      "head_loss_options_chunked": grad(lambda h, w: bottleneck.head_loss(
-          h, w, y, chunk_size=chunk_size, **OPTIONS), aux=True),
+      "optax_options": grad(lambda h, w: optax_options(logits(h, w), y_N)),
+      "head_loss_options": head(**OPTIONS),
+      "head_loss_options_chunked": head(chunk_size=chunk_size, **OPTIONS),
   }
+  if tokamax is not None:
+    for name, impl in (("tokamax", "xla"), ("tokamax_chunked", "chunked_xla")):
+      fns[name] = grad(lambda h, w, impl=impl: tokamax.linear_softmax_cross_entropy_loss(
+          h, y_N, w, reduction="mean", implementation=impl))
+  if jax_cce is not None:
+    fns["jax_cce"] = grad(lambda h, w: jax_cce.linear_cross_entropy(h, w, y_N))
+  return {k: fns[k] for k in VARIANTS if k in fns}
 
 
-def run_case(v, d, n, repeats, warmup, chunk_size) -> dict:
+def _call(f, args) -> tuple[float, int]:
+  """(seconds, peak RSS in bytes sampled every 10 ms) of one call of f(*args)."""
+  proc, done = psutil.Process(), threading.Event()
+  peak = [proc.memory_info().rss]
+  def sample():
+    while not done.wait(0.01):
+      peak[0] = max(peak[0], proc.memory_info().rss)
+  sampler = threading.Thread(target=sample)
+  sampler.start()
+  start = time.perf_counter()
+  jax.block_until_ready(f(*args))
+  seconds = time.perf_counter() - start
+  done.set()
+  sampler.join()
+  return seconds, peak[0]
+
+
+def _memory_for(needed, wait_s) -> bool:
+  """Whether `needed` bytes + 1 GiB are available, waiting up to wait_s seconds for them."""
+  deadline = time.monotonic() + wait_s
+  while psutil.virtual_memory().available < needed + 2**30:
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(5)
+  return True
+
+
+def run_case(v, d, n, dtype="float32", names=None, repeats=7, warmup=1, chunk_size=1024,
+             wait_s=600) -> dict:
+  """Compiles the variants `names` (default: all installed), runs those that fit, alternating,
+  and returns times, memory and RATIOS as a JSON-ready dict."""
   rng = np.random.default_rng(0)
-  h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(v, d)) / np.sqrt(d), jnp.float32)
+  h = jnp.asarray(rng.normal(size=(n, d)), dtype)
+  w = jnp.asarray(rng.normal(size=(v, d)) / np.sqrt(d), dtype)
   y = jnp.asarray(rng.integers(0, v, n), jnp.int32)
-  fns = {k: jax.jit(f).lower(h, w).compile() for k, f in variants(y, chunk_size).items()}
-  times = {k: [] for k in fns}
+  fns = variants(y, chunk_size)
+  unavailable = {k: UNAVAILABLE[k] for k in names or VARIANTS if k in UNAVAILABLE}
+  names = [k for k in names or VARIANTS if k in fns]
+  args = {k: (h, w.T.copy() if k in TRANSPOSED else w) for k in names}
+  compiled = {k: jax.jit(fns[k]).lower(*args[k]).compile() for k in names}
+  memory = {k: c.memory_analysis() for k, c in compiled.items()}
+  temp = {k: m.temp_size_in_bytes for k, m in memory.items()}
+  names.sort(key=temp.get)  # freed memory can stay resident: least first
+  not_run, times, rss = {}, {k: [] for k in names}, dict.fromkeys(names, 0)
   for i in range(warmup + repeats):
-    for k, f in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(f(h, w))
+    for k in names:
+      needed = temp[k] + memory[k].output_size_in_bytes
+      if not _memory_for(needed, wait_s):  # others share the machine: try again next round
+        not_run[k] = f"needs {needed / 2**30:.2f} GiB + 1 GiB, not available for {wait_s} s"
+        print(f"{k} call {i}: not run, {not_run[k]}", file=sys.stderr, flush=True)
+        continue
+      seconds, peak = _call(compiled[k], args[k])
+      rss[k] = rss[k] or peak
+      print(f"{k} call {i}: {seconds:.2f} s, peak RSS {peak / 2**30:.2f} GiB", file=sys.stderr,
+            flush=True)
       if i >= warmup:
-        times[k].append(time.perf_counter() - t)
-  ms = {k: 1e3 * statistics.median(t) for k, t in times.items()}
-  return {"V": v, "D": d, "tokens": n, "chunk_size": chunk_size, "repeats": repeats,
-          "median_ms": {k: round(t, 2) for k, t in ms.items()},
-          "head_loss_over_optax_ce": round(ms["head_loss"] / ms["optax_ce"], 4),
-          "head_loss_over_lmhead_ce": round(ms["head_loss"] / ms["lmhead_ce"], 4),
-          "chunked_head_loss_over_fused_ce": round(ms["head_loss_chunked"] / ms["fused_ce"], 4),
-          "range_map_over_lmhead_ce": round(ms["range_map"] / ms["lmhead_ce"], 4),
-          "head_loss_options_over_optax_options": round(
-              ms["head_loss_options"] / ms["optax_options"], 4),
-          "chunked_over_optax_options": round(
-              ms["head_loss_options_chunked"] / ms["optax_options"], 4)}
+        times[k].append(seconds)
+  ms = {k: 1e3 * statistics.median(t) for k, t in times.items() if t}
+  not_run = {k: why for k, why in not_run.items() if not times[k]}
+  ratios = {}
+  for name, (a, b) in RATIOS.items():
+    values = temp if name.endswith("_temp") else ms
+    if a in values and b in values and values[b]:
+      ratios[name] = round(values[a] / values[b], 4)
+  return {"V": v, "D": d, "tokens": n, "dtype": dtype, "chunk_size": chunk_size,
+          "timed_calls": {k: len(t) for k, t in times.items()},
+          "median_ms": {k: round(t, 1) for k, t in ms.items()},
+          "xla_temp_bytes": temp,
+          "peak_rss_gib": {k: round(r / 2**30, 2) for k, r in rss.items() if r},
+          "ratios": ratios, "not_run": not_run, "unavailable": unavailable}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--cases", default="small,large", help="comma-separated: small, large")
-  parser.add_argument("--repeats", type=int, default=15, help="timed calls per variant")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
+  parser.add_argument("--cases", default="small,large", help=f"comma-separated: {', '.join(CASES)}")
+  parser.add_argument("--dtypes", default="float32", help="comma-separated: float32, bfloat16")
+  parser.add_argument("--variants", default="all", help=f"all, or comma-separated: "
+                      f"{', '.join(VARIANTS)}")
+  parser.add_argument("--repeats", type=int, default=7, help="timed calls per variant")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed calls per variant")
   parser.add_argument("--chunk_size", type=int, default=1024, help="tokens per chunk")
+  parser.add_argument("--wait_s", type=int, default=600,
+                      help="how long a call waits for memory before it is skipped")
   args = parser.parse_args()
+  names = None if args.variants == "all" else args.variants.split(",")
+  for name in names or ():
+    if name not in VARIANTS:
+      parser.error(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
   for name in args.cases.split(","):
     if name not in CASES:
       parser.error(f"--cases: unknown case {name!r} (known: {', '.join(CASES)})")
-    print(json.dumps({"case": name, "device": jax.devices()[0].device_kind,
-                      **run_case(**CASES[name], repeats=args.repeats, warmup=args.warmup,
-                                 chunk_size=args.chunk_size)}), flush=True)
+    for dtype in args.dtypes.split(","):
+      result = run_case(**CASES[name], dtype=dtype, names=names, repeats=args.repeats,
+                        warmup=args.warmup, chunk_size=args.chunk_size, wait_s=args.wait_s)
+      print(json.dumps({"case": name, "device": jax.devices()[0].device_kind, **result}),
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Controlled pretraining: one Llama-3-style trunk, a factorized head logits = A(B h) of rank r.
 
-Only `head.rank` varies between runs (DIR/<run>/, lmhead_jax.training.sweep). The report compares
+Only `head.rank` varies between runs (DIR/<run>/, lmhead_jax.runs.sweep). The report compares
 the held-out loss curves: for each r, the tokens it needs to reach the lowest rank's final held-out
 loss (linearly interpolated between evaluations) and the speed-up against the lowest rank's
 full budget (the paper: ≈16×, r = 4096 against r = 32), with the final bottleneck metrics.
@@ -10,9 +10,10 @@ Presets:
   d_ff=18,432 (4.5·D, a multiple of 1024), bf16, r ∈ {32, …, 4096}: 1.81B (r=32) to 2.03B
   (r=4096) parameters, the paper's "1.8–2.0B" at its one-decimal precision. AdamW (0.9, 0.95,
   eps 1e-8, weight decay 0.1), peak lr 3e-4, 500 warmup steps, cosine decay to 10%, clipping at
-  1.0; 512 sequences of 2048 tokens per step (1M tokens), 10,500 steps = 11.0B tokens; FSDP over
-  all devices; the chunked head (`head.chunk_size=4096`). `data.path` and `data.eval_path` must
-  name token directories (FineWeb-Edu, made
+  1.0; 512 sequences of 2048 tokens per step (1M tokens) in one pass, 10,500 steps = 11.0B tokens;
+  data parallel × FSDP over 4 (`plan --tune`'s choice for v5p-64); the chunked head
+  (`head.chunk_size=4096`). `data.path` and `data.eval_path` must name token directories
+  (FineWeb-Edu, made
   by `python -m lmhead_jax.data.prepare --tokenizer <SmolLM2 tokenizer.json> ...`).
 - `cpu` (≤ 60 min on 2 cores): the Python standard library corpus with a byte-level BPE of 4096,
   built once into DIR/corpus/ when `data.path` is empty (`stdlib_corpus=True`); D=128, 2
@@ -26,14 +27,13 @@ import os
 import numpy as np
 
 from lmhead_jax.data import prepare
-from lmhead_jax.reporting import plots, runs
+from lmhead_jax.reporting import metrics, plots
 from lmhead_jax.tools import costs
-from lmhead_jax.training import cli, sweep
-from lmhead_jax.training.experiment import base_config
+from lmhead_jax.runs import cli, experiment, sweep
 
 
 def get_config(preset: str = "cpu"):
-  cfg = base_config()
+  cfg = experiment.base_config()
   with cfg.unlocked():
     cfg.stdlib_corpus = False  # an empty data.path: build DIR/corpus/ from the stdlib
   cfg.head.kind = "factorized"
@@ -46,12 +46,12 @@ def get_config(preset: str = "cpu"):
     cfg.data.seq_len = 2048
     cfg.head.chunk_size = 4096  # fused head + CE: 4096×V logits live, not 32k×V per device
     cfg.optimizer.update(learning_rate=3e-4, warmup_steps=500)
-    # 16 micro-batches of 32 sequences: XLA:TPU keeps float32 attention scores per sequence, and
-    # the whole batch at once needs 402 GiB per v5p chip (docs/PERFORMANCE.md); same gradient.
-    cfg.train.update(steps=10_500, batch_size=512, grad_accum=16, log_every=10,
+    # `plan --slice=v5p-64 --tune` ranked layouts × grad_accum × remat by predicted step time and
+    # compiled the best: data=8 × fsdp=4 in one pass, 34 GB per chip (docs/PERFORMANCE.md).
+    cfg.train.update(steps=10_500, batch_size=512, grad_accum=1, log_every=10,
                      bottleneck_every=50, eval_every=500, eval_batches=16)
     cfg.checkpoint.update(every=500, keep=2)
-    cfg.mesh.update(data=1, fsdp=-1, tensor=1)
+    cfg.mesh.update(data=-1, fsdp=4, tensor=1)
     cfg.sweep = ({"head.rank": (32, 64, 128, 256, 512, 1024, 2048, 4096)},)
   elif preset == "cpu":
     cfg.stdlib_corpus = True
@@ -83,7 +83,8 @@ def use_stdlib_corpus(cfg, workdir) -> None:
 
 def describe(cfg) -> dict:
   v, r = cfg.model.vocab_size, cfg.head.rank
-  return {"r": r, "V": v, "V/r": v / r, "params": costs.param_counts(cfg)["total"],
+  params = costs.param_counts(*experiment.configs(cfg))["total"]
+  return {"r": r, "V": v, "V/r": v / r, "params": params,
           "tokens": cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len}
 
 
@@ -102,7 +103,7 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
               reference={"isotropic": (r, np.sqrt(1 - r / entries[0]["V"]))},
               reference_label="isotropic G: √(1 − r/V)")
   lowest = min(entries, key=lambda e: e["r"])
-  speed = runs.speedups(curves, label(lowest)) if label(lowest) in curves else {}
+  speed = metrics.speedups(curves, label(lowest)) if label(lowest) in curves else {}
   columns = {
       "r": lambda e: e["r"], "V/r": lambda e: e["V/r"],
       "params": lambda e: f"{e['params'] / 1e6:.2f}M",
@@ -114,7 +115,7 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
       "wall (s)": lambda e: e.get("wall_s")}
   target = next(iter(speed.values()), {}).get("target", float("nan"))
   return (f"target: r={lowest['r']}'s final held-out loss {target:.4f}\n\n"
-          + runs.markdown_table(sorted(entries, key=lambda e: e["r"]), columns))
+          + metrics.markdown_table(sorted(entries, key=lambda e: e["r"]), columns))
 
 
 def main(cfg, workdir):

@@ -1,7 +1,7 @@
 """SpamLang: every sequence repeats one symbol; a head of width 2 could represent it.
 
 Any failure to learn it is an optimization failure, and the paper finds that training gets
-harder as V/D grows. Runs go to DIR/<run>/ (lmhead_jax.training.sweep); DIR/summary.json has one row
+harder as V/D grows. Runs go to DIR/<run>/ (lmhead_jax.runs.sweep); DIR/summary.json has one row
 per run with V, D, V/D, the optimizer, the learning rate, tying and the symbol coverage
 (steps × batch / V: sequences per symbol); DIR/*.png are the figures.
 
@@ -17,14 +17,16 @@ Presets:
   parameters besides the embedding and head), sequences of 64, batch 256, 20,000 steps, bf16,
   500 warmup steps, cosine decay to 10%, clipping at 1.0; V ∈ {256, …, 262144} (V/D from 0.33
   to 341), tied and untied, AdamW lr ∈ {3e-4, 1e-3, 3e-3} and SGD-momentum lr ∈ {0.03, 0.1,
-  0.3} (centred on the lr that learned on CPU). Coverage is ≥ 19.5 sequences per symbol.
+  0.3} (centred on the lr that learned on CPU). Coverage is ≥ 19.5 sequences per symbol. Mesh
+  data × fsdp=4 × tensor=4 (`plan --tune`'s choice at V=262,144 on v5p-64: a multiple of 16
+  chips).
 """
 
 import math
 
-from lmhead_jax.reporting import plots, runs
-from lmhead_jax.training import cli, sweep
-from lmhead_jax.training.experiment import base_config
+from lmhead_jax.reporting import metrics, plots
+from lmhead_jax.runs import cli, sweep
+from lmhead_jax.runs.experiment import base_config
 
 
 def get_config(preset: str = "smoke"):
@@ -57,6 +59,7 @@ def get_config(preset: str = "smoke"):
     cfg.train.update(steps=20_000, batch_size=256, log_every=50, bottleneck_every=100,
                      eval_every=2000, eval_batches=8)
     cfg.checkpoint.update(every=2000, keep=2)
+    cfg.mesh.update(data=-1, fsdp=4, tensor=4)
     v = {"model.vocab_size": (256, 1024, 4096, 16384, 65536, 262144),
          "model.tie_embeddings": (False, True)}
     cfg.sweep = (v | {"optimizer.name": ("adamw",), "optimizer.learning_rate": (3e-4, 1e-3, 3e-3)},
@@ -110,7 +113,7 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
               ylabel="train accuracy (each step's batch)", title=title, markers=False,
               reference={k: (x[[0, -1]], [chance[k]] * 2) for k, (x, _) in accuracy.items()},
               reference_label="chance: 1/V")
-  return runs.markdown_table(sorted(entries, key=lambda e: (arm(e), e["V/D"])), COLUMNS)
+  return metrics.markdown_table(sorted(entries, key=lambda e: (arm(e), e["V/D"])), COLUMNS)
 
 
 def main(cfg, workdir):

@@ -1,22 +1,11 @@
 """Token directories: flat binary shards of token ids plus `index.json`, served as windows.
 
-Layout of a token directory::
-
-  index.json        {"dtype": "uint16" | "uint32", "vocab_size": V, "num_tokens": N,
-                     "tokenizer": str, "shards": [{"path": "shard_00000.bin", "num_tokens": n}, ...],
-                     "fingerprint": "sha256:…" of dtype, V and the ids, in order (`fingerprint`)}
-  shard_00000.bin   n little-endian ids, no header; shards concatenate into one stream
-
-`read_index` refuses a shard whose byte size is not its n times the dtype's size (truncated, or
-written in another dtype).
-
-`TokenFileSource` serves non-overlapping windows of W = seq_len + 1 consecutive tokens
-(windows may cross shard boundaries) as `inputs = w[:-1]`, `targets = w[1:]`, `mask = 1`.
-- "sequential": window k starts at k * W; there are N // W windows and fewer than W tokens
-  are left over at the end.
-- "random": the window grid is shifted by a random offset drawn from the seed, in
-  [0, N - n * W] with n = max(N // W - 1, 1) windows, so different seeds cut the stream
-  at different places. Windows never overlap; the pipeline shuffles their order each epoch.
+`read_index` reads and checks index.json (a shard whose byte size is not its token count times
+the dtype's size is refused); `TokenFileSource` serves non-overlapping windows of seq_len + 1
+consecutive tokens as inputs/targets, "sequential" or "random" (the window grid shifted by an
+offset drawn from the seed); `fingerprint` is a content hash of the ids. The layout and the
+window modes: docs/INTERNALS.md. A directory to read may be on gs://: its shards are then read
+whole into host memory when the source opens (local shards are memory-mapped).
 """
 
 import hashlib
@@ -24,6 +13,7 @@ import json
 import os
 
 import numpy as np
+from etils import epath
 
 DTYPES = ("uint16", "uint32")
 INDEX = "index.json"
@@ -92,11 +82,10 @@ def inside(root, name, listed_in) -> str:
 def read_index(path) -> dict:
   """Reads and validates `path/index.json`; errors name the file."""
   index_path = os.path.join(path, INDEX)
-  if not os.path.isfile(index_path):
+  if not epath.Path(index_path).is_file():
     raise FileNotFoundError(f"token index {index_path} does not exist")
   try:
-    with open(index_path) as f:
-      index = json.load(f)
+    index = json.loads(epath.Path(index_path).read_text())
     dtype, vocab_size, shards = index["dtype"], int(index["vocab_size"]), index["shards"]
     counts = [int(s["num_tokens"]) for s in shards]
     paths = [s["path"] for s in shards]
@@ -111,9 +100,9 @@ def read_index(path) -> dict:
                      f"hold {sum(counts)}")
   for p, n in zip(paths, counts):
     shard = inside(path, p, index_path)
-    if not os.path.isfile(shard):
+    if not epath.Path(shard).is_file():
       raise FileNotFoundError(f"token shard {shard} (listed in {index_path}) does not exist")
-    size, want = os.path.getsize(shard), n * np.dtype(dtype).itemsize
+    size, want = epath.Path(shard).stat().length, n * np.dtype(dtype).itemsize
     if size != want:
       raise ValueError(f"token shard {shard} has {size} bytes, {index_path} says {n} "
                        f"{dtype} tokens ({want} bytes): truncated or wrong dtype")
@@ -128,10 +117,17 @@ def fingerprint(path) -> str:
     return index["fingerprint"]
   digest = _hasher(index["dtype"], int(index["vocab_size"]))
   for shard in index["shards"]:
-    with open(inside(path, shard["path"], INDEX), "rb") as f:
+    with epath.Path(inside(path, shard["path"], INDEX)).open("rb") as f:
       while block := f.read(1 << 24):
         digest.update(block)
   return f"sha256:{digest.hexdigest()}"
+
+
+def _ids(shard: str, dtype: str, n: int) -> np.ndarray:
+  """The `n` ids of a shard: memory-mapped when local, read whole from gs://."""
+  if "://" in shard:
+    return np.frombuffer(epath.Path(shard).read_bytes(), dtype, count=n)
+  return np.memmap(shard, dtype, "r", shape=(n,))
 
 
 class TokenFileSource:
@@ -143,9 +139,10 @@ class TokenFileSource:
       raise ValueError(f"mode={mode!r} is not 'random' or 'sequential'")
     self.path, self.seq_len, self.index = str(path), seq_len, read_index(path)
     self.vocab_size = self.index["vocab_size"]
-    self.shards = [np.memmap(os.path.join(path, s["path"]), self.index["dtype"], "r",
-                             shape=(s["num_tokens"],))
-                   for s in self.index["shards"] if s["num_tokens"]]
+    listed = [s for s in self.index["shards"] if s["num_tokens"]]
+    self.shard_paths = [os.path.join(path, s["path"]) for s in listed]
+    self.shards = [_ids(p, self.index["dtype"], s["num_tokens"])
+                   for p, s in zip(self.shard_paths, listed)]
     self.starts = np.cumsum([0] + [s.size for s in self.shards])
     if check_ids:
       self._scan_ids()
@@ -158,11 +155,11 @@ class TokenFileSource:
       self.offset = int(np.random.default_rng(seed).integers(n_tok - self.num_windows * w + 1))
 
   def _scan_ids(self):
-    for shard in self.shards:
+    for name, shard in zip(self.shard_paths, self.shards):
       for i in range(0, shard.size, SCAN_CHUNK):
         top = int(shard[i:i + SCAN_CHUNK].max())
         if top >= self.vocab_size:
-          raise ValueError(f"token shard {shard.filename} contains id {top} >= vocab_size="
+          raise ValueError(f"token shard {name} contains id {top} >= vocab_size="
                            f"{self.vocab_size} of {os.path.join(self.path, INDEX)}")
 
   def check_compatible(self, model_vocab_size: int):

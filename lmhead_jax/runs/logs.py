@@ -57,6 +57,17 @@ def _size(n: float) -> str:
     n /= 1024
 
 
+def _files(folder: epath.Path) -> list[epath.Path]:
+  """Every file under `folder`, at any depth. (On gs://, epath's `walk` yields folders without
+  their gs:// prefix, so each is rebuilt from its path relative to `folder`.)"""
+  top = str(folder).split("://")[-1]
+  out = []
+  for d, _, files in folder.walk():
+    rel = os.path.relpath(str(d).split("://")[-1], top)
+    out += [(folder if rel == "." else folder / rel) / f for f in files]
+  return out
+
+
 def listing(workdir) -> str:
   """The workdir's files with their sizes, paths relative to it; a folder is one line with its
   file count and total size. Hidden names (`.lock`) are left out."""
@@ -66,7 +77,7 @@ def listing(workdir) -> str:
     if path.name.startswith("."):
       continue
     if path.is_dir():
-      sizes = [(d / f).stat().length for d, _, files in path.walk() for f in files]
+      sizes = [f.stat().length for f in _files(path)]
       lines.append(f"  {path.name}/  {len(sizes)} files, {_size(sum(sizes))}")
     else:
       lines.append(f"  {path.name}  {_size(path.stat().length)}")

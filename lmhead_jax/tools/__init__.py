@@ -1,6 +1,7 @@
-"""Layer 5, tools: standalone utilities over a config.
+"""Layer 6, tools: plans for a config on a slice, checked offline.
 
-plan (fit a config to a TPU slice: `python -m lmhead_jax.plan`), aot (its XLA:TPU compile with
-libtpu, no TPU needed), costs (parameter and FLOP counts).
-Imports: core, data, training, analysis.
+plan (fit a config to a TPU or GPU slice, tune its layout: `python -m lmhead_jax.plan`), aot (its
+XLA:TPU and XLA:GPU compiles without a device), collectives (the bytes a compiled program sends),
+costs (parameter, FLOP and collective counts), chips (the chip table).
+Imports: core, data, training, analysis, runs.
 """

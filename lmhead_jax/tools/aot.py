@@ -1,34 +1,22 @@
 """Ahead-of-time compilation for a TPU slice or GPUs with no device present: XLA's own verdict.
 
-  python -m lmhead_jax.plan --config=experiments/rank_sweep.py:paper --slice=v5p-64 --compile=tpu
-  python -m lmhead_jax.plan --config=experiments/rank_sweep.py:paper --slice=h200-32 --compile=gpu
-
 `topology_devices` asks libtpu for a slice's devices (`jax.experimental.topologies`, as MaxText's
-train_compile.py does), multi-host slices included. Each program is lowered with sharded
-ShapeDtypeStructs on a mesh of those devices and compiled by XLA:TPU for that topology.
-`gpu_devices` does the same for H100/H200 GPUs (8 per host) with the CUDA plugin's XLA:GPU and
-its target config for that GPU; XLA:GPU gives no cost analysis there, so GPU rows have no XLA
-FLOPs or bytes and their roofline is the model FLOPs at the bf16 peak. The programs:
-
-- training configs: the train step with the bottleneck metrics, without them, and the eval step;
-- measurement configs (a `measure` key): the range map of W (QR + SVD) and the measuring step.
-
-Per chip (one JAX device per chip, megacore on v4/v5p), `compiled_row` reports XLA's bytes
-(arguments, outputs, temporaries; needed = arguments + outputs − aliased + temporaries), FLOPs
-and bytes accessed (`cost_analysis`), and a roofline lower bound on the step time,
-max(FLOPs / peak, bytes / HBM bandwidth) from `chips.CHIPS`, with the MFU that bound implies
-(model FLOPs per chip over peak × bound; the forward's third of them for eval and measure).
-
-XLA:TPU's cost_analysis counts the body of a while loop once, whatever its trip count (measured:
-the same FLOPs for 2 and 4 scanned layers), so its FLOPs and bytes cover one layer and one
-micro-batch: lower bounds. The compute term therefore takes the larger of XLA's FLOPs and the
-model FLOPs of `costs` (6·N·P + attention, also a lower bound); the memory term stays a lower
-bound too.
+train_compile.py does), multi-host slices included; `gpu_devices` does the same for H100/H200
+GPUs with the CUDA plugin's XLA:GPU. Programs (`train_programs` of a Setup on such a mesh,
+`measure_programs`) are lowered with sharded ShapeDtypeStructs and compiled for that topology.
+Per chip, `compiled_row` reports XLA's bytes (needed = arguments + outputs − aliased +
+temporaries), FLOPs and bytes accessed (`cost_analysis`; none from XLA:GPU), the bytes its
+collectives send (`collectives`) and a three-way roofline (`roofline`): compute, HBM and
+collectives at the chip's rates (`chips`), their max (perfect overlap) and sum (none), with the
+MFU each implies. XLA:TPU's cost_analysis counts a while loop's body once (one layer, one
+micro-batch): the compute term takes the larger of its FLOPs and the model's (`costs`, with
+remat's recompute); the HBM term stays a lower bound.
 """
 
 import contextlib
 import functools
 import importlib.util
+import itertools
 import math
 import os
 import pathlib
@@ -37,17 +25,18 @@ import sys
 import threading
 import time
 import types
+import typing
 
 import jax
 import jax.numpy as jnp
 
 from lmhead_jax.analysis import measure
 from lmhead_jax.core import bottleneck, heads, model
-from lmhead_jax.data import hf
-from lmhead_jax.tools import costs
-from lmhead_jax.training import checkpoint, setup, sharding, train
 from lmhead_jax.core.config import HeadConfig, ModelConfig
-from lmhead_jax.tools.chips import parse_slice
+from lmhead_jax.tools import collectives, costs
+from lmhead_jax.tools.chips import GPUS_PER_HOST, parse_slice
+from lmhead_jax.training import sharding, train
+from lmhead_jax.training.setup import Setup
 
 
 class DoesNotFit(Exception):
@@ -55,7 +44,8 @@ class DoesNotFit(Exception):
 
 
 def topology_shape(kind: str, chips: int) -> tuple[int, ...]:
-  """Chip grid of a slice: 3-D for v4/v5p (4 → 2x2x1, 8 → 2x2x2, 32 → 2x4x4), else 2-D (8 → 2x4)."""
+  """Chip grid of a slice: 3-D for v4/v5p (4 → 2x2x1, 8 → 2x2x2, 32 → 2x4x4), else 2-D
+  (8 → 2x4)."""
   if chips & (chips - 1):
     raise ValueError(f"{kind} slice of {chips} chips: only powers of two are supported")
   dims = [2, 2, 1] if kind in ("v4", "v5p") else [1, 1]
@@ -99,7 +89,6 @@ def tpu_devices(kind: str, chip, chips: int) -> list:
   return list(topo.devices)
 
 
-GPUS_PER_HOST = 8
 _TARGET_CONFIG = b"proto-message: stream_executor.GpuTargetConfigProto"
 
 
@@ -154,6 +143,37 @@ def gpu_devices(chip, gpus: int) -> list:
   return list(topo.devices)
 
 
+def maps_onto_slice(slice_name: str, sizes) -> bool:
+  """Whether `jax.make_mesh` can lay mesh axes of `sizes` onto a TPU slice's torus: each axis a
+  product of its own physical axes (v5p-64, 2x4x4: (4, 4, 2) can, (2, 8, 2) cannot). GPUs: any."""
+  kind, chip, n = parse_slice(slice_name)
+  if chip.gpu:
+    return True
+
+  def assign(sizes, dims):
+    if not sizes:
+      return True
+    for k in range(1, len(dims) + 1):
+      for used in itertools.combinations(range(len(dims)), k):
+        if math.prod(dims[i] for i in used) == sizes[0] and assign(
+            sizes[1:], [d for i, d in enumerate(dims) if i not in used]):
+          return True
+    return False
+
+  return assign([x for x in sizes if x > 1], [d for d in topology_shape(kind, n) if d > 1])
+
+
+def slice_mesh(slice_name: str, data: int, fsdp: int, tensor: int):
+  """A (data, fsdp, tensor) mesh over the compile-only devices of `slice_name`."""
+  return sharding.make_mesh(data, fsdp, tensor, devices=topology_devices(slice_name))
+
+
+class Program(typing.NamedTuple):
+  lowered: typing.Any
+  model_flops: float | None  # per step, all chips: the MFU's numerator (None: not a model pass)
+  flops: float | None = None  # the FLOPs the chips must run, when more (remat's recompute)
+
+
 def _batch(mesh, batch_size: int, seq_len: int) -> dict:
   b = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32,
                            sharding=sharding.batch_sharding(mesh))
@@ -162,73 +182,82 @@ def _batch(mesh, batch_size: int, seq_len: int) -> dict:
 
 
 def _abstract_params(c: ModelConfig, hc: HeadConfig, mesh, dtype=None):
-  shapes = jax.eval_shape(lambda k: model.init(k, c, hc), jax.random.key(0))
+  shapes = costs.param_shapes(c, hc)
   if dtype is not None:
     shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
-  return checkpoint.abstract_like(
+  return sharding.abstract_like(
       shapes, sharding.param_shardings(shapes, model.param_axes(c, hc), mesh))
 
 
 def forward_flops(c: ModelConfig, hc: HeadConfig, tokens: int, seq_len: int) -> float:
   """Forward model FLOPs: a third of the training FLOPs of `costs` (2·N·P + attention)."""
-  cfg = types.SimpleNamespace(model=c, head=hc)
-  return costs.model_flops_per_token(cfg, seq_len) / 3 * tokens
+  return costs.model_flops_per_token(c, hc, seq_len) / 3 * tokens
 
 
-def train_programs(cfg, mesh) -> dict:
-  """{name: (lowered program, model FLOPs per step)} of a training config."""
-  s = setup.resolve(cfg, mesh)
-  state = s.abstract_state()
-  batch = _batch(mesh, s.batch_size, s.seq_len)
+def train_programs(s: Setup, only: tuple[str, ...] | None = None) -> dict[str, Program]:
+  """The train step with and without the bottleneck metrics, and the eval step (or those in
+  `only`), lowered for a Setup placed on a mesh."""
+  state, batch = s.abstract_state(), _batch(s.mesh, s.batch_size, s.seq_len)
   tokens = s.batch_size * s.seq_len
-  flops = costs.model_flops_per_token(cfg) * tokens
-  return {
-      "train_step": (train.make_train_step(s).lower(state, batch), flops),
-      "train_step_no_metrics": (
-          train.make_train_step(s, with_bottleneck=False).lower(state, batch), flops),
-      "eval_step": (train.make_eval_step(s).lower(state.params, batch),
-                    forward_flops(s.model, s.head, tokens, s.seq_len)),
+  flops = costs.model_flops_per_token(s.model, s.head, s.seq_len) * tokens
+  run = flops + costs.recompute_flops_per_token(s.model, s.head, s.seq_len) * tokens
+  lower = {
+      "train_step": lambda: Program(train.make_train_step(s).lower(state, batch), flops, run),
+      "train_step_no_metrics": lambda: Program(
+          train.make_train_step(s, with_bottleneck=False).lower(state, batch), flops, run),
+      "eval_step": lambda: Program(train.make_eval_step(s).lower(state.params, batch),
+                                   forward_flops(s.model, s.head, tokens, s.seq_len)),
   }
+  return {k: make() for k, make in lower.items() if only is None or k in only}
 
 
-def measured_models(cfg) -> list[tuple[str, ModelConfig, HeadConfig, object]]:
-  """(name, model, head, params dtype) of a measurement config: the HF `checkpoints` (read
-  from their config.json alone, params in `dtype`) or else `model`/`head` (float32 params)."""
-  from lmhead_jax.analysis import subjects
-  out = []
-  for path in map(pathlib.Path, subjects.split_list(cfg.get("checkpoints", ""))):
-    c = hf._model_config(hf._read_json(path / "config.json"), cfg.dtype)
-    out.append((path.name, c, hf.head_config(c), c.compute_dtype))
-  return out or [("model", *setup.configs(cfg), None)]
+class Measured(typing.NamedTuple):
+  name: str
+  model: ModelConfig
+  head: HeadConfig
+  dtype: typing.Any  # of the parameters; None: float32
 
 
-def measure_programs(cfg, mesh) -> dict:
-  """{name: (lowered, model FLOPs)}: range map of W (QR + SVD; no model FLOPs) and the
-  measuring step (the trunk and head forward), per model."""
+def measure_programs(models: list[Measured], mesh, batch_size: int, seq_len: int,
+                     chunk_len: int) -> dict[str, Program]:
+  """The range map of W (QR + SVD; no model FLOPs) and the measuring step (trunk and head
+  forward), per model."""
   out = {}
-  batch = _batch(mesh, int(cfg.measure.batch_size), int(cfg.data.seq_len))
+  batch = _batch(mesh, batch_size, seq_len)
   rep = sharding.replicated(mesh)
-  for name, c, hc, dtype in measured_models(cfg):
+  for name, c, hc, dtype in models:
     params = _abstract_params(c, hc, mesh, dtype)
     range_map = jax.jit(lambda hp: bottleneck.range_map(heads.matrix(hp)), out_shardings=rep)
     m = jax.ShapeDtypeStruct((c.d_model, c.d_model), jnp.float32, sharding=rep)
-    s = types.SimpleNamespace(model_cfg=c, head_cfg=hc)
-    step = measure.make_step(s, mesh, int(cfg.measure.chunk_len or cfg.data.seq_len))
-    out[f"{name}/range_map"] = (range_map.lower(heads.params_of(params, hc)), None)
-    seq_len = int(cfg.data.seq_len)
-    flops = forward_flops(c, hc, int(cfg.measure.batch_size) * seq_len, seq_len)
-    out[f"{name}/measure_step"] = (step.lower(params, m, batch), flops)
+    step = measure.make_step(types.SimpleNamespace(model_cfg=c, head_cfg=hc), mesh, chunk_len)
+    out[f"{name}/range_map"] = Program(range_map.lower(heads.params_of(params, hc)), None)
+    out[f"{name}/measure_step"] = Program(step.lower(params, m, batch),
+                                          forward_flops(c, hc, batch_size * seq_len, seq_len))
   return out
 
 
-def compiled_row(name: str, lowered, model_flops, chip, devices: int) -> dict:
-  """Per-chip memory, cost and roofline of one compiled program.
+def roofline(flops: float, hbm_bytes: float, link_bytes: float, model_flops: float,
+             chip, devices: int) -> dict:
+  """Per-chip time bounds of one step: compute, HBM and collectives; their max (perfect
+  overlap) and sum (none), and the MFU that each implies (model FLOPs per chip / peak / time)."""
+  terms = {"compute": flops / chip.peak_bf16_flops, "hbm": hbm_bytes / chip.hbm_bytes_per_s,
+           "collectives": link_bytes / chip.link_bytes_per_s(devices)}
+  overlap, serial = max(terms.values()), sum(terms.values())
+  mfu = lambda t: model_flops / chip.peak_bf16_flops / t if model_flops and t else None
+  return {"compute_ms": 1e3 * terms["compute"], "hbm_ms": 1e3 * terms["hbm"],
+          "coll_ms": 1e3 * terms["collectives"], "roofline_ms": 1e3 * overlap,
+          "serial_ms": 1e3 * serial, "bound": max(terms, key=terms.get),
+          "roofline_mfu": mfu(overlap), "serial_mfu": mfu(serial)}
+
+
+def compiled_row(name: str, program: Program, chip, devices: int) -> dict:
+  """Per-chip memory, cost, collectives and roofline of one compiled program.
 
   XLA:TPU refuses to compile a program whose temporaries exceed HBM; the row then carries its
   message (with the bytes it needed and had) and fits=False.
   """
   try:
-    compiled = lowered.compile()
+    compiled = program.lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -237,37 +266,35 @@ def compiled_row(name: str, lowered, model_flops, chip, devices: int) -> dict:
   cost = compiled.cost_analysis()  # None from XLA:GPU without a GPU
   cost = (cost[0] if isinstance(cost, list) else cost) or {}
   xla_flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  sent = collectives.per_device(compiled.as_text())
   needed = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
-  per_chip = model_flops / devices if model_flops else 0.0
-  flops = max(xla_flops, per_chip)  # both are lower bounds (module docstring)
-  compute_s, memory_s = flops / chip.peak_bf16_flops, accessed / chip.hbm_bytes_per_s
-  bound = max(compute_s, memory_s)
+  per_chip = program.model_flops / devices if program.model_flops else 0.0
+  run = (program.flops or program.model_flops or 0.0) / devices
+  flops = max(xla_flops, run)  # both are lower bounds (module docstring)
   return {
       "program": name, "argument_gb": mem.argument_size_in_bytes / 1e9,
       "output_gb": mem.output_size_in_bytes / 1e9, "alias_gb": mem.alias_size_in_bytes / 1e9,
       "temp_gb": mem.temp_size_in_bytes / 1e9, "needed_gb": needed / 1e9,
       "hbm_gb": chip.hbm_bytes / 1e9, "fits": needed <= chip.hbm_bytes,
-      "model_tflops": per_chip / 1e12 if model_flops else None,
+      "model_tflops": per_chip / 1e12 if program.model_flops else None,
       "xla_tflops": xla_flops / 1e12 if cost else None,
-      "xla_gb_accessed": accessed / 1e9 if cost else None, "roofline_ms": 1e3 * bound,
-      "bound": "compute" if compute_s >= memory_s else "memory",
-      "roofline_mfu": per_chip / chip.peak_bf16_flops / bound if model_flops and bound else None,
+      "xla_gb_accessed": accessed / 1e9 if cost else None,
+      "coll_gb": sum(sent.values()) / 1e9, **{f"{k}_gb": v / 1e9 for k, v in sent.items()},
+      **roofline(flops, accessed, sum(sent.values()), per_chip, chip, devices),
   }
 
 
-def compile_for_slice(cfg, slice_name: str, only: tuple[str, ...] | None = None) -> list[dict]:
-  """One row per program of `cfg` (or those in `only`), compiled by XLA:TPU or XLA:GPU for
+def compile_rows(programs: dict[str, Program], slice_name: str,
+                 only: tuple[str, ...] | None = None) -> list[dict]:
+  """One row per program (or those in `only`), compiled by XLA:TPU or XLA:GPU for
   `slice_name`."""
-  _, chip, _ = parse_slice(slice_name)
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
-                            devices=topology_devices(slice_name))
-  programs = measure_programs(cfg, mesh) if "measure" in cfg else train_programs(cfg, mesh)
+  _, chip, devices = parse_slice(slice_name)
   rows = []
-  for name, (lowered, flops) in programs.items():
+  for name, program in programs.items():
     if only is None or name in only:
       with progress(f"compiling {name} for {slice_name}"):
-        rows.append(compiled_row(name, lowered, flops, chip, mesh.size))
+        rows.append(compiled_row(name, program, chip, devices))
   return rows
 
 

@@ -9,15 +9,17 @@ import os
 import subprocess
 import sys
 
+import helpers
 import jax
 import numpy as np
 import pytest
 
-from benchmarks import accelerator, configs
+from benchmarks import accelerator, configs, head_loss
 from lmhead_jax.core import heads, model
-from lmhead_jax.training import train
+from lmhead_jax.runs import experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROOT = str(helpers.ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,8 @@ def test_bf16_against_float32_and_float64_truth(result):
   """The float32 metrics match numpy float64 on the same batch; bf16 stays close."""
   cfg = configs.get_config("tiny_cpu")
   cfg.model.dtype = "float32"
-  c, hc = train.configs(cfg)
-  state = train.new_state(jax.random.key(cfg.seed), cfg)
+  c, hc = experiment.configs(cfg)
+  state = experiment.resolve(cfg).new_state(jax.random.key(cfg.seed))
   rng = np.random.default_rng(1)  # the battery's batch
   shape = (cfg.train.batch_size, cfg.data.seq_len)
   inputs = rng.integers(0, c.vocab_size, shape, dtype=np.int32)
@@ -77,3 +79,49 @@ def test_bf16_against_float32_and_float64_truth(result):
   for k in f32:
     assert result["bf16"]["abs_diff"][k] == pytest.approx(abs(bf16[k] - f32[k]))
   assert bf16["destroyed_ratio"] == pytest.approx(destroyed, abs=0.02)
+
+
+def _numpy_objective(h, w, y, softcap=None, z_loss=0.0, label_smoothing=0.0):
+  """float64 mean of loss.Options' objective of z = h Wᵀ, and its (dh, dW) from the formulas."""
+  z = h @ w.T
+  n, v = z.shape
+  s = z if softcap is None else softcap * np.tanh(z / softcap)
+  lse = s.max(-1) + np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1))
+  p = np.exp(s - lse[:, None])
+  eps = label_smoothing
+  loss = (1 - eps) * (lse - s[np.arange(n), y]) + eps * (lse - s.mean(-1)) + z_loss * lse**2
+  ds = p * (1 + 2 * z_loss * lse[:, None]) - (1 - eps) * np.eye(v)[y] - eps / v
+  g = (ds if softcap is None else ds * (1 - np.tanh(z / softcap) ** 2)) / n
+  return loss.mean(), g @ w, g.T @ h
+
+
+def test_head_loss_benchmark_variants_match_float64():
+  """Every fused CE of benchmarks/head_loss.py (the installed baselines included) gives the
+  loss and both gradients of numpy float64; each missing one says why."""
+  rng = np.random.default_rng(0)
+  v, d, n = 2048, 16, 96  # V a multiple of tokamax_chunked's block: it counts padded lanes
+  h, w, y = rng.normal(size=(n, d)), rng.normal(size=(v, d)), rng.integers(0, v, n)
+  fns = head_loss.variants(y.astype(np.int32), chunk_size=32, vocab_block=512)
+  assert set(fns) | set(head_loss.UNAVAILABLE) == set(head_loss.VARIANTS)
+  assert all(head_loss.UNAVAILABLE.values())
+  del fns["range_map"]  # not a loss (tests/test_range_map.py)
+  for name, f in fns.items():
+    want = _numpy_objective(h, w, y, **(head_loss.OPTIONS if "options" in name else {}))
+    flip = (lambda x: x.T) if name in head_loss.TRANSPOSED else (lambda x: x)
+    value, (dh, dw) = jax.jit(f)(h.astype(np.float32), flip(w).astype(np.float32))
+    loss = value[0] if isinstance(value, tuple) else value  # head_loss: (loss, stats)
+    assert float(loss) == pytest.approx(want[0], rel=1e-6), name
+    for got, ref in ((dh, want[1]), (flip(np.asarray(dw)), want[2])):
+      np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max(), err_msg=name)
+
+
+def test_head_loss_benchmark_reports_time_memory_and_ratios():
+  r = head_loss.run_case(v=2048, d=16, n=256, names=["head_loss", "head_loss_chunked"],
+                         repeats=2, warmup=0, chunk_size=32)
+  assert set(r["median_ms"]) == set(r["xla_temp_bytes"]) == {"head_loss", "head_loss_chunked"}
+  assert r["not_run"] == {} and all(t > 0 for t in r["median_ms"].values())
+  temp = r["xla_temp_bytes"]
+  assert r["ratios"]["chunked_over_dense_temp"] == pytest.approx(
+      temp["head_loss_chunked"] / temp["head_loss"], abs=1e-4)
+  assert r["ratios"]["chunked_over_dense_temp"] < 0.5  # 32 of 256 tokens' logits at a time
+  assert set(r["ratios"]) == {"chunked_over_dense", "chunked_over_dense_temp"}
