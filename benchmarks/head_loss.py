@@ -205,12 +205,11 @@ def main():
                       help="how long a call waits for memory before it is skipped")
   args = parser.parse_args()
   names = None if args.variants == "all" else args.variants.split(",")
-  for name in names or ():
-    if name not in VARIANTS:
-      parser.error(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+  for flag, given, known in (("variants", names or (), VARIANTS),
+                             ("cases", args.cases.split(","), CASES)):
+    if unknown := [k for k in given if k not in known]:
+      parser.error(f"--{flag}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
   for name in args.cases.split(","):
-    if name not in CASES:
-      parser.error(f"--cases: unknown case {name!r} (known: {', '.join(CASES)})")
     for dtype in args.dtypes.split(","):
       result = run_case(**CASES[name], dtype=dtype, names=names, repeats=args.repeats,
                         warmup=args.warmup, chunk_size=args.chunk_size, wait_s=args.wait_s)

@@ -7,6 +7,8 @@ with b = G / process_count, so stacking the local batches in process order gives
 single-process global batch. The iterator state is grain's `{"next_index": int}`, plain JSON.
 """
 
+import dataclasses
+
 import grain
 import jax
 import numpy as np
@@ -17,8 +19,25 @@ from lmhead_jax.data.tokens import TokenFileSource
 KINDS = ("spamlang", "tokens")
 
 
-def make_source(data_cfg, vocab_size: int, *, split: str = "train", seed: int = 0):
-  """The source of the `data` config group for a split.
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What a source reads: the `data` group's keys that `make_source` uses."""
+
+  kind: str
+  seq_len: int
+  path: str = ""
+  eval_path: str = ""
+  window_mode: str = "random"
+  bos_id: int = 0
+  exclude_first: bool = True
+
+  @classmethod
+  def of(cls, data) -> "DataConfig":
+    return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+def make_source(data_cfg: DataConfig, vocab_size: int, *, split: str = "train", seed: int = 0):
+  """The source of a DataConfig for a split.
 
   SpamLang splits are independent streams. Token dirs come from `data.path` (train) or
   `data.eval_path` (eval, always in sequential windows) and are checked against `vocab_size`.
@@ -31,11 +50,11 @@ def make_source(data_cfg, vocab_size: int, *, split: str = "train", seed: int = 
   if split not in ("train", "eval"):
     raise ValueError(f"split={split!r} is not 'train' or 'eval'")
   key = "path" if split == "train" else "eval_path"
-  if not data_cfg[key]:
+  if not getattr(data_cfg, key):
     raise ValueError(f"data.{key} is empty: data.kind='tokens' needs a token directory for "
                      f"the {split} split")
   mode = data_cfg.window_mode if split == "train" else "sequential"
-  source = TokenFileSource(data_cfg[key], data_cfg.seq_len, mode=mode, seed=seed)
+  source = TokenFileSource(getattr(data_cfg, key), data_cfg.seq_len, mode=mode, seed=seed)
   source.check_compatible(vocab_size)
   return source
 

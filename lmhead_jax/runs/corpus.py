@@ -74,9 +74,11 @@ def source(cfg, subject: Subject, workdir):
     data = ml_collections.ConfigDict(subject.data.to_dict())
     data.seq_len = cfg.data.seq_len
     split = "eval" if data.kind != "tokens" or data.eval_path else "train"
-    return pipeline.make_source(data, subject.model_cfg.vocab_size, split=split, seed=cfg.seed)
+    return pipeline.make_source(pipeline.DataConfig.of(data), subject.model_cfg.vocab_size,
+                                split=split, seed=cfg.seed)
   if not data.path:
     data.path = token_dir(cfg, pathlib.Path(workdir), subject.name, subject.tokenizer,
                            subject.model_cfg.vocab_size)
   data.kind = "tokens"
-  return pipeline.make_source(data, subject.model_cfg.vocab_size, seed=cfg.seed)
+  return pipeline.make_source(pipeline.DataConfig.of(data), subject.model_cfg.vocab_size,
+                              seed=cfg.seed)

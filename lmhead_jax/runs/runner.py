@@ -293,9 +293,10 @@ def _run(cfg, workdir: epath.Path, preempted: _Preemption, position) -> dict:
   has_eval = cfg.data.kind != "tokens" or bool(cfg.data.eval_path)
   v = setup.model.vocab_size
   # Built now, so that a bad data.eval_path fails before step 1.
-  eval_source = (pipeline.make_source(cfg.data, v, split="eval", seed=setup.seed) if has_eval
+  data = pipeline.DataConfig.of(cfg.data)
+  eval_source = (pipeline.make_source(data, v, split="eval", seed=setup.seed) if has_eval
                  else None)
-  source = pipeline.make_source(cfg.data, v, split="train", seed=setup.seed)
+  source = pipeline.make_source(data, v, split="train", seed=setup.seed)
   data_iter = iter(pipeline.make_dataset(source, global_batch_size=setup.batch_size,
                                          seed=setup.seed, shuffle=cfg.data.shuffle))
   state, shardings = train.init_state(jax.random.key(setup.seed), setup)
