@@ -52,7 +52,8 @@ def _head_loss(params, h, batch, setup: Setup):
                                             **options)
       return loss, stats
 
-    z0_NxV = jnp.zeros((targets.size, hc.vocab_size), jnp.float32)
+    # N×V zeros only when G is needed; else a scalar (its gradient, a sum over G, is unused).
+    z0_NxV = jnp.zeros((targets.size, hc.vocab_size) if with_g else (), jnp.float32)
     (loss, stats), (d_params, g, d_h) = jax.value_and_grad(objective, (0, 1, 2), has_aux=True)(
         params, z0_NxV, h)
     return (loss, (stats, g if with_g else None)), (d_params, d_h)
