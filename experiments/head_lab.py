@@ -39,8 +39,7 @@ import numpy as np
 from etils import epath
 
 from experiments import rank_sweep, spamlang
-from lmhead_jax.analysis.measure import ci95
-from lmhead_jax.reporting import metrics, plots
+from lmhead_jax.reporting import metrics, plots, stats
 from lmhead_jax.runs import cli, experiment, sweep
 
 LEARNED = 0.99  # held-out accuracy that counts as learned
@@ -127,13 +126,6 @@ def describe(cfg) -> dict:
           "head_rank": cfg.head.rank if cfg.head.kind == "factorized" else None}
 
 
-def stat(values) -> dict:
-  """mean ± 95% CI over the finite values; `values` keeps every seed's (None: not reached)."""
-  finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-  kept = [float(v) if v is not None and math.isfinite(v) else None for v in values]
-  return {"values": kept, **(ci95(finite) if finite else dict(mean=None, sd=None, ci95=None, n=0))}
-
-
 def _curve(workdir, entry, y, x="step"):
   return metrics.curve(metrics.read_metrics(f"{workdir}/{entry['run']}/metrics.jsonl"), y, x)
 
@@ -151,7 +143,7 @@ def _by(entries, *keys) -> dict:
 
 
 def _bottleneck(workdir, entries) -> dict:
-  return {m: stat([_training_mean(workdir, e, m) for e in entries]) for m in BOTTLENECK}
+  return {m: stats.summary([_training_mean(workdir, e, m) for e in entries]) for m in BOTTLENECK}
 
 
 def summarize_spamlang(workdir, entries: list[dict]) -> dict:
@@ -166,10 +158,10 @@ def summarize_spamlang(workdir, entries: list[dict]) -> dict:
       by_lr = _by(at, "lr")
       lr = max(by_lr, key=lambda k: np.mean([e.get("eval/accuracy") or 0 for e in by_lr[k]]))
       best = sorted(by_lr[lr], key=lambda e: e["seed"])
-      ratios[f"{ratio:g}"] = {"lr": lr[0], "accuracy": stat([e.get("eval/accuracy")
+      ratios[f"{ratio:g}"] = {"lr": lr[0], "accuracy": stats.summary([e.get("eval/accuracy")
                                                             for e in best]),
                               **_bottleneck(workdir, best)}
-    out[method] = {"largest_ratio": stat([learned[s] for s in sorted(learned)]),
+    out[method] = {"largest_ratio": stats.summary([learned[s] for s in sorted(learned)]),
                    "by_ratio": ratios}
   return out
 
@@ -192,10 +184,10 @@ def summarize_lm(workdir, entries: list[dict]) -> dict:
     target = max((e["eval/loss"] for e in base if "eval/loss" in e), default=math.nan)  # diverged
     tokens = lambda es: [metrics.tokens_to_target(*_curve(workdir, e, "eval/loss", "tokens_seen"),
                                                target) for e in es]
-    reach, base_reach = stat(tokens(group)), stat(tokens(base))
+    reach, base_reach = stats.summary(tokens(group)), stats.summary(tokens(base))
     speedup = (base_reach["mean"] / reach["mean"]
                if reach["mean"] and base_reach["mean"] and reach["n"] == len(group) else None)
-    out[label(group[0])] = {"eval_loss": stat([e.get("eval/loss") for e in group]),
+    out[label(group[0])] = {"eval_loss": stats.summary([e.get("eval/loss") for e in group]),
                             "target": target, "tokens_to_target": reach, "speedup": speedup,
                             **_bottleneck(workdir, group)}
   return out
@@ -212,14 +204,6 @@ def _mean_curves(workdir, entries, y, label, x="step") -> dict:
   return out
 
 
-def _fmt(s: dict, digits: int = 4) -> str:
-  """mean ± CI, with how many seeds count when some never reached it."""
-  if s["mean"] is None:
-    return "not reached"
-  text = f"{s['mean']:.{digits}g}" + (f" ± {s['ci95']:.2g}" if s["ci95"] is not None else "")
-  return text + (f" ({s['n']}/{len(s['values'])} seeds)" if s["n"] < len(s["values"]) else "")
-
-
 def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
   """The results table (method × task); figures saved into the workdir."""
   lm_dir, label = f"{workdir}/lm", lm_label(entries["lm"])
@@ -231,7 +215,7 @@ def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
                 f"{workdir}/head_lab_lm_{m}.{fmt}", xlabel="step", ylabel=m,
                 title=f"Head lab, LM: {m} (mean over seeds)", markers=False)
   columns, text = {"method": lambda r: r[0]}, ""
-  bottleneck_columns = {m: (lambda r, m=m: _fmt(r[-1][m], 3)) for m in BOTTLENECK}
+  bottleneck_columns = {m: (lambda r, m=m: stats.text(r[-1][m], 3)) for m in BOTTLENECK}
   if "spamlang" in found:
     spam = found["spamlang"]
     series = {m: tuple(np.array([(float(k), v["accuracy"]["mean"] or 0.0)
@@ -240,16 +224,16 @@ def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
     plots.lines(series, f"{workdir}/head_lab_spamlang_accuracy.{fmt}", xlabel="V / D",
                 ylabel="held-out accuracy (best lr)", title="Head lab, SpamLang", logx=True,
                 connect=False)
-    columns["SpamLang largest V/D ≥ 99%"] = lambda r: _fmt(spam[r[0]]["largest_ratio"], 3)
+    columns["SpamLang largest V/D ≥ 99%"] = lambda r: stats.text(spam[r[0]]["largest_ratio"], 3)
     rows = [(m, k, v) for m, s in spam.items() for k, v in s["by_ratio"].items()]
     text = ("\n\nSpamLang at each V/D, the lr with the highest mean held-out accuracy; bottleneck "
             "metrics: mean over logged steps, then over seeds\n\n" + metrics.markdown_table(rows, {
                 "method": lambda r: r[0], "V/D": lambda r: r[1], "lr": lambda r: r[2]["lr"],
-                "held-out accuracy": lambda r: _fmt(r[2]["accuracy"]), **bottleneck_columns}))
+                "held-out accuracy": lambda r: stats.text(r[2]["accuracy"]), **bottleneck_columns}))
   lm = found["lm"]
   columns |= {
-      "LM held-out loss": lambda r: _fmt(r[1]["eval_loss"]),
-      "LM tokens to target": lambda r: _fmt(r[1]["tokens_to_target"], 3),
+      "LM held-out loss": lambda r: stats.text(r[1]["eval_loss"]),
+      "LM tokens to target": lambda r: stats.text(r[1]["tokens_to_target"], 3),
       "speed-up": lambda r: r[1]["speedup"], **bottleneck_columns}
   target = next(iter(lm.values()))["target"]
   return (f"LM target: the baseline seeds' highest final held-out loss ({target:.4f}); bottleneck "

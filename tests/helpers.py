@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from experiments import (gradient_spectrum, head_lab, measure_pretrained, rank_sweep, spamlang,
-
-
-                         update_direction)
+from experiments import (bottleneck_ablation, gradient_spectrum, head_lab, measure_pretrained,
+                         rank_sweep, spamlang, update_direction)
 from lmhead_jax.core import heads, model
 from lmhead_jax.core.loss import cross_entropy
 from lmhead_jax.runs import experiment, measurement
@@ -199,7 +197,8 @@ def tiny_measurement_config(cfg=None):
 # Every preset of every experiment module.
 PRESETS = {spamlang: ("smoke", "demo", "cpu", "paper"), rank_sweep: ("cpu", "paper"),
            measure_pretrained: ("cpu", "pretrained"), gradient_spectrum: ("cpu", "pretrained"),
-           update_direction: ("cpu", "pretrained"), head_lab: ("smoke", "cpu", "paper")}
+           update_direction: ("cpu", "pretrained"), head_lab: ("smoke", "cpu", "paper"),
+           bottleneck_ablation: ("cpu", "paper")}
 
 
 ALL = [(m, p) for m, presets in PRESETS.items() for p in presets]

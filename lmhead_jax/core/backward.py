@@ -6,7 +6,9 @@
 - `whitened`: G W (WᵀW + λI)⁻¹, rescaled to the norm of G W over the batch (`whiten`).
 - `truncated` (`head.backward_rank=r`): G W_r, W_r the best rank-r approximation of W,
   recomputed every step (`truncate`): the gradient bottleneck without the expressivity one.
-The head's own parameter gradient stays exact. The rules are taps for anyone's `jax.grad` train
+The converse, `projected` (`head.forward_rank=r`): the head sees h V_r V_rᵀ, so its logits are
+h W_rᵀ (rank r), while the trunk receives the full G W (straight-through): the expressivity
+bottleneck without the gradient one. The head's own parameter gradient stays exact. The rules are taps for anyone's `jax.grad` train
 step: `whitened` and `truncated` on the head's h-input (custom_vjp), `feedback` on its logits
 (custom_jvp, so that the bottleneck stats can take its Jacobian B). Details: docs/INTERNALS.md.
 """
@@ -77,6 +79,24 @@ def _truncated_bwd(rank, w_VxD, ct):
 
 
 truncated.defvjp(_truncated_fwd, _truncated_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def projected(h: jax.Array, w_VxD: jax.Array, rank: int) -> jax.Array:
+  """h V_r V_rᵀ (`truncate`), so that h's logits are h W_rᵀ; its cotangent passes unchanged
+  (straight-through): the trunk receives G W. Use: head(params, projected(h, W, r))."""
+  return truncate(h, w_VxD, rank)
+
+
+def _projected_fwd(h, w_VxD, rank):
+  return truncate(h, w_VxD, rank), None
+
+
+def _projected_bwd(rank, _, ct):
+  return ct, None
+
+
+projected.defvjp(_projected_fwd, _projected_bwd)
 
 
 @jax.custom_vjp

@@ -191,8 +191,8 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
   """LM head: kind (linear / tied / factorized / mos), rank for factorized, mixtures for mos,
-  chunk_size for the loss; backward (what the trunk receives, `lmhead_jax.core.backward`) and
-  ortho_weight (`lmhead_jax.core.regularize.ortho`)."""
+  chunk_size for the loss; backward (what the trunk receives, `lmhead_jax.core.backward`),
+  forward_rank (rank-r logits, the full gradient: `backward.projected`) and ortho_weight (`lmhead_jax.core.regularize.ortho`)."""
 
   vocab_size: int
   d_model: int
@@ -202,6 +202,7 @@ class HeadConfig:
   mixtures: int | None = None  # K softmaxes of the mos head
   backward: str = "exact"  # exact | feedback_alignment | whitened | truncated
   backward_rank: int | None = None  # truncated: the trunk receives G W_r, W_r of rank r
+  forward_rank: int | None = None  # logits h W_rᵀ of rank r, the trunk receives G W (projected)
   ortho_weight: float = 0.0
 
   def __post_init__(self):
@@ -225,6 +226,12 @@ class HeadConfig:
     elif self.backward_rank is not None:
       raise ValueError(f"head.backward_rank={self.backward_rank} needs head.backward='truncated'"
                        f", got {self.backward!r}")
+    if self.forward_rank is not None:
+      check_range("head.forward_rank", self.forward_rank, 1, self.d_model, integer=True)
+      if self.kind not in ("linear", "tied") or self.backward not in ("exact", "truncated"):
+        raise ValueError(f"head.forward_rank={self.forward_rank} needs head.kind 'linear' or "
+                         f"'tied' and head.backward 'exact' or 'truncated', got "
+                         f"{self.kind!r} and {self.backward!r}")
     # The mos head has no single matrix W: no chunked loss, no W-based backward or regularizer.
     if self.kind == "mos":
       for key, value, plain in (("chunk_size", self.chunk_size, None),

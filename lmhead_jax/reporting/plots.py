@@ -51,13 +51,15 @@ def save(fig, path) -> epath.Path:
 
 def lines(series: dict[str, tuple], path, *, xlabel: str, ylabel: str, title: str = "",
           logx: bool = False, logy: bool = False, markers: bool = True, connect: bool = True,
-          reference: dict[str, tuple] | None = None, reference_label: str = ""):
+          reference: dict[str, tuple] | None = None, reference_label: str = "",
+          errors: dict[str, np.ndarray] | None = None):
   """One line per named (x, y) series, saved at `path` (.png, .svg or .pdf).
 
   `connect=False` draws markers only: for one point per run, where a line would suggest values
   between the measured x. `reference` holds baselines, drawn dashed and not as data: one named
   like a series takes that series' colour, others are grey. The legend (inside the axes, where
-  it covers the fewest points) names them all once, as `reference_label`.
+  it covers the fewest points) names them all once, as `reference_label`. `errors` holds, per
+  series, the half-widths of its error bars (e.g. 95% CIs; nan: none).
   """
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=100, layout="constrained")
@@ -66,6 +68,10 @@ def lines(series: dict[str, tuple], path, *, xlabel: str, ylabel: str, title: st
     ax.plot(x, y, marker="osv^Dx<>"[i % 8] if markers or not connect else None,
             ms=4 if connect else 6, lw=1.4, ls="-" if connect else "none", label=label,
             color=colors[label], gid=f"series:{label}")
+    if label in (errors or {}):
+      bars = ax.errorbar(x, y, yerr=np.asarray(errors[label], float), fmt="none", capsize=3,
+                         lw=1, ecolor=colors[label])
+      bars.lines[2][0].set_gid(f"series:{label}:errors")
   for label, (x, y) in (reference or {}).items():
     ax.plot(x, y, ls="--", lw=1.1, color=colors.get(label, GRAY), gid=f"reference:{label}")
   if reference:

@@ -34,6 +34,9 @@ def _head_loss(params, h, batch, setup: Setup):
   options = dict(setup.loss.options(), return_lse=True)
   head_logits = lambda hp, h: heads.logits(hp, h, hc)
   with_g = setup.alignment_weight > 0
+  if hc.forward_rank is not None:  # rank-r logits; the cotangent of h passes straight through
+    w_VxD = jax.lax.stop_gradient(heads.matrix(heads.params_of(params, hc)))
+    h = backward.projected(h, w_VxD, hc.forward_rank)
 
   if hc.kind == "mos" or hc.backward == "feedback_alignment" or with_g:
     b_VxD = (backward.feedback_matrix(setup.seed, hc.vocab_size, hc.d_model)

@@ -61,6 +61,27 @@ def test_truncated_tap_passes_g_w_r_and_keeps_the_head_gradient():
                                 jnp.float32(g @ w))  # r = D: exact
 
 
+def test_projected_tap_gives_rank_r_logits_and_passes_g_w_back():
+  """The converse of `truncated`: logits h W_rᵀ, the trunk gets G_r W (G_r of those logits),
+  W gets G_rᵀ (h V_r V_rᵀ), the exact gradient of the rank-r forward in W at a fixed projection."""
+  h, w, y, m = random_problem()
+  h32, w32 = jnp.float32(h), jnp.float32(w)
+  ce = lambda z: cross_entropy(z, y, m)
+  u, s_, vt = np.linalg.svd(w, full_matrices=False)
+  for r in (1, 3):
+    loss, (dh, dw) = jax.value_and_grad(
+        lambda h, w: ce(backward.projected(h, jax.lax.stop_gradient(w), r) @ w.T), (0, 1))(h32, w32)
+    w_r, p_r = (u[:, :r] * s_[:r]) @ vt[:r], vt[:r].T @ vt[:r]
+    z_r = h @ w_r.T
+    g_r = np_logit_grad(z_r, y, m) / m.sum()
+    lse = np.log(np.exp(z_r - z_r.max(1, keepdims=True)).sum(1)) + z_r.max(1)
+    np.testing.assert_allclose(loss, ((lse - z_r[np.arange(len(y)), y]) * m).sum() / m.sum(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(dh, g_r @ w, rtol=1e-5, atol=1e-7)  # full W: straight through
+    np.testing.assert_allclose(dw, g_r.T @ (h @ p_r), rtol=1e-4, atol=2e-6)
+  np.testing.assert_array_equal(backward.projected(h32, w32, 6), h32)  # r = D: identity
+
+
 def test_feedback_matrix_is_fixed_by_the_seed():
   b = np.asarray(backward.feedback_matrix(3, 512, 16))
   np.testing.assert_array_equal(b, backward.feedback_matrix(3, 512, 16))

@@ -148,6 +148,10 @@ def test_mos_step_gradient_equals_jax_grad_and_reports_stats():
     ({"head.backward": "truncated"}, "head.backward_rank=None must be"),
     ({"head.backward": "truncated", "head.backward_rank": 33}, "head.backward_rank=33 must be"),
     ({"head.backward_rank": 4}, "head.backward_rank=4 needs head.backward='truncated'"),
+    ({"head.forward_rank": 33}, "head.forward_rank=33 must be"),
+    ({"head.forward_rank": 4, "head.kind": "factorized", "head.rank": 4},
+     "head.forward_rank=4 needs head.kind"),
+    ({"head.forward_rank": 4, "head.backward": "whitened"}, "head.backward 'exact' or"),
     ({"head.ortho_weight": -1.0}, "head.ortho_weight=-1.0"),
     ({"train.alignment_weight": -0.5}, "train.alignment_weight=-0.5"),
     ({"train.alignment_weight": 0.5, "head.chunk_size": 64}, "head.chunk_size=64"),
@@ -193,6 +197,36 @@ def test_truncated_metrics_describe_what_the_trunk_receives():
   exact = train.make_train_step(experiment.resolve(lab_config(), mesh))(copy(state), batch)
   full = train.make_train_step(experiment.resolve(lab_config(backward="truncated", backward_rank=hc.d_model), mesh))(
       copy(state), batch)
+  for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(full)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_forward_rank_step_trains_rank_r_logits_on_the_full_gradient(chunk_size):
+  """head.forward_rank=r (the converse of truncated): loss of z_r = h W_rᵀ; the trunk receives
+  G_r W (backbone_norm), against float64 numpy; at r = D the step equals `exact`."""
+  mesh = one_device_mesh()
+  cfg = lab_config(forward_rank=3, chunk_size=chunk_size)
+  state, _ = train.init_state(jax.random.key(0), experiment.resolve(cfg, mesh))
+  batch = random_batch(cfg)
+  _, metrics = train.make_train_step(experiment.resolve(cfg, mesh))(copy(state), batch)
+  c, hc = experiment.configs(cfg)
+  h = np.asarray(model.hidden(state.params, batch["inputs"], c), np.float64).reshape(-1, hc.d_model)
+  w = np.asarray(heads.matrix(heads.params_of(state.params, hc)), np.float64)
+  v_r = np.linalg.svd(w, full_matrices=False)[2][:3].T
+  z_r = h @ v_r @ v_r.T @ w.T
+  y, m = batch["targets"].reshape(-1), batch["mask"].reshape(-1).astype(np.float64)
+  g_r = np_logit_grad(z_r, y, m) / m.sum()
+  lse = np.log(np.exp(z_r - z_r.max(1, keepdims=True)).sum(1)) + z_r.max(1)
+  np.testing.assert_allclose(metrics["loss"], ((lse - z_r[np.arange(len(y)), y]) * m).sum()
+                             / m.sum(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["bottleneck/backbone_norm"], np.linalg.norm(g_r @ w),
+                             rtol=1e-4)
+  np.testing.assert_allclose(metrics["bottleneck/full_norm"], np.linalg.norm(g_r), rtol=1e-4)
+  exact = train.make_train_step(experiment.resolve(lab_config(chunk_size=chunk_size), mesh))(
+      copy(state), batch)
+  full = train.make_train_step(experiment.resolve(
+      lab_config(forward_rank=hc.d_model, chunk_size=chunk_size), mesh))(copy(state), batch)
   for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(full)):
     np.testing.assert_array_equal(a, b)
 

@@ -93,6 +93,24 @@ def test_lines_draws_baselines_dashed_at_their_height(tmp_path):
   assert [texts.count(t) for t in ("a", "b", "√(1 − D/V)", "isotropic")] == [1, 1, 1, 0]
 
 
+def test_lines_draws_error_bars_of_the_given_half_widths(tmp_path):
+  import xml.etree.ElementTree as ET
+  series = {"a": ([1, 2, 4], [0.2, 0.6, 0.4]), "b": ([1, 4], [0.3, 0.5])}
+  path = plots.lines(series, tmp_path / "f.svg", xlabel="x", ylabel="y", connect=False,
+                     errors={"a": [0.1, 0.05, np.nan]})
+  groups = {g.get("id"): g for g in ET.parse(path).iter(f"{SVG}g") if g.get("id")}
+  marks = [(float(u.get("x")), float(u.get("y"))) for u in groups["series:a"].iter(f"{SVG}use")]
+  px = (marks[1][1] - marks[0][1]) / (0.6 - 0.2)  # pixels per unit of y
+  bars = [np.array(re.findall(r"[ML] (-?[\d.]+) (-?[\d.]+)", p.get("d") or ""), float)
+          for p in groups["series:a:errors"].iter(f"{SVG}path")]
+  bars = [b for b in bars if b.size]
+  assert len(bars) == 2 and "series:b:errors" not in groups  # nan: no bar; b: none asked
+  for (x, y), half, bar in zip(marks, (0.1, 0.05), bars):
+    np.testing.assert_allclose(bar[:, 0], x, atol=0.01)  # vertical, at the point
+    np.testing.assert_allclose(sorted(bar[:, 1]), sorted([y - half * px, y + half * px]),
+                               atol=0.01)
+
+
 def test_lines_colours_cycle_through_the_palette(tmp_path):
   series = {f"r={i}": ([1, 2], [i, i + 1]) for i in range(10)}
   got = svg_lines(plots.lines(series, tmp_path / "f.svg", xlabel="x", ylabel="y", markers=False))
