@@ -1,7 +1,8 @@
 """Sweeps: one config, many runs, each into DIR/<run>/, and one DIR/summary.json for all.
 
 `cfg.sweep` is a tuple of grids (`lmhead_jax.runs.grid`); a run is named by its sorted
-overrides, e.g. `model.d_model=16,optimizer.name=sgd`. DIR/summary.json holds one entry per run:
+overrides, e.g. `d_model=16+name=sgd`; DIR/runs.json maps names to overrides. DIR/summary.json
+holds one entry per run:
 `run`, `overrides`, the experiment's `describe(cfg)` fields, the run's final metrics and
 `wall_s`. Before anything trains, every run directory with a config.json is compared with the
 run's resolved config now: any difference refuses the whole sweep, naming runs and keys. A
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 from etils import epath
+from jax.experimental import multihost_utils
 
 from lmhead_jax.runs import experiment, grid, logs, runner
 
@@ -80,6 +82,22 @@ def _refuse_changed(workdir: epath.Path, changed: dict) -> None:
       "delete those run directories to train them again.")
 
 
+def _adopt_legacy(workdir: epath.Path, runs: list[dict], names: list[str]) -> None:
+  """Renames run directories of an older release's names (`grid.legacy_name`) to today's, so
+  that a sweep begun before the rename resumes; then writes DIR/runs.json, {name: overrides}."""
+  if jax.process_index() == 0:
+    for overrides, name in zip(runs, names):
+      old = workdir / grid.legacy_name(overrides)
+      if old.name != name and old.exists() and not (workdir / name).exists():
+        log.warning("renaming the run directory %s to %s (the run names of this release)",
+                    old, name)
+        old.rename(workdir / name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "runs.json").write_text(json.dumps(dict(zip(names, runs)), indent=2))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("sweep run names")
+
+
 def _write(workdir: epath.Path, entries: list[dict]) -> None:
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +140,7 @@ def run(cfg, workdir, describe: Callable[[object], dict] | None = None) -> list[
   runs = grid.expand(grids)
   configs = [grid.configure(cfg, o) for o in runs]  # every key is checked before anything trains
   names = [grid.run_name(o) for o in runs]
+  _adopt_legacy(workdir, runs, names)
   changes = [_changed(workdir / name, c) for name, c in zip(names, configs)]
   if changed := {name: keys for name, keys in zip(names, changes) if keys}:
     _refuse_changed(workdir, changed)

@@ -1,7 +1,7 @@
 """Paper-scale plans checked offline: parameters, FLOPs, per-device memory and step time on a slice.
 
   python -m lmhead_jax.plan --config=experiments/rank_sweep.py:paper --slice=v5p-64 [--mfu=0.4]
-      [--tokens=11e9] [--compile=tpu|gpu|cpu] [--tune [--runs=head.rank=4096]]
+      [--tokens=11e9] [--compile=tpu|gpu|cpu] [--tune [--runs=rank=4096]]
 
 Memory from `jax.eval_shape` of the real init and optimizer over each leaf's sharding, an
 activation estimate (`activation_bytes`), collectives by `costs`. --compile=tpu|gpu compiles
@@ -380,7 +380,7 @@ if __name__ == "__main__":
                     "needed; cpu: the train step for the current devices (fake CPU ones via "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=N).")
   flags.DEFINE_multi_string("runs", None, "With --compile=tpu|gpu or --tune, only this run of "
-                            "the sweep (e.g. head.rank=32); repeat for several; default all.")
+                            "the sweep (e.g. rank=32); repeat for several; default all.")
   flags.DEFINE_list("programs", None, "With --compile=tpu|gpu, only these programs (e.g. "
                     "train_step); default all (with --tune: train_step_no_metrics).")
   flags.DEFINE_bool("tune", False, "Rank meshes × train.grad_accum × model.remat of one run by "

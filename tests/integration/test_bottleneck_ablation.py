@@ -105,7 +105,7 @@ def test_tiny_end_to_end(tmp_path):
   summary = json.loads((out / "summary.json").read_text())
   assert list(summary) == ["4"] and set(summary["4"]) == set(ablation.ARMS)
   for arm, numbers in summary["4"].items():
-    dirs = sorted(d for d in os.listdir(out) if f"arm={arm}," in d)
+    dirs = sorted(d for d in os.listdir(out) if d.startswith(f"arm={arm}+"))
     losses = [json.loads((out / d / "summary.json").read_text())["eval/loss"] for d in dirs]
     assert numbers["eval_loss"]["values"] == pytest.approx(losses)
   assert (out / "ablation_loss_vs_rank.png").exists()

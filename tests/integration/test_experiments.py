@@ -129,7 +129,7 @@ def test_rank_sweep_end_to_end_tiny(tmp_path, capsys):
   assert all(math.isfinite(e["eval/loss"]) and e["tokens"] == 4 * 4 * 16 for e in summary)
   results = (tmp_path / "out" / "results.md").read_text()
   assert "| r | V/r | params |" in results and "| 16 | 4 |" in results
-  assert "[2/2] head.rank=16" in capsys.readouterr().out
+  assert "[2/2] rank=16" in capsys.readouterr().out
   assert (tmp_path / "out" / "loss_vs_tokens.png").exists()
 
 

@@ -49,7 +49,7 @@ def test_paper_preset_plans_on_a_v5p_slice():
   rows = plan.plan_sweep(head_lab.get_config("paper"), "v5p-64")
   assert len(rows) == 5 * 2 + 1 + 1  # five methods at two ranks, mos once, the total
   assert all(r["fits"] for r in rows[:-1])
-  assert {r["params"] for r in rows[:-1] if "head.rank=4096" in r["run"]} == {2_030_096_384}
+  assert {r["params"] for r in rows[:-1] if "rank=4096" in r["run"]} == {2_030_096_384}
 
 
 def test_unknown_preset_names_it():
@@ -136,7 +136,7 @@ def test_smoke_end_to_end(tmp_path):
   for method, tasks in summary.items():
     assert set(tasks) == {"spamlang", "lm"}
     runs = {t: [json.loads((out / t / d / "summary.json").read_text()) | {"run": d}
-                for d in sorted(os.listdir(out / t)) if f"method={method}," in d + ","]
+                for d in sorted(os.listdir(out / t)) if f"method={method}+" in d + "+"]
             for t in tasks}
     accuracy = [r["eval/accuracy"] for r in runs["spamlang"]]  # one V/D: 64 / 8
     learned = [8.0 if a >= head_lab.LEARNED else 0.0 for a in accuracy]

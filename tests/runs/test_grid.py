@@ -17,12 +17,22 @@ def test_expand_is_the_union_of_grid_products_without_repeats():
       {"model.d_model": 16, "optimizer.name": "sgd"}]
 
 
-def test_run_names():
-  assert grid.run_name({"optimizer.name": "sgd", "model.d_model": 16}) == (
-      "model.d_model=16,optimizer.name=sgd")
+def test_run_names_are_shell_and_object_store_safe():
+  assert grid.run_name({"optimizer.name": "sgd", "model.d_model": 16}) == "d_model=16+name=sgd"
   assert grid.run_name({"optimizer.learning_rate": 1e-2, "model.tie_embeddings": True}) == (
-      "model.tie_embeddings=True,optimizer.learning_rate=0.01")
-  assert grid.run_name({"optimizer.learning_rate": 3e-5}) == "optimizer.learning_rate=3e-05"
+      "tie_embeddings=True+learning_rate=0.01")  # sorted by the full key
+  assert grid.run_name({"optimizer.learning_rate": 3e-5}) == "learning_rate=3e-05"
+  assert grid.run_name({"optimizer.learning_rate": 1e20}) == "learning_rate=1e20"
+  assert grid.run_name({"model.dtype": "float32", "measure.dtype": "bfloat16"}) == (
+      "measure.dtype=bfloat16+model.dtype=float32")  # a shared leaf keeps its key
+  assert grid.run_name({"data.path": "gs://b/x y"}) == "path=gs___b_x_y"
+  assert grid.legacy_name({"optimizer.name": "sgd", "model.d_model": 16}) == (
+      "model.d_model=16,optimizer.name=sgd")
+
+
+def test_colliding_run_names_are_refused():
+  with pytest.raises(ValueError, match="would share the directory 'path=a_b'"):
+    grid.expand(({"data.path": ("a/b", "a b")},))
 
 
 @pytest.mark.parametrize("bare,needle", [({"model.d_model": 4}, "tuple of values"),

@@ -213,9 +213,9 @@ def test_sweep_names_each_run_counts_the_runs_left_and_lists_its_files(tmp_path,
   cfg = tiny_config()
   cfg.train.steps = 2
   cfg.sweep = ({"model.d_model": (8, 16, 32)},)
-  (tmp_path / "model.d_model=16").mkdir()  # finished before: skipped
-  (tmp_path / "model.d_model=16" / "summary.json").write_text('{"steps": 2}')
-  (tmp_path / "model.d_model=16" / "config.json").write_text(
+  (tmp_path / "d_model=16").mkdir()  # finished before: skipped
+  (tmp_path / "d_model=16" / "summary.json").write_text('{"steps": 2}')
+  (tmp_path / "d_model=16" / "config.json").write_text(
       experiment.resolved(grid.configure(cfg, {"model.d_model": 16})).to_json())
   seen = []
 
@@ -226,17 +226,18 @@ def test_sweep_names_each_run_counts_the_runs_left_and_lists_its_files(tmp_path,
   clock(monkeypatch, sweep, 0.0, 30.0, 30.0, 40.0)  # two runs: 30 s, then 10 s
   sweep.run(cfg, tmp_path)
   name = tmp_path.name
-  assert seen == [logs.Position(f"{name}/model.d_model=8", 1, 3, after=1, run_s=None),
-                  logs.Position(f"{name}/model.d_model=32", 3, 3, after=0, run_s=30.0)]
+  assert seen == [logs.Position(f"{name}/d_model=8", 1, 3, after=1, run_s=None),
+                  logs.Position(f"{name}/d_model=32", 3, 3, after=0, run_s=30.0)]
   (tmp_path / "fig.png").write_bytes(b"x" * 3000)
   sweep.publish(tmp_path, lambda: "the report")
   out = capsys.readouterr().out
   assert out.endswith(textwrap.dedent(f"""\
       the report
       files in {tmp_path}:
+        d_model=16/  2 files, {logs._size(sum(f.stat().st_size for f in (tmp_path / 'd_model=16').iterdir()))}
         fig.png  2.9 KB
-        model.d_model=16/  2 files, {logs._size(sum(f.stat().st_size for f in (tmp_path / 'model.d_model=16').iterdir()))}
         results.md  11 B
+        runs.json  {(tmp_path / 'runs.json').stat().st_size} B
         summary.json  {(tmp_path / 'summary.json').stat().st_size} B
       """))
 

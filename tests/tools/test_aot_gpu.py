@@ -120,7 +120,7 @@ def test_paper_eval_step_keeps_activations_batch_sharded():
   model's activation constraints XLA:GPU resharded the residual stream over D and gathered the
   whole batch in every layer: 413 GB of temporaries per GPU; with them, 13.7 GB."""
   cmd = [sys.executable, "-m", "lmhead_jax.plan", "--config=experiments/rank_sweep.py:paper",
-         "--slice=h200-32", "--compile=gpu", "--runs=head.rank=4096", "--programs=eval_step"]
+         "--slice=h200-32", "--compile=gpu", "--runs=rank=4096", "--programs=eval_step"]
   proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
