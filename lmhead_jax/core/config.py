@@ -192,7 +192,8 @@ class ModelConfig:
 class HeadConfig:
   """LM head: kind (linear / tied / factorized / mos), rank for factorized, mixtures for mos,
   chunk_size for the loss; backward (what the trunk receives, `lmhead_jax.core.backward`),
-  forward_rank (rank-r logits, the full gradient: `backward.projected`) and ortho_weight (`lmhead_jax.core.regularize.ortho`)."""
+  forward_rank (rank-r logits, the full gradient: `backward.projected`) and ortho_weight;
+  data_vocab < V (set from the data by `runs.experiment.resolve`) hides the padding rows. (`lmhead_jax.core.regularize.ortho`)."""
 
   vocab_size: int
   d_model: int
@@ -204,6 +205,13 @@ class HeadConfig:
   backward_rank: int | None = None  # truncated: the trunk receives G W_r, W_r of rank r
   forward_rank: int | None = None  # logits h W_rᵀ of rank r, the trunk receives G W (projected)
   ortho_weight: float = 0.0
+  # ids from data_vocab up are padding rows (data.allow_vocab_padding): out of the softmax
+  data_vocab: int | None = None
+
+  @property
+  def live_vocab(self) -> int:
+    """The rows the softmax sees: data_vocab when the vocabulary is padded, else V."""
+    return self.vocab_size if self.data_vocab is None else int(self.data_vocab)
 
   def __post_init__(self):
     if self.kind not in HEAD_KINDS:
@@ -221,6 +229,8 @@ class HeadConfig:
     if self.backward not in HEAD_BACKWARDS:
       raise ValueError(f"head.backward={self.backward!r} is not one of {HEAD_BACKWARDS}")
     check_range("head.ortho_weight", self.ortho_weight, 0)
+    if self.data_vocab is not None:
+      check_range("head.data_vocab", self.data_vocab, 2, self.vocab_size, integer=True)
     if self.backward == "truncated":
       check_range("head.backward_rank", self.backward_rank, 1, self.d_model, integer=True)
     elif self.backward_rank is not None:

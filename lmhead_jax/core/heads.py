@@ -37,10 +37,15 @@ def specs(cfg: HeadConfig) -> dict:
 
 
 def params_of(model_params: dict, cfg: HeadConfig) -> dict:
-  """The head's parameters inside a full model tree (the embedding, for a tied head)."""
-  if cfg.kind == "tied":
-    return {"w_VxD": model_params["embed"]["w_VxD"]}
-  return model_params["head"]
+  """The head's parameters inside a full model tree (the embedding, for a tied head). With
+  cfg.data_vocab < V, their V-indexed arrays keep the first data_vocab rows: the padding rows
+  are never in the logits, the softmax or G, and their gradient is 0."""
+  head = ({"w_VxD": model_params["embed"]["w_VxD"]} if cfg.kind == "tied"
+          else model_params["head"])
+  if cfg.live_vocab == cfg.vocab_size:
+    return head
+  return {k: x[:cfg.live_vocab] if k.split("_", 1)[-1].startswith("V") else x
+          for k, x in head.items()}
 
 
 def _project(x, w, contract: str):

@@ -41,12 +41,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = _group(ModelConfig, vocab_size=1024, d_model=64, n_layers=2, n_heads=4,
                    n_kv_heads=4, d_ff=256)
-  c.head = _group(HeadConfig, skip=("vocab_size", "d_model"))  # V and D come from `model`
+  # V and D come from `model`, data_vocab from the data (`resolve`)
+  c.head = _group(HeadConfig, skip=("vocab_size", "d_model", "data_vocab"))
   c.loss = _group(LossConfig)
   c.data = ml_collections.ConfigDict(dict(
       kind="spamlang", seq_len=32, path="", eval_path="", shuffle=True, exclude_first=True,
       bos_id=0, window_mode="random",
-      # a model vocab above the data's: its extra rows are never a target (see validate)
+      # a model vocab above the data's: its extra rows are left out of the softmax (resolve)
       allow_vocab_padding=False))
   c.train = ml_collections.ConfigDict(dict(
       steps=100, batch_size=32, log_every=10, eval_every=0, eval_batches=4,
@@ -81,8 +82,14 @@ def optimizer_config(cfg) -> OptimizerConfig:
 
 
 def resolve(cfg, mesh=None) -> setup.Setup:
-  """The Setup of an experiment config (on `mesh`, if given): the config is read here, once."""
+  """The Setup of an experiment config (on `mesh`, if given): the config is read here, once.
+  With data.allow_vocab_padding, the head's data_vocab is the token data's vocab_size."""
   model, head = configs(cfg)
+  if cfg.data.kind == "tokens" and cfg.data.allow_vocab_padding and cfg.data.path:
+    from lmhead_jax.data.tokens import read_index
+    data_vocab = int(read_index(cfg.data.path)["vocab_size"])
+    if data_vocab < head.vocab_size:
+      head = dataclasses.replace(head, data_vocab=data_vocab)
   t = cfg.train
   return setup.build(model, head, optimizer_config(cfg), seed=int(cfg.seed), steps=int(t.steps),
                      batch_size=int(t.batch_size), grad_accum=int(t.grad_accum),
@@ -208,8 +215,9 @@ def validate(cfg) -> None:
         raise ValueError(
             f"model.vocab_size={cfg.model.vocab_size} but data.{key}={cfg.data[key]!r} holds "
             f"ids of vocab_size={data_vocab}: {cfg.model.vocab_size - data_vocab} rows of the "
-            "head would never be a target, and the bottleneck metrics would count them. Set "
-            f"model.vocab_size={data_vocab}, or data.allow_vocab_padding=True to pad on purpose")
+            "head would never be a target. Set "
+            f"model.vocab_size={data_vocab}, or data.allow_vocab_padding=True to pad on purpose "
+            "(the padding rows are then left out of the softmax and the bottleneck metrics)")
 
 
 def validate_experiment(cfg) -> None:

@@ -39,7 +39,7 @@ def _head_loss(params, h, batch, setup: Setup):
     h = backward.projected(h, w_VxD, hc.forward_rank)
 
   if hc.kind == "mos" or hc.backward == "feedback_alignment" or with_g:
-    b_VxD = (backward.feedback_matrix(setup.seed, hc.vocab_size, hc.d_model)
+    b_VxD = (backward.feedback_matrix(setup.seed, hc.live_vocab, hc.d_model)
              if hc.backward == "feedback_alignment" else None)
 
     def logits_plus(hp_z0, h_NxD):  # the logits, plus zeros whose gradient is G
@@ -56,7 +56,7 @@ def _head_loss(params, h, batch, setup: Setup):
       return loss, stats
 
     # N×V zeros only when G is needed; else a scalar (its gradient, a sum over G, is unused).
-    z0_NxV = jnp.zeros((targets.size, hc.vocab_size) if with_g else (), jnp.float32)
+    z0_NxV = jnp.zeros((targets.size, hc.live_vocab) if with_g else (), jnp.float32)
     (loss, stats), (d_params, g, d_h) = jax.value_and_grad(objective, (0, 1, 2), has_aux=True)(
         params, z0_NxV, h)
     return (loss, (stats, g if with_g else None)), (d_params, d_h)

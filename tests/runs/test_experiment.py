@@ -78,8 +78,9 @@ def test_every_key_read_is_declared():
 def test_model_and_head_groups_are_the_dataclass_fields():
   cfg = experiment.base_config()
   assert set(cfg.model) == {f.name for f in dataclasses.fields(ModelConfig)}
-  assert set(cfg.head) == {f.name for f in dataclasses.fields(HeadConfig)} - {"vocab_size",
-                                                                              "d_model"}
+  # V and D come from the model, data_vocab from the data
+  assert set(cfg.head) == {f.name for f in dataclasses.fields(HeadConfig)} - {
+      "vocab_size", "d_model", "data_vocab"}
 
 
 @pytest.mark.parametrize("key,value", [
