@@ -13,6 +13,11 @@ Presets:
   lr ∈ {0.1, 1, 10} and tied embeddings (AdamW) at D ∈ {8, 64}.
 - `demo` (≤ 5 min on 2 cores): the `cpu` preset's pair that learns and fails, SGD-momentum
   lr=0.1 at D=64 (V/D=64) and D=8 (V/D=512); the same runs, so the two presets share a DIR.
+- `vocab_cpu` (the paper's axis, V at a fixed D): D=16, 1 layer with one head and d_ff=4·D,
+  batch 64, seq 8, the chunked head (512 tokens), V ∈ {256, …, 65,536} (V/D 16 to 4096), each V
+  for max(1500, 6·V/64) steps (every symbol in ≥ 6 sequences); AdamW lr ∈ {1e-3, 1e-2} and
+  SGD-momentum lr ∈ {0.1, 1}, 3 seeds, V ascending. The report keeps, per V and optimizer, the
+  lr with the best mean held-out accuracy: mean ± 95% CI, and the V/D where learning fails.
 - `paper`: a Llama-3-style trunk of D=768, 12 layers, 12 heads, SwiGLU d_ff=2816 (106.2M
   parameters besides the embedding and head), sequences of 64, batch 256, 20,000 steps, bf16,
   500 warmup steps, cosine decay to 10%, clipping at 1.0; V ∈ {256, …, 262144} (V/D from 0.33
@@ -24,9 +29,17 @@ Presets:
 
 import math
 
-from lmhead_jax.reporting import metrics, plots
+import numpy as np
+
+from lmhead_jax.reporting import metrics, plots, stats
 from lmhead_jax.runs import cli, sweep
 from lmhead_jax.runs.experiment import base_config
+
+VOCAB_AXIS = (256, 1024, 4096, 16384, 65536)  # vocab_cpu, at D = 16: V/D from 16 to 4096
+VOCAB_LRS = {"adamw": (1e-3, 1e-2), "sgd": (0.1, 1.0)}
+SEEDS = (0, 1, 2)
+COVERAGE = 6  # vocab_cpu: sequences per symbol at least
+LEARNED = 0.99  # held-out accuracy that counts as learned
 
 
 def get_config(preset: str = "smoke"):
@@ -50,6 +63,14 @@ def get_config(preset: str = "smoke"):
     if preset == "demo":  # the cpu preset's pair that learns (V/D=64) and fails (V/D=512)
       cfg.sweep = ({"model.d_model": (64, 8), "optimizer.name": ("sgd",),
                     "optimizer.learning_rate": (0.1,)},)
+  elif preset == "vocab_cpu":  # the paper's axis: V grows at a fixed D
+    cfg.model.update(d_model=16, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=None)
+    cfg.data.seq_len = 8
+    cfg.head.chunk_size = 512
+    cfg.train.update(batch_size=64, log_every=50, bottleneck_every=100, eval_every=0,
+                     eval_batches=4)
+    cfg.checkpoint.update(every=0)
+    cfg.sweep = vocab_grids(cfg.train.batch_size)
   elif preset == "paper":
     cfg.model.update(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2816,
                      dtype="bfloat16")
@@ -66,13 +87,25 @@ def get_config(preset: str = "smoke"):
                  v | {"optimizer.name": ("sgd",), "optimizer.learning_rate": (0.03, 0.1, 0.3)})
   else:
     raise ValueError(f"unknown preset {preset!r} for experiments/spamlang.py "
-                     "(known: smoke, demo, cpu, paper)")
+                     "(known: smoke, demo, cpu, vocab_cpu, paper)")
   return cfg
+
+
+def vocab_grids(batch_size: int) -> tuple:
+  """`vocab_cpu`'s runs, V ascending: per V, each optimizer's lr grid × SEEDS, for
+  max(1500, COVERAGE·V / batch) steps (every symbol in ≥ COVERAGE sequences)."""
+  grids = []
+  for v in VOCAB_AXIS:
+    base = {"model.vocab_size": (v,), "seed": SEEDS,
+            "train.steps": (max(1500, math.ceil(COVERAGE * v / batch_size)),)}
+    grids += [base | {"optimizer.name": (name,), "optimizer.learning_rate": lrs}
+              for name, lrs in VOCAB_LRS.items()]
+  return tuple(grids)
 
 
 def describe(cfg) -> dict:
   v, d = cfg.model.vocab_size, cfg.model.d_model
-  return {"V": v, "D": d, "V/D": v / d, "optimizer": cfg.optimizer.name,
+  return {"V": v, "D": d, "V/D": v / d, "seed": cfg.seed, "optimizer": cfg.optimizer.name,
           "lr": cfg.optimizer.learning_rate, "tied": cfg.model.tie_embeddings,
           "coverage": cfg.train.steps * cfg.train.batch_size / v}
 
@@ -116,10 +149,62 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
   return metrics.markdown_table(sorted(entries, key=lambda e: (arm(e), e["V/D"])), COLUMNS)
 
 
+def by_vocab(entries: list[dict]) -> dict:
+  """{optimizer: {V: numbers}}: per V, the lr with the highest mean held-out accuracy over
+  seeds (diverged: 0), its accuracy and loss (mean ± 95% CI) and whether it learned (mean
+  accuracy ≥ LEARNED)."""
+  out = {}
+  for e in entries:
+    out.setdefault(e["optimizer"], {}).setdefault(e["V"], {}).setdefault(e["lr"], []).append(e)
+  acc = lambda e: 0.0 if e.get("diverged") else e.get("eval/accuracy")
+  for name, per_v in out.items():
+    for v, per_lr in per_v.items():
+      lr, runs = max(per_lr.items(), key=lambda kv: stats.summary(map(acc, kv[1]))["mean"] or 0)
+      accuracy = stats.summary([acc(e) for e in runs])
+      per_v[v] = {"lr": lr, "V/D": runs[0]["V/D"], "coverage": runs[0]["coverage"],
+                  "accuracy": accuracy, "learned": (accuracy["mean"] or 0) >= LEARNED,
+                  "loss": stats.summary([e.get("eval/loss") for e in runs]),
+                  "destroyed_ratio": stats.summary(
+                      [e.get("bottleneck/destroyed_ratio") for e in runs])}
+  return out
+
+
+def vocab_report(workdir, entries: list[dict], fmt: str = "png") -> str:
+  """`by_vocab`'s table and the accuracy-against-V figure, saved into the workdir."""
+  found = by_vocab(entries)
+  d = entries[0]["D"]
+  series = {name: (np.array(list(per_v), float),
+                   np.array([x["accuracy"]["mean"] for x in per_v.values()], float))
+            for name, per_v in found.items()}
+  errors = {name: np.array([x["accuracy"]["ci95"] or np.nan for x in per_v.values()])
+            for name, per_v in found.items()}
+  vs = np.array(sorted({e["V"] for e in entries}), float)
+  plots.lines(series, f"{workdir}/accuracy_vs_vocab.{fmt}", xlabel=f"V (D = {d})", logx=True,
+              ylabel="held-out accuracy (best lr)", connect=False, errors=errors,
+              title=f"SpamLang at fixed D = {d} (mean ± 95% CI, {len(SEEDS)} seeds)",
+              reference={"chance": (vs, 1 / vs)}, reference_label="chance: 1/V")
+  rows = [(name, v, x) for name, per_v in found.items() for v, x in sorted(per_v.items())]
+  lines = []
+  for name, per_v in found.items():
+    learned = [x["V/D"] for x in per_v.values() if x["learned"]]
+    failed = [x["V/D"] for x in per_v.values() if not x["learned"]]
+    lines.append(f"- {name}: learns up to V/D = {max(learned, default=0):g}; first failure at "
+                 f"V/D = {min(failed) if failed else 'none'}")
+  return ("\n".join(lines) + "\n\n" + metrics.markdown_table(rows, {
+      "optimizer": lambda r: r[0], "V": lambda r: r[1], "V/D": lambda r: r[2]["V/D"],
+      "best lr": lambda r: r[2]["lr"], "coverage": lambda r: r[2]["coverage"],
+      "held-out accuracy": lambda r: stats.text(r[2]["accuracy"], 3),
+      "held-out loss": lambda r: stats.text(r[2]["loss"], 3),
+      "destroyed_ratio": lambda r: stats.text(r[2]["destroyed_ratio"], 3),
+      "learned": lambda r: r[2]["learned"]}))
+
+
 def main(cfg, workdir):
   fmt = plots.figure_format(cfg)
   entries = sweep.run(cfg, workdir, describe)
-  if cfg.get("sweep"):
+  if cfg.get("sweep") and "seed" in cfg.sweep[0]:
+    sweep.publish(workdir, lambda: vocab_report(workdir, entries, fmt))
+  elif cfg.get("sweep"):
     sweep.publish(workdir, lambda: report(workdir, entries, fmt))
   else:
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in entries[0].items()})

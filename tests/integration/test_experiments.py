@@ -17,7 +17,7 @@ from lmhead_jax.tools import costs
 from lmhead_jax.runs import experiment, grid
 
 ROOT = str(helpers.ROOT)
-PRESETS = [(spamlang, p) for p in ("smoke", "demo", "cpu", "paper")] + [
+PRESETS = [(spamlang, p) for p in ("smoke", "demo", "cpu", "vocab_cpu", "paper")] + [
     (rank_sweep, p) for p in ("cpu", "paper")]
 
 
@@ -72,6 +72,38 @@ def test_spamlang_cpu_grid():
   assert {spamlang.arm(e) for e in entries} == {
       "adamw lr=0.01", "adamw lr=0.01 tied", "sgd lr=0.1", "sgd lr=1", "sgd lr=10"}
   assert all(e["coverage"] == 1500 * 32 / 4096 for e in entries)
+
+
+def test_spamlang_vocab_cpu_grid_fixes_d_and_coverage():
+  cfg = spamlang.get_config("vocab_cpu")
+  entries = [spamlang.describe(c) for c in runs(cfg)]
+  assert [e["V"] for e in entries] == sorted(e["V"] for e in entries)  # V ascending
+  assert {e["D"] for e in entries} == {16} and cfg.head.chunk_size == 512
+  assert sorted({e["V"] for e in entries}) == [256, 1024, 4096, 16384, 65536]
+  for v in (256, 65536):
+    arms = {(e["optimizer"], e["lr"], e["seed"]) for e in entries if e["V"] == v}
+    assert arms == {(o, lr, s) for o, lrs in spamlang.VOCAB_LRS.items() for lr in lrs
+                    for s in (0, 1, 2)}
+  assert min(e["coverage"] for e in entries) >= spamlang.COVERAGE
+
+
+def test_spamlang_vocab_report_keeps_the_best_lr_per_v(tmp_path):
+  """adamw at V=256: lr 0.01 (mean 0.995, learned) beats 0.001; at V=4096 both fail."""
+  acc = {(256, 0.01): (1.0, 0.99, 0.995), (256, 0.001): (0.5, 0.6, 0.7),
+         (4096, 0.01): (0.2, 0.1, None), (4096, 0.001): (0.3, 0.2, 0.25)}
+  entries = [{"run": f"{v}-{lr}-{s}", "V": v, "D": 16, "V/D": v / 16, "seed": s,
+              "optimizer": "adamw", "lr": lr, "coverage": 6.0, "eval/loss": 1.0,
+              "bottleneck/destroyed_ratio": 0.9, **({"eval/accuracy": a} if a is not None
+                                                     else {"diverged": True})}
+             for (v, lr), accs in acc.items() for s, a in enumerate(accs)]
+  found = spamlang.by_vocab(entries)["adamw"]
+  assert found[256]["lr"] == 0.01 and found[256]["learned"]
+  assert found[256]["accuracy"]["mean"] == pytest.approx(0.995)
+  assert found[4096]["lr"] == 0.001 and not found[4096]["learned"]  # 0.25 > (0.2 + 0.1 + 0) / 3
+  assert found[4096]["accuracy"]["values"] == [0.3, 0.2, 0.25]
+  text = spamlang.vocab_report(tmp_path, entries)
+  assert text.startswith("- adamw: learns up to V/D = 16; first failure at V/D = 256")
+  assert (tmp_path / "accuracy_vs_vocab.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_rank_sweep_paper_needs_a_data_path(tmp_path):
