@@ -5,7 +5,8 @@ progress on stderr (a tqdm bar on a terminal, otherwise a plain line every
 Every write happens in the caller's thread, so a failed one (a full disk, a lost bucket, a dead
 W&B service) raises there at once as an OSError naming the file, and the run stops with its last
 checkpoint kept. TensorBoard events are written synchronously (tensorboardX's protos; its writer
-thread would hang the run when it dies), with the resolved config as a text summary at the start.
+thread would hang the run when it dies), with the resolved config as text and as HParams at the
+start.
 On gs://, which has no append, each flush rewrites the object whole (`_ObjectFile`).
 W&B writes its own files in a service process that only logs its failures (in its
 debug-internal.log): those cannot reach the run.
@@ -164,17 +165,38 @@ def _wandb(cfg, workdir: epath.Path, position: Position | None):
       config=cfg.to_dict())
 
 
-class TensorBoard:
-  """An event file in `logdir` (local or gs://), written and flushed in the caller's thread."""
+# The metrics TensorBoard's HParams dashboard shows against the hyperparameters.
+HPARAM_METRICS = ("loss", "eval/loss", "eval/accuracy", "bottleneck/destroyed_ratio")
 
-  def __init__(self, logdir: epath.Path, config_text: str):
+
+def flat_hparams(tree: dict, prefix: str = "") -> dict:
+  """The config's leaves as {dotted key: number, bool or string} (None and tuples as text)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out |= flat_hparams(v, f"{prefix}{k}.")
+    else:
+      out[prefix + k] = v if isinstance(v, (bool, int, float, str)) else str(v)
+  return out
+
+
+class TensorBoard:
+  """An event file in `logdir` (local or gs://), written and flushed in the caller's thread. It
+  opens with the resolved config as a text summary and as HParams (every leaf, against
+  HPARAM_METRICS), so that TensorBoard's HParams dashboard compares the runs of a sweep."""
+
+  def __init__(self, logdir: epath.Path, config: dict):
     from tensorboardX import summary
     self.summary = summary
     self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
     self.file = _open_binary(self.path, append=False)
     try:
       self.event(0, file_version="brain.Event:2")
-      self.event(0, summary=summary.text("config", config_text))
+      self.event(0, summary=summary.text("config", json.dumps(config, indent=2)))
+      experiment, session_start, _ = summary.hparams(flat_hparams(config),
+                                                     dict.fromkeys(HPARAM_METRICS, 0.0))
+      self.event(0, summary=experiment)
+      self.event(0, summary=session_start)
     except OSError:
       with contextlib.suppress(OSError):  # flushing what did not fit fails again
         self.file.close()
@@ -227,7 +249,7 @@ class Logger:
         repair_tail(self.jsonl_path)
       self.jsonl = _open_binary(self.jsonl_path, append=True)
       self.opened.callback(_writing(self.jsonl_path)(self.jsonl.close))
-      self.tb = TensorBoard(workdir, cfg.to_json(indent=2))
+      self.tb = TensorBoard(workdir, json.loads(cfg.to_json()))
       self.opened.callback(self.tb.close)
       self.bar = None
       if sys.stderr.isatty():

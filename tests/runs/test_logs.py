@@ -94,6 +94,35 @@ def test_final_eval_is_a_record_in_metrics_jsonl_and_tensorboard(run):
       summary["loss"], rel=1e-6)
 
 
+def test_tensorboard_holds_the_config_as_text_and_hparams(run):
+  """The HParams plugin's experiment (every config leaf, the metrics) and session start (the
+  values), as TensorBoard reads them, and the config.json text."""
+  from tensorboardX.proto import event_pb2, plugin_hparams_pb2
+  workdir = run[0]
+  (path,) = workdir.glob("events.out.tfevents.*")
+  data, pos, plugin, text = path.read_bytes(), 0, {}, None
+  while pos < len(data):
+    (n,) = struct.unpack("<Q", data[pos:pos + 8])
+    for v in event_pb2.Event.FromString(data[pos + 12:pos + 12 + n]).summary.value:
+      if v.metadata.plugin_data.plugin_name == "hparams":
+        plugin[v.tag] = plugin_hparams_pb2.HParamsPluginData.FromString(
+            v.metadata.plugin_data.content)
+      elif v.tag.startswith("config"):
+        text = b"".join(v.tensor.string_val).decode()
+    pos += 12 + n + 4
+  config = json.loads((workdir / "config.json").read_text())
+  del config["history"]  # config.json's record of the runs' environments, written beside
+  assert json.loads(text) == config
+  hp = plugin["_hparams_/session_start_info"].session_start_info.hparams
+  assert hp["model.d_model"].number_value == config["model"]["d_model"] == 32
+  assert hp["optimizer.name"].string_value == config["optimizer"]["name"]
+  assert hp["model.tie_embeddings"].bool_value is False
+  assert hp["head.rank"].string_value == "None"
+  experiment = plugin["_hparams_/experiment"].experiment
+  assert {m.name.tag for m in experiment.metric_infos} == set(logs.HPARAM_METRICS)
+  assert {h.name for h in experiment.hparam_infos} == set(logs.flat_hparams(config))
+
+
 def test_off_a_terminal_progress_is_plain_lines(run):
   workdir, _, stderr = run
   assert "\r" not in stderr and "it/s" not in stderr  # no tqdm bar
