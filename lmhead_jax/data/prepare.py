@@ -30,7 +30,7 @@ import tqdm
 from pydoc_data import topics
 
 from lmhead_jax.core.config import MAX_VOCAB_SIZE
-from lmhead_jax.data.tokens import write_token_dir
+from lmhead_jax.data.tokens import FORMATS, write_token_dir
 
 EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -255,7 +255,7 @@ def prepare(out_dir, inputs: Iterable[str] = (), *, tokenizer: str | None = None
             train_bpe_vocab: int | None = None, stdlib: bool = False,
             max_chars: int | None = None, text_field: str = "text", val_fraction: float = 0.0,
             eos_token: str | None = None, shard_tokens: int = 1 << 28,
-            progress: bool = True) -> dict[str, dict]:
+            format: str = "flat", progress: bool = True) -> dict[str, dict]:
   """Writes OUT/tokenizer.json, OUT/train/ and (val_fraction > 0) OUT/val/; returns the indexes.
 
   The inputs, the tokenizer and the document count are checked first; everything is written
@@ -264,6 +264,8 @@ def prepare(out_dir, inputs: Iterable[str] = (), *, tokenizer: str | None = None
   if (tokenizer is None) == (train_bpe_vocab is None):
     raise ValueError("pass exactly one of tokenizer= (a tokenizer.json) or train_bpe_vocab=")
   _check_flags(train_bpe_vocab, max_chars, val_fraction, shard_tokens)
+  if format not in FORMATS:
+    raise ValueError(f"--format {format}: must be one of {', '.join(FORMATS)}")
   out = pathlib.Path(out_dir).absolute()
   if out.exists() and not out.is_dir():
     raise ValueError(f"output {out} exists and is not a directory")
@@ -306,7 +308,7 @@ def prepare(out_dir, inputs: Iterable[str] = (), *, tokenizer: str | None = None
         indexes[split] = write_token_dir(
             stage / split, _encode(tok, documents(split), eos, bar),
             vocab_size=tok.get_vocab_size(), tokenizer="../tokenizer.json",
-            shard_tokens=shard_tokens)
+            shard_tokens=shard_tokens, format=format)
     _publish(stage, out)
   finally:
     shutil.rmtree(stage, ignore_errors=True)
@@ -336,13 +338,17 @@ def main(argv: list[str] | None = None):
                       f"{', '.join(EOS_TOKENS)} in the tokenizer)")
   parser.add_argument("--shard-tokens", type=int, default=1 << 28,
                       help="tokens per shard (default: %(default)s)")
+  parser.add_argument("--format", default="flat", choices=FORMATS,
+                      help="flat: raw ids, memory-mapped, readable from gs://; arrayrecord: "
+                      "grain's ArrayRecord files, local (default: %(default)s)")
   args = parser.parse_args(argv)
   t0 = time.time()
   try:
     indexes = prepare(
         args.out, args.inputs, tokenizer=args.tokenizer, train_bpe_vocab=args.train_bpe,
         stdlib=args.stdlib, max_chars=args.max_chars, text_field=args.text_field,
-        val_fraction=args.val_fraction, eos_token=args.eos_token, shard_tokens=args.shard_tokens)
+        val_fraction=args.val_fraction, eos_token=args.eos_token, shard_tokens=args.shard_tokens,
+        format=args.format)
   except (ValueError, OSError, ImportError) as e:
     parser.exit(1, f"{parser.prog}: error: {e}\n")
   for split, index in indexes.items():

@@ -125,6 +125,27 @@ def test_cli_stdlib_corpus(tmp_path):
   assert _decoded_docs(out / "train", out / "tokenizer.json", "<|endoftext|>") == expected
 
 
+def test_cli_arrayrecord_format_holds_the_same_documents(tmp_path):
+  outs = {}
+  for fmt in ("flat", "arrayrecord"):
+    outs[fmt] = tmp_path / fmt
+    r = subprocess.run([sys.executable, "-m", "lmhead_jax.data.prepare", "--stdlib",
+                        "--max-chars", "20000", "--train-bpe", "400", "--format", fmt,
+                        "--shard-tokens", "5000", "--out", str(outs[fmt])],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+  index = read_index(outs["arrayrecord"] / "train")
+  assert index["format"] == "arrayrecord" and len(index["shards"]) > 1
+  assert index["fingerprint"] == read_index(outs["flat"] / "train")["fingerprint"]
+  docs = [_decoded_docs(outs[f] / "train", outs[f] / "tokenizer.json", "<|endoftext|>")
+          for f in outs]
+  assert docs[0] == docs[1] and len(docs[0]) > 1
+  r = subprocess.run([sys.executable, "-m", "lmhead_jax.data.prepare", "--stdlib",
+                      "--train-bpe", "400", "--format", "tfrecord", "--out", str(tmp_path / "x")],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "invalid choice: 'tfrecord'" in r.stderr
+
+
 def test_bad_inputs(tmp_path):
   _corpus(tmp_path / "in")
   kw = dict(train_bpe_vocab=300, progress=False)

@@ -188,3 +188,47 @@ def test_fingerprint_follows_the_content(tmp_path):
   assert tokens.fingerprint(tmp_path / "a") == f"sha256:{want}"
   write_token_dir(tmp_path / "b", [np.concatenate(ids)[::-1]], vocab_size=300, tokenizer="t")
   assert tokens.fingerprint(tmp_path / "b") != f"sha256:{want}"
+
+
+def test_arrayrecord_directory_serves_the_flat_directorys_windows(tmp_path):
+  """Same ids, same fingerprint, same windows in both modes; the records are grain's native
+  ArrayRecord files of RECORD_TOKENS ids each (the last shorter)."""
+  import grain
+  rng = np.random.default_rng(0)
+  ids = [rng.integers(0, 300, n) for n in (10_000, 5_000, 3)]
+  flat = write_token_dir(tmp_path / "flat", ids, vocab_size=300, tokenizer="t", shard_tokens=6000)
+  rec = write_token_dir(tmp_path / "ar", ids, vocab_size=300, tokenizer="t", shard_tokens=6000,
+                        format="arrayrecord")
+  assert rec["fingerprint"] == flat["fingerprint"] == tokens.fingerprint(tmp_path / "ar")
+  assert [s["num_tokens"] for s in rec["shards"]] == [8192, 15_003 - 8192]
+  source = grain.sources.ArrayRecordDataSource(
+      [str(tmp_path / "ar" / s["path"]) for s in rec["shards"]])
+  records = [np.frombuffer(source[i], np.uint16) for i in range(len(source))]
+  assert [r.size for r in records] == [4096, 4096, 4096, 15_003 - 3 * 4096]
+  np.testing.assert_array_equal(np.concatenate(records), np.concatenate(ids))
+  for mode in ("random", "sequential"):
+    a = TokenFileSource(tmp_path / "flat", 100, mode=mode, seed=5)
+    b = TokenFileSource(tmp_path / "ar", 100, mode=mode, seed=5)
+    assert len(a) == len(b) == (147 if mode == "random" else 148)  # 15,003 // 101
+    for i in range(len(a)):
+      for key in ("inputs", "targets"):
+        np.testing.assert_array_equal(a[i][key], b[i][key])
+
+
+def test_arrayrecord_shard_with_missing_records_or_not_arrayrecord_is_refused(tmp_path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+  ids = [np.arange(9000) % 300]
+  write_token_dir(tmp_path / "ar", ids, vocab_size=300, tokenizer="t", format="arrayrecord")
+  shard = tmp_path / "ar" / "shard_00000.array_record"
+  writer = ArrayRecordWriter(str(shard), "group_size:1")  # two of its three records
+  for r in range(2):
+    writer.write((np.arange(4096) % 300).astype(np.uint16).tobytes())
+  writer.close()
+  with pytest.raises(ValueError, match=f"{shard} has 2 records, .* says 9000 tokens in records "
+                     "of 4096: truncated"):
+    read_index(tmp_path / "ar")
+  shard.write_bytes(b"not an array record file")
+  with pytest.raises(ValueError, match=f"{shard} is not an ArrayRecord file"):
+    read_index(tmp_path / "ar")
+  with pytest.raises(ValueError, match="format='parquet' is not one of"):
+    write_token_dir(tmp_path / "x", ids, vocab_size=300, tokenizer="t", format="parquet")
