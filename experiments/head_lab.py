@@ -175,7 +175,8 @@ def lm_label(entries: list[dict]):
 def summarize_lm(workdir, entries: list[dict]) -> dict:
   """Per method (and head rank): final held-out loss, tokens to the target (the highest final
   held-out loss of the baseline's seeds, which each of them reaches; the full-width baseline's for
-  mos), the speed-up against the baseline's tokens to it, bottleneck metrics; over seeds."""
+  mos), the speed-up against the baseline's tokens to it, bottleneck metrics; over seeds; and the
+  held-out loss's paired difference against the baseline (same seeds)."""
   groups = _by(entries, "method", "head_rank")
   widest = max(r for m, r in groups if m == "baseline")
   label, out = lm_label(entries), {}
@@ -187,7 +188,10 @@ def summarize_lm(workdir, entries: list[dict]) -> dict:
     reach, base_reach = stats.summary(tokens(group)), stats.summary(tokens(base))
     speedup = (base_reach["mean"] / reach["mean"]
                if reach["mean"] and base_reach["mean"] and reach["n"] == len(group) else None)
+    per_seed = lambda es: {e["seed"]: e.get("eval/loss") for e in es}
     out[label(group[0])] = {"eval_loss": stats.summary([e.get("eval/loss") for e in group]),
+                            "eval_loss_minus_baseline": stats.paired(per_seed(group),
+                                                                     per_seed(base)),
                             "target": target, "tokens_to_target": reach, "speedup": speedup,
                             **_bottleneck(workdir, group)}
   return out
@@ -233,6 +237,7 @@ def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
   lm = found["lm"]
   columns |= {
       "LM held-out loss": lambda r: stats.text(r[1]["eval_loss"]),
+      "− baseline (paired)": lambda r: stats.text(r[1]["eval_loss_minus_baseline"], 3),
       "LM tokens to target": lambda r: stats.text(r[1]["tokens_to_target"], 3),
       "speed-up": lambda r: r[1]["speedup"], **bottleneck_columns}
   target = next(iter(lm.values()))["target"]

@@ -113,6 +113,10 @@ def test_lm_summary_from_runs(tmp_path):
   assert mos["tokens_to_target"]["n"] == 1 and mos["speedup"] is None  # a seed never reached it
   assert base["speedup"] == pytest.approx(1.0)
   assert base["eval_loss"]["ci95"] == pytest.approx(t_ci([3.0, 3.5]))
+  paired = mos["eval_loss_minus_baseline"]  # 2.0 − 3.0 and 3.6 − 3.5, seed by seed
+  assert paired["values"] == pytest.approx([-1.0, 0.1]) and paired["seeds"] == [0, 1]
+  assert paired["ci95"] == pytest.approx(t_ci([-1.0, 0.1]))
+  assert base["eval_loss_minus_baseline"]["values"] == [0.0, 0.0]
   assert base["realized_cosine"]["mean"] == pytest.approx(0.2)
   assert base["destroyed_ratio"]["n"] == 0  # not logged: no number rather than a made-up one
 
