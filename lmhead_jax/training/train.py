@@ -167,6 +167,15 @@ def loss_and_grads(params, batch, setup: Setup, with_bottleneck: bool = True):
   return merged, grads
 
 
+def objective_logits(hp, h, hc) -> jax.Array:
+  """The logits the objective scores: of h V_r V_rᵀ under head.forward_rank (the projection held
+  fixed, so that a jvp sees its derivative V_r V_rᵀ), else of h. The train step's own gradient
+  passes h's cotangent straight through instead (`backward.projected`)."""
+  if hc.forward_rank is not None:
+    h = backward.truncate(h, jax.lax.stop_gradient(heads.matrix(hp)), hc.forward_rank)
+  return heads.logits(hp, h, hc)
+
+
 def realized_cosine(params, updates, batch, setup: Setup) -> jax.Array:
   """cos(−G, J_θ Δθ): −G against the first-order change of the logits that the update Δθ makes,
   from a jvp of the trunk and then of the head along Δθ, on the same batch (a micro-batch at a
@@ -178,7 +187,7 @@ def realized_cosine(params, updates, batch, setup: Setup) -> jax.Array:
 
   def chunk_sums(x):
     h_CxD, dh_CxD, y_C, m_C = x
-    z, dz = jax.jvp(lambda p, h: heads.logits(p, h, hc), (hp, h_CxD), (dhp, dh_CxD))
+    z, dz = jax.jvp(lambda p, h: objective_logits(p, h, hc), (hp, h_CxD), (dhp, dh_CxD))
     g = jax.grad(cross_entropy)(z, y_C, m_C) * jnp.maximum(jnp.sum(m_C), 1.0)  # rows p − e_y
     dz = dz * m_C[:, None]
     return jnp.stack([jnp.sum(g * dz), jnp.sum(g * g), jnp.sum(dz * dz)])
@@ -246,12 +255,12 @@ def make_train_step(setup: Setup, *, with_bottleneck: bool = True,
 
 def make_eval_step(setup: Setup):
   """eval_step(params, batch) -> {'loss', 'accuracy', 'n'}, with the train step's shardings:
-  the plain mean CE (no loss options) of the full head."""
+  the plain mean CE (no loss options) of the full head (`objective_logits`)."""
   _check_mesh(setup)
 
   def evaluate(params, batch):
     h = model.hidden(params, batch["inputs"], setup.model)
-    z = heads.logits(heads.params_of(params, setup.head), h, setup.head)
+    z = objective_logits(heads.params_of(params, setup.head), h, setup.head)
     return {"loss": cross_entropy(z, batch["targets"], batch["mask"]),
             "accuracy": accuracy(z, batch["targets"], batch["mask"]),
             "n": jnp.sum(batch["mask"]).astype(jnp.float32)}

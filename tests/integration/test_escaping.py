@@ -203,8 +203,9 @@ def test_truncated_metrics_describe_what_the_trunk_receives():
 
 @pytest.mark.parametrize("chunk_size", [None, 16])
 def test_forward_rank_step_trains_rank_r_logits_on_the_full_gradient(chunk_size):
-  """head.forward_rank=r (the converse of truncated): loss of z_r = h W_rᵀ; the trunk receives
-  G_r W (backbone_norm), against float64 numpy; at r = D the step equals `exact`."""
+  """head.forward_rank=r (the converse of truncated): loss of z_r = h W_rᵀ, in the train and the
+  eval step; the trunk receives G_r W (backbone_norm), against float64 numpy; at r = D the step
+  equals `exact`."""
   mesh = one_device_mesh()
   cfg = lab_config(forward_rank=3, chunk_size=chunk_size)
   state, _ = train.init_state(jax.random.key(0), experiment.resolve(cfg, mesh))
@@ -218,8 +219,11 @@ def test_forward_rank_step_trains_rank_r_logits_on_the_full_gradient(chunk_size)
   y, m = batch["targets"].reshape(-1), batch["mask"].reshape(-1).astype(np.float64)
   g_r = np_logit_grad(z_r, y, m) / m.sum()
   lse = np.log(np.exp(z_r - z_r.max(1, keepdims=True)).sum(1)) + z_r.max(1)
-  np.testing.assert_allclose(metrics["loss"], ((lse - z_r[np.arange(len(y)), y]) * m).sum()
-                             / m.sum(), rtol=1e-5)
+  loss_r = ((lse - z_r[np.arange(len(y)), y]) * m).sum() / m.sum()
+  np.testing.assert_allclose(metrics["loss"], loss_r, rtol=1e-5)
+  # the eval step scores the same rank-r logits
+  evaluated = train.make_eval_step(experiment.resolve(cfg, mesh))(state.params, batch)
+  np.testing.assert_allclose(evaluated["loss"], loss_r, rtol=1e-5)
   np.testing.assert_allclose(metrics["bottleneck/backbone_norm"], np.linalg.norm(g_r @ w),
                              rtol=1e-4)
   np.testing.assert_allclose(metrics["bottleneck/full_norm"], np.linalg.norm(g_r), rtol=1e-4)
