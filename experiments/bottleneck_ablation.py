@@ -16,7 +16,7 @@ that each single-bottleneck arm reproduces. Figures: final held-out loss against
 held-out loss curves at the smallest r.
 
 Presets:
-- `cpu` (≈ 90 min on 2 cores): the rank sweep's `cpu` trunk (D=128, stdlib corpus, BPE 4096),
+- `cpu` (≈ 60 min on 2 shared cores: 30 runs of 100–140 s): the rank sweep's `cpu` trunk (D=128, stdlib corpus, BPE 4096),
   r ∈ {4, 16, 64}, 3 seeds, 300 steps of 16×128 tokens (614k tokens), 30 warmup steps, cosine
   decay to 10%, held-out loss every 25 steps on 4 batches: 30 runs.
 - `paper`: the rank sweep's `paper` trunk (2B, D=4096), r ∈ {32, 512}, 3 seeds: 21 runs of
@@ -135,7 +135,7 @@ def report(workdir, found: dict, entries: list[dict], fmt: str = "png") -> str:
               reference_label=f"full rank (r = D = {d})")
   r0 = ranks[0]
   curves = {}
-  for arm in ARMS:
+  for arm in [*series, "full"]:  # the arms' colours of the figure above, then full
     runs = [e for e in entries if e["arm"] == arm and e["r"] == (d if arm == "full" else r0)]
     xy = [_curve(workdir, e) for e in runs]
     n = min(len(x) for x, _ in xy)
