@@ -189,7 +189,7 @@ def vocab_report(workdir, entries: list[dict], fmt: str = "png") -> str:
     learned = [x["V/D"] for x in per_v.values() if x["learned"]]
     failed = [x["V/D"] for x in per_v.values() if not x["learned"]]
     lines.append(f"- {name}: learns up to V/D = {max(learned, default=0):g}; first failure at "
-                 f"V/D = {min(failed) if failed else 'none'}")
+                 f"V/D = {f'{min(failed):g}' if failed else 'none'}")
   return ("\n".join(lines) + "\n\n" + metrics.markdown_table(rows, {
       "optimizer": lambda r: r[0], "V": lambda r: r[1], "V/D": lambda r: r[2]["V/D"],
       "best lr": lambda r: r[2]["lr"], "coverage": lambda r: r[2]["coverage"],

@@ -102,7 +102,7 @@ def test_spamlang_vocab_report_keeps_the_best_lr_per_v(tmp_path):
   assert found[4096]["lr"] == 0.001 and not found[4096]["learned"]  # 0.25 > (0.2 + 0.1 + 0) / 3
   assert found[4096]["accuracy"]["values"] == [0.3, 0.2, 0.25]
   text = spamlang.vocab_report(tmp_path, entries)
-  assert text.startswith("- adamw: learns up to V/D = 16; first failure at V/D = 256")
+  assert text.startswith("- adamw: learns up to V/D = 16; first failure at V/D = 256\n")
   assert (tmp_path / "accuracy_vs_vocab.png").read_bytes()[:4] == b"\x89PNG"
 
 
