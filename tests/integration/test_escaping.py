@@ -201,7 +201,7 @@ def test_truncated_metrics_describe_what_the_trunk_receives():
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 16])
+@pytest.mark.parametrize("chunk_size", [None, pytest.param(16, marks=pytest.mark.slow)])
 def test_forward_rank_step_trains_rank_r_logits_on_the_full_gradient(chunk_size):
   """head.forward_rank=r (the converse of truncated): loss of z_r = h W_rᵀ, in the train and the
   eval step; the trunk receives G_r W (backbone_norm), against float64 numpy; at r = D the step

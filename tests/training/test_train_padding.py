@@ -19,7 +19,9 @@ def sliced(params, n):
       lambda path, x: x[:n] if path[-1].key.split("_", 1)[-1].startswith("V") else x, params)
 
 
-@pytest.mark.parametrize("kind,chunk_size", [("linear", None), ("linear", 16), ("tied", None)])
+@pytest.mark.parametrize("kind,chunk_size", [
+    ("linear", None), pytest.param("linear", 16, marks=pytest.mark.slow),
+    pytest.param("tied", None, marks=pytest.mark.slow)])
 def test_padding_rows_are_outside_the_softmax_and_the_metrics(tmp_path, kind, chunk_size):
   write_token_dir(tmp_path / "tok", [np.arange(3000) % DATA_VOCAB], vocab_size=DATA_VOCAB,
                   tokenizer="none")
