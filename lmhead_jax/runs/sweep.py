@@ -84,7 +84,7 @@ def _refuse_changed(workdir: epath.Path, changed: dict) -> None:
 
 def _adopt_legacy(workdir: epath.Path, runs: list[dict], names: list[str]) -> None:
   """Renames run directories of an older release's names (`grid.legacy_name`) to today's, so
-  that a sweep begun before the rename resumes; then writes DIR/runs.json, {name: overrides}."""
+  that a sweep begun before the rename resumes."""
   if jax.process_index() == 0:
     for overrides, name in zip(runs, names):
       old = workdir / grid.legacy_name(overrides)
@@ -92,10 +92,15 @@ def _adopt_legacy(workdir: epath.Path, runs: list[dict], names: list[str]) -> No
         log.warning("renaming the run directory %s to %s (the run names of this release)",
                     old, name)
         old.rename(workdir / name)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "runs.json").write_text(json.dumps(dict(zip(names, runs)), indent=2))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("sweep run names")
+
+
+def _write_index(workdir: epath.Path, runs: list[dict], names: list[str]) -> None:
+  """DIR/runs.json: {run name: its overrides}."""
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "runs.json").write_text(json.dumps(dict(zip(names, runs)), indent=2))
 
 
 def _write(workdir: epath.Path, entries: list[dict]) -> None:
@@ -141,6 +146,7 @@ def run(cfg, workdir, describe: Callable[[object], dict] | None = None) -> list[
   configs = [grid.configure(cfg, o) for o in runs]  # every key is checked before anything trains
   names = [grid.run_name(o) for o in runs]
   _adopt_legacy(workdir, runs, names)
+  _write_index(workdir, runs, names)
   changes = [_changed(workdir / name, c) for name, c in zip(names, configs)]
   if changed := {name: keys for name, keys in zip(names, changes) if keys}:
     _refuse_changed(workdir, changed)
