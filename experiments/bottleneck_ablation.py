@@ -8,7 +8,7 @@ data order and budget (DIR/<run>/, lmhead_jax.runs.sweep):
   gradient bottleneck only;
 - `forward`: rank-r logits h W_rᵀ while the trunk receives the full G W (`head.forward_rank=r`,
   straight-through): the expressivity bottleneck only.
-The report (DIR/results.md, DIR/summary.json): per r and arm, the final held-out loss (mean ± 95%
+The report (DIR/results.md, DIR/over_seeds.json): per r and arm, the final held-out loss (mean ± 95%
 CI over seeds), its paired difference against `full` (same seed), the tokens to reach the
 target (the factorized arm's highest final held-out loss at that r, which each of its seeds
 reaches) and their paired ratio to `full`'s, and the share of the factorized arm's loss gap
@@ -137,9 +137,7 @@ def report(workdir, found: dict, entries: list[dict], fmt: str = "png") -> str:
   curves = {}
   for arm in [*series, "full"]:  # the arms' colours of the figure above, then full
     runs = [e for e in entries if e["arm"] == arm and e["r"] == (d if arm == "full" else r0)]
-    xy = [_curve(workdir, e) for e in runs]
-    n = min(len(x) for x, _ in xy)
-    curves[arm] = (xy[0][0][:n], np.mean([y[:n] for _, y in xy], axis=0))
+    curves[arm] = metrics.mean_curve([_curve(workdir, e) for e in runs])
   plots.lines(curves, f"{workdir}/ablation_curves_r{r0}.{fmt}", xlabel="tokens",
               ylabel="held-out loss", title=f"Bottleneck ablation at r={r0} (mean over seeds)",
               markers=False)
@@ -164,7 +162,7 @@ def main(cfg, workdir):
   found = summarize(workdir, entries)
 
   def write():
-    (epath.Path(workdir) / "summary.json").write_text(json.dumps(found, indent=2))
+    (epath.Path(workdir) / "over_seeds.json").write_text(json.dumps(found, indent=2))
     return report(workdir, found, entries, fmt)
 
   sweep.publish(workdir, write)

@@ -201,10 +201,9 @@ def _mean_curves(workdir, entries, y, label, x="step") -> dict:
   """Per label, the mean over seeds of y against x (runs of one label share their x)."""
   out = {}
   for (name,), group in _by([e | {"label": label(e)} for e in entries], "label").items():
-    curves = [_curve(workdir, e, y, x) for e in group]
-    n = min(len(c[0]) for c in curves)
-    if n:
-      out[name] = (curves[0][0][:n], np.mean([c[1][:n] for c in curves], axis=0))
+    x_mean, y_mean = metrics.mean_curve([_curve(workdir, e, y, x) for e in group])
+    if x_mean.size:
+      out[name] = (x_mean, y_mean)
   return out
 
 

@@ -29,6 +29,12 @@ def curve(records: list[dict], y: str, x: str = "step") -> tuple[np.ndarray, np.
   return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
 
 
+def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+  """The mean y over runs that log at the same x (seeds of one setting), on their common prefix."""
+  n = min(len(x) for x, _ in curves)
+  return curves[0][0][:n], np.mean([y[:n] for _, y in curves], axis=0)
+
+
 def tokens_to_target(x: np.ndarray, y: np.ndarray, target: float) -> float:
   """The first x at which the curve y(x) reaches `target` (y <= target), linearly
   interpolated between the logged points around the crossing; nan if it never does."""

@@ -89,7 +89,8 @@ def test_summary_from_runs(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_end_to_end(tmp_path):
-  """Every arm trains on a random token corpus; summary.json agrees with the runs on disk."""
+  """Every arm trains on a random token corpus; over_seeds.json agrees with the runs on disk, and
+  the sweep's own summary.json (the runs' list, read on resume) is left to the sweep."""
   from test_head_lab import tiny_token_dirs
   cfg = ablation.get_config("cpu")
   cfg.model.update(vocab_size=256, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
@@ -102,7 +103,9 @@ def test_tiny_end_to_end(tmp_path):
   cfg.sweep = ablation.grids((4,), (0, 1))
   out = tmp_path / "out"
   ablation.main(cfg, str(out))
-  summary = json.loads((out / "summary.json").read_text())
+  runs = json.loads((out / "summary.json").read_text())
+  assert len(runs) == 2 * len(ablation.ARMS) and all("wall_s" in e for e in runs)
+  summary = json.loads((out / "over_seeds.json").read_text())
   assert list(summary) == ["4"] and set(summary["4"]) == set(ablation.ARMS)
   for arm, numbers in summary["4"].items():
     dirs = sorted(d for d in os.listdir(out) if d.startswith(f"arm={arm}+"))

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from experiments import rank_sweep, spamlang
 import helpers
@@ -111,32 +112,56 @@ def test_rank_sweep_paper_needs_a_data_path(tmp_path):
     rank_sweep.use_stdlib_corpus(rank_sweep.get_config("paper"), str(tmp_path))
 
 
-def fake_rank_runs(workdir):
-  """Entries and metrics of three ranks with piecewise-linear held-out loss curves."""
+def fake_rank_runs(workdir, seeds=(0,)):
+  """Entries and metrics of three ranks with piecewise-linear held-out loss curves; seed s
+  adds s to every loss of r = 8 (the other ranks' curves are the same for every seed)."""
   curves = {2: [6.0, 5.0, 4.0], 4: [6.0, 4.0, 3.0], 8: [5.0, 3.0, 2.0]}
   entries = []
-  for r, losses in curves.items():
-    run = f"head.rank={r}"
-    os.makedirs(workdir / run)
-    with open(workdir / run / "metrics.jsonl", "w") as f:
-      for k, loss in enumerate(losses, 1):
-        f.write(json.dumps({"step": k, "tokens_seen": 1000 * k, "eval/loss": loss}) + "\n")
-    entries.append({"run": run, "r": r, "V": 64, "V/r": 64 / r, "params": 1e6 + r,
-                    "eval/loss": losses[-1], "bottleneck/destroyed_ratio": 1 - r / 64,
-                    "wall_s": 1.0})
+  for seed in seeds:
+    for r, losses in curves.items():
+      losses = [v + seed * (r == 8) for v in losses]
+      run = f"rank={r}+seed={seed}"
+      os.makedirs(workdir / run)
+      with open(workdir / run / "metrics.jsonl", "w") as f:
+        for k, loss in enumerate(losses, 1):
+          f.write(json.dumps({"step": k, "tokens_seen": 1000 * k, "eval/loss": loss}) + "\n")
+      entries.append({"run": run, "r": r, "seed": seed, "V": 64, "V/r": 64 / r,
+                      "params": 1e6 + r, "eval/loss": losses[-1],
+                      "bottleneck/destroyed_ratio": 1 - r / 64 + seed / 100, "wall_s": 1.0})
   return entries
 
 
-def test_rank_sweep_report(tmp_path):
-  text = rank_sweep.report(tmp_path, fake_rank_runs(tmp_path))
-  assert text.startswith("target: r=2's final held-out loss 4.0000")
+def rank_report(workdir, seeds):
+  entries = fake_rank_runs(workdir, seeds)
+  text = rank_sweep.report(workdir, rank_sweep.summarize(workdir, entries), entries)
   rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines()[3:]}
-  # r=4 reaches 4.0 at 2000 tokens; r=8 between 1000 (5.0) and 2000 (3.0): 1500; base 3000.
-  assert rows["2"][4:6] == ["3000", "1"]
-  assert rows["4"][4:6] == ["2000", "1.5"]
-  assert rows["8"][4:6] == ["1500", "2"]
+  return text, rows
+
+
+def test_rank_sweep_report(tmp_path):
+  text, rows = rank_report(tmp_path, (0,))
+  assert text.startswith("1 seed; mean ± 95% CI (Student t). target: r=2's highest final "
+                         "held-out loss over seeds, 4.0000")
+  # r=4 reaches 4.0 at 2000 tokens; r=8 between 1000 (5.0) and 2000 (3.0): 1500; r=2 at 3000.
+  assert rows["2"][5:7] == ["3000", "1"]
+  assert rows["4"][5:7] == ["2000", "1.5"]
+  assert rows["8"][5:7] == ["1500", "2"]
+  assert rows["8"][3:5] == ["2", "-2"]  # held-out loss; paired difference against r = 2
   for png in ("loss_vs_tokens.png", "destroyed_vs_rank.png"):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rank_sweep_report_over_seeds(tmp_path):
+  """Two seeds: r = 8's seed 1 curve is 1 higher (6, 4, 3), reaching 4.0 at 2000 tokens."""
+  _, rows = rank_report(tmp_path, (0, 1))
+  t = scipy.stats.t.ppf(0.975, 1)
+  speedups, losses = np.array([3000 / 1500, 3000 / 2000]), np.array([2.0, 3.0])
+  half = lambda x: t * np.std(x, ddof=1) / np.sqrt(2)
+  assert rows["8"][3] == f"{losses.mean():.4g} ± {half(losses):.2g}"
+  assert rows["8"][4] == f"{(losses - 4).mean():.3g} ± {half(losses - 4):.2g}"
+  assert rows["8"][5] == f"{1750:.4g} ± {half(np.array([1500, 2000])):.2g}"
+  assert rows["8"][6] == f"{speedups.mean():.4g} ± {half(speedups):.2g}"
+  assert rows["4"][5:7] == ["2000 ± 0", "1.5 ± 0"]
 
 
 def tiny_token_dirs(root, vocab=64):

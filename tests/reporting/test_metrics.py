@@ -73,6 +73,14 @@ def test_speedups_against_the_lowest_rank():
   assert math.isnan(out["r=2"]["tokens_to_target"]) and math.isnan(out["r=2"]["speedup"])
 
 
+def test_mean_curve_averages_seeds_on_their_common_prefix():
+  """A run cut short (a resumed or diverged seed) limits the mean to the steps all runs have."""
+  x, y = metrics.mean_curve([(np.array([1.0, 2.0, 3.0]), np.array([4.0, 2.0, 1.0])),
+                             (np.array([1.0, 2.0]), np.array([6.0, 3.0]))])
+  np.testing.assert_array_equal(x, [1.0, 2.0])
+  np.testing.assert_array_equal(y, [5.0, 2.5])
+
+
 def test_markdown_table():
   rows = [{"a": 1, "b": 0.123456}, {"a": 2, "b": None}]
   text = metrics.markdown_table(rows, {"A": lambda r: r["a"], "B x2": lambda r: r["b"]})
