@@ -15,14 +15,15 @@ Presets:
   eps 1e-8, weight decay 0.1), peak lr 3e-4, 500 warmup steps, cosine decay to 10%, clipping at
   1.0; 512 sequences of 2048 tokens per step (1M tokens) in one pass, 10,500 steps = 11.0B tokens;
   data parallel × FSDP over 4 (`plan --tune`'s choice for v5p-64); the chunked head
-  (`head.chunk_size=4096`); one seed (8 runs). `data.path` and `data.eval_path` must name token directories
-  (FineWeb-Edu, made
-  by `python -m lmhead_jax.data.prepare --tokenizer <SmolLM2 tokenizer.json> ...`).
-- `cpu` (≈ 40 min a seed on 2 cores, 3 seeds run seed by seed): the Python standard library corpus with a byte-level BPE of 4096,
-  built once into DIR/corpus/ when `data.path` is empty (`stdlib_corpus=True`); D=128, 2
-  layers, 4 heads with 2 KV heads, d_ff=512; r ∈ {4, 8, …, 128}; 16 sequences of 128 tokens per
-  step, 1,200 steps (2.5M tokens); AdamW lr 3e-3, 60 warmup steps, cosine to 10%, weight decay
-  0.1, clipping at 1.0; held-out loss every 50 steps on 8 batches of the corpus's val split.
+  (`head.chunk_size=4096`); one seed (8 runs). `data.path` and `data.eval_path` must name token
+  directories (FineWeb-Edu, made by `python -m lmhead_jax.data.prepare --tokenizer <SmolLM2
+  tokenizer.json> ...`).
+- `cpu` (≈ 40 min a seed on 2 cores; 3 seeds, run seed by seed): the Python standard library
+  corpus with a byte-level BPE of 4096, built once into DIR/corpus/ when `data.path` is empty
+  (`stdlib_corpus=True`); D=128, 2 layers, 4 heads with 2 KV heads, d_ff=512; r ∈ {4, 8, …,
+  128}; 16 sequences of 128 tokens per step, 1,200 steps (2.5M tokens); AdamW lr 3e-3, 60
+  warmup steps, cosine to 10%, weight decay 0.1, clipping at 1.0; held-out loss every 50 steps on
+  8 batches of the corpus's val split.
 """
 
 import json
