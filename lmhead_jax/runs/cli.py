@@ -1,8 +1,9 @@
 """The thin `main` of every experiment module: flags, multi-process start-up, then run.
 
 A refusal (a bad flag, key or value; a workdir in use; a resume that cannot be exact; bad data
-or checkpoints; a failed save; a non-finite or diverged step) prints one line, `error: ...`, and
-exits 2 (1 for a failure during training); `--verbose` prints the traceback as well.
+or checkpoints; a failed save or storage request; a non-finite or diverged step) prints one
+line, `error: ...`, and exits 2 (1 for a failure during training or of storage); `--verbose`
+prints the traceback as well.
 `--print_config` prints the resolved config (each run's, for a sweep) after the same checks.
 """
 
@@ -45,6 +46,20 @@ def define_flags() -> None:
 # What the project raises on purpose: refusals of input (exit 2) and failures of a run (exit 1).
 REFUSED = (ValueError, KeyError, RuntimeError)
 FAILED = (OSError, FloatingPointError)
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+  """gcsfs's failures that are not OSErrors: an HTTP error after its retries (5xx, 401, 429),
+  a dropped connection, failed credentials; () without gcsfs."""
+  try:
+    import aiohttp
+    import gcsfs.retry
+    import google.auth.exceptions
+    import requests
+  except ImportError:
+    return ()
+  return (gcsfs.retry.HttpError, aiohttp.ClientError, google.auth.exceptions.GoogleAuthError,
+          requests.RequestException)
 
 
 def refuse(error: BaseException, verbose: bool, code: int, text: str | None = None):
@@ -158,6 +173,8 @@ def main(run_fn) -> None:
       return
     logging.getLogger().setLevel(logging.WARNING)  # orbax and grain are chatty at INFO
     logging.getLogger("lmhead_jax").setLevel(logging.INFO)
+    if not FLAGS.verbose:  # gcsfs logs the traceback of a request it gives up on; we say it once
+      logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     try:
       start_distributed()
       run_fn(FLAGS.config, FLAGS.workdir)
@@ -166,6 +183,9 @@ def main(run_fn) -> None:
             "was saved by this interruption")
     except FAILED as e:
       refuse(e, FLAGS.verbose, 1)
+    except storage_errors() as e:
+      refuse(e, FLAGS.verbose, 1, f"Google Cloud Storage: {type(e).__name__}: "
+             f"{str(e).strip(' ,')} (gcsfs gave up after its retries)")
     except REFUSED as e:
       refuse(e, FLAGS.verbose, 2)
 

@@ -235,3 +235,24 @@ def test_sweep_on_gs_trains_each_run_once(gcs, token_dir):
   again = gcs.python(SWEEP, "gs://bucket/sweep/out", "gs://bucket/sweep/tokens", timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert json.loads(again.stdout.splitlines()[-1]) == entries  # nothing trained again
+
+
+# A bucket whose every request fails with 503 (the emulator for gcsfs, in the child itself).
+UNAVAILABLE = REFUSING.replace("send_response(403)", "send_response(503)").replace(
+    "TENSORSTORE_GCS_HTTP_URL", "STORAGE_EMULATOR_HOST")
+RUN_SMOKE = """
+import runpy
+sys.argv = ["spamlang", "--config=experiments/spamlang.py:smoke", "--workdir=" + sys.argv[1]]
+runpy.run_module("experiments.spamlang", run_name="__main__")
+"""
+
+
+@pytest.mark.slow  # gcsfs retries each request 5 times, 1 s to 16 s apart: about 35 s
+def test_a_storage_outage_is_one_line(gcs):
+  """HTTP 5xx after gcsfs's retries is not an OSError: the run still ends with one line."""
+  proc = gcs.python(UNAVAILABLE + RUN_SMOKE, "gs://bucket/outage", timeout=300)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert lines == ["error: Google Cloud Storage: HttpError: 503 (gcsfs gave up after its retries) "
+                   "(--verbose for the traceback)"], proc.stderr[-3000:]
