@@ -5,9 +5,11 @@ the bottleneck"), run with the same seeds, data and budget on two tasks:
 
 - `spamlang` (DIR/spamlang/<run>/): the largest V/D each seed learns (held-out accuracy ≥ 99%),
   best over a small learning-rate grid, on a short V/D ladder (experiments/spamlang.py's task);
-- `lm` (DIR/lm/<run>/): experiments/rank_sweep.py's trunk and data at one head width: held-out loss
-  against tokens, and the tokens each run needs to reach the baseline's final held-out loss (the
-  highest over its seeds, so that every baseline seed reaches it).
+- `lm` (DIR/lm/<run>/): experiments/rank_sweep.py's trunk and data at one head width, each method
+  at its best lr of a grid (lowest mean final held-out loss): the final held-out loss (equal
+  steps) and the tokens each run needs to reach the baseline's final held-out loss (equal loss;
+  the highest over its seeds, so that every baseline seed reaches it), both paired by seed
+  against the baseline. The lr is chosen on the held-out loss it is then compared on.
 
 DIR/summary.json has, per method and task, the numbers as mean ± 95% CI (Student t) over seeds with
 the per-seed values; DIR/results.md the table; DIR/*.png the figures. destroyed_ratio,
@@ -20,12 +22,13 @@ K = 2 mixtures, not tuned.
 Presets:
 - `smoke` (seconds per run): baseline and whitened, 2 seeds, one SpamLang point, a tiny LM (its
   stdlib corpus takes minutes to build once, unless `data.path` names token directories).
-- `cpu` (≤ 60 min on 2 cores): SpamLang V=512, 1 layer, 1 head, d_ff=4·D, batch 32, seq 32, 500
-  steps (coverage 31), AdamW lr ∈ {1e-2, 3e-2}, 10 warmup steps, D ∈ {16, 8} (V/D 32, 64); LM:
-  the rank sweep's `cpu` trunk (D=128, stdlib corpus, BPE 4096) with the full-width factorized
-  head r=128, 100 steps of 16×128 tokens (205k tokens), 10 warmup steps, cosine decay to 10%,
-  held-out loss every 10 steps on 4 batches, bottleneck metrics every 20. 3 seeds, 6 methods: 90
-  runs, compile-bound (≈ 20 s per SpamLang run on quiet cores).
+- `cpu` (≈ 3 h on 2 cores, seed by seed): SpamLang V=512, 1 layer, 1 head, d_ff=4·D, batch 32,
+  seq 32, 500 steps (coverage 31), AdamW lr ∈ {1e-2, 3e-2, 1e-1}, 10 warmup steps, D ∈ {16, 8}
+  (V/D 32, 64); LM: the rank sweep's `cpu` trunk (D=128, stdlib corpus, BPE 4096) with the
+  full-width factorized head r=128, 100 steps of 16×128 tokens (205k tokens), AdamW lr ∈ {1e-3,
+  3e-3, 1e-2}, 10 warmup steps, cosine decay to 10%, held-out loss every 10 steps on 4 batches,
+  bottleneck metrics every 20. 5 seeds, 6 methods: 180 SpamLang runs (≈ 20 s each on quiet
+  cores, compile-bound) and 90 LM runs (≈ 1 min each).
 - `paper`: the rank sweep's `paper` trunk (2B) at r ∈ {4096, 256} (the mos head has no rank: one
   run), one seed, dense loss (head.chunk_size=None: feedback alignment, the alignment loss and mos
   need G), for TPU; not run here.
@@ -54,11 +57,12 @@ METHODS = {
 BOTTLENECK = ("destroyed_ratio", "visible_cosine", "realized_cosine")
 
 
-def grids(methods, axes: dict) -> tuple:
-  """One sweep grid per method: its overrides and `method` key, times `axes` (no rank for mos)."""
-  return tuple({"method": (m,)} | {k: (v,) for k, v in METHODS[m].items()}
+def grids(methods, seeds, axes: dict) -> tuple:
+  """Seed by seed (every method of a seed before the next seed), one grid per method: its
+  overrides and `method` key, times `axes` (no rank for mos)."""
+  return tuple({"method": (m,), "seed": (seed,)} | {k: (v,) for k, v in METHODS[m].items()}
                | {k: v for k, v in axes.items() if not (m == "mos" and k == "head.rank")}
-               for m in methods)
+               for seed in seeds for m in methods)
 
 
 def with_method(cfg):
@@ -74,7 +78,7 @@ def get_config(preset: str = "cpu"):
     raise ValueError(f"unknown preset {preset!r} for experiments/head_lab.py "
                      "(known: smoke, cpu, paper)")
   cfg = with_method(rank_sweep.get_config(rank))
-  methods, seeds = tuple(METHODS), (0, 1, 2)
+  methods, seeds = tuple(METHODS), (0, 1, 2, 3, 4)
   if preset == "smoke":
     methods, seeds = ("baseline", "whitened"), (0, 1)
     spam.model.update(vocab_size=64, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=None)
@@ -93,19 +97,19 @@ def get_config(preset: str = "cpu"):
     spam.model.update(vocab_size=512, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=None)
     spam.train.update(steps=500, batch_size=32, log_every=25, bottleneck_every=25, eval_every=0,
                       eval_batches=4)
-    spam_axes = {"model.d_model": (16, 8), "optimizer.learning_rate": (1e-2, 3e-2)}
+    spam_axes = {"model.d_model": (16, 8), "optimizer.learning_rate": (1e-2, 3e-2, 1e-1)}
     cfg.optimizer.warmup_steps = 10
     cfg.train.update(steps=100, log_every=10, bottleneck_every=20, eval_every=10, eval_batches=4)
     cfg.checkpoint.every = 0
-    cfg.head.rank, lm_axes = 128, {}
+    cfg.head.rank, lm_axes = 128, {"optimizer.learning_rate": (1e-3, 3e-3, 1e-2)}
   else:
     spam, seeds = None, (0,)
     cfg.head.chunk_size = None
     cfg.head.rank, lm_axes = 4096, {"head.rank": (4096, 256)}
   if spam is not None:
     spam.checkpoint.every = 0
-    spam.sweep = grids(methods, {"seed": seeds} | spam_axes)
-  cfg.sweep = grids(methods, {"seed": seeds} | lm_axes)
+    spam.sweep = grids(methods, seeds, spam_axes)
+  cfg.sweep = grids(methods, seeds, lm_axes)
   with cfg.unlocked():
     cfg.spamlang = spam
   return cfg
@@ -172,27 +176,40 @@ def lm_label(entries: list[dict]):
   return lambda e: e["method"] + (f" r={e['head_rank']}" if several and e["head_rank"] else "")
 
 
+def best_lr(runs: list[dict]) -> list[dict]:
+  """The runs (sorted by seed) of the lr with the lowest mean final held-out loss over seeds (a
+  diverged seed counts as +inf)."""
+  loss = lambda e: e.get("eval/loss") if e.get("eval/loss") is not None else math.inf
+  by_lr = _by(runs, "lr")
+  lr = min(by_lr, key=lambda k: np.mean([loss(e) for e in by_lr[k]]))
+  return sorted(by_lr[lr], key=lambda e: e["seed"])
+
+
 def summarize_lm(workdir, entries: list[dict]) -> dict:
-  """Per method (and head rank): final held-out loss, tokens to the target (the highest final
-  held-out loss of the baseline's seeds, which each of them reaches; the full-width baseline's for
-  mos), the speed-up against the baseline's tokens to it, bottleneck metrics; over seeds; and the
-  held-out loss's paired difference against the baseline (same seeds)."""
-  groups = _by(entries, "method", "head_rank")
+  """Per method (and head rank), at its best lr (`best_lr`), over seeds: the final held-out loss
+  (equal steps) and its paired difference against the baseline at the baseline's best lr; the
+  tokens to the target (equal loss: the highest final held-out loss of those baseline seeds,
+  which each of them reaches; the full-width baseline's for mos) and, per seed, the baseline's
+  tokens over the method's (the speed-up, paired); bottleneck metrics."""
+  groups = {k: best_lr(g) for k, g in _by(entries, "method", "head_rank").items()}
   widest = max(r for m, r in groups if m == "baseline")
   label, out = lm_label(entries), {}
   for (method, rank), group in groups.items():
     base = groups[("baseline", rank or widest)]
-    target = max((e["eval/loss"] for e in base if "eval/loss" in e), default=math.nan)  # diverged
-    tokens = lambda es: [metrics.tokens_to_target(*_curve(workdir, e, "eval/loss", "tokens_seen"),
-                                               target) for e in es]
-    reach, base_reach = stats.summary(tokens(group)), stats.summary(tokens(base))
-    speedup = (base_reach["mean"] / reach["mean"]
-               if reach["mean"] and base_reach["mean"] and reach["n"] == len(group) else None)
+    target = max((e["eval/loss"] for e in base if e.get("eval/loss") is not None),
+                 default=math.nan)  # every seed diverged
+    tokens = lambda es: {e["seed"]: metrics.tokens_to_target(
+        *_curve(workdir, e, "eval/loss", "tokens_seen"), target) for e in es}
+    reach, base_reach = tokens(group), tokens(base)
+    speedup = {s: base_reach[s] / t if t > 0 else None  # None: never reached the target
+               for s, t in reach.items() if s in base_reach}
     per_seed = lambda es: {e["seed"]: e.get("eval/loss") for e in es}
-    out[label(group[0])] = {"eval_loss": stats.summary([e.get("eval/loss") for e in group]),
+    out[label(group[0])] = {"lr": group[0]["lr"],
+                            "eval_loss": stats.summary([e.get("eval/loss") for e in group]),
                             "eval_loss_minus_baseline": stats.paired(per_seed(group),
                                                                      per_seed(base)),
-                            "target": target, "tokens_to_target": reach, "speedup": speedup,
+                            "target": target, "tokens_to_target": stats.summary(reach.values()),
+                            "speedup": stats.summary(speedup.values()),
                             **_bottleneck(workdir, group)}
   return out
 
@@ -210,11 +227,12 @@ def _mean_curves(workdir, entries, y, label, x="step") -> dict:
 def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
   """The results table (method × task); figures saved into the workdir."""
   lm_dir, label = f"{workdir}/lm", lm_label(entries["lm"])
-  plots.lines(_mean_curves(lm_dir, entries["lm"], "eval/loss", label, "tokens_seen"),
+  chosen = [e for g in _by(entries["lm"], "method", "head_rank").values() for e in best_lr(g)]
+  plots.lines(_mean_curves(lm_dir, chosen, "eval/loss", label, "tokens_seen"),
               f"{workdir}/head_lab_lm_loss.{fmt}", xlabel="tokens", ylabel="held-out loss",
               title="Head lab, LM: held-out loss (mean over seeds)", markers=False)
   for m in BOTTLENECK:
-    plots.lines(_mean_curves(lm_dir, entries["lm"], f"bottleneck/{m}", label),
+    plots.lines(_mean_curves(lm_dir, chosen, f"bottleneck/{m}", label),
                 f"{workdir}/head_lab_lm_{m}.{fmt}", xlabel="step", ylabel=m,
                 title=f"Head lab, LM: {m} (mean over seeds)", markers=False)
   columns, text = {"method": lambda r: r[0]}, ""
@@ -235,13 +253,15 @@ def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
                 "held-out accuracy": lambda r: stats.text(r[2]["accuracy"]), **bottleneck_columns}))
   lm = found["lm"]
   columns |= {
+      "LM lr": lambda r: r[1]["lr"],
       "LM held-out loss": lambda r: stats.text(r[1]["eval_loss"]),
       "− baseline (paired)": lambda r: stats.text(r[1]["eval_loss_minus_baseline"], 3),
       "LM tokens to target": lambda r: stats.text(r[1]["tokens_to_target"], 3),
-      "speed-up": lambda r: r[1]["speedup"], **bottleneck_columns}
+      "speed-up (paired)": lambda r: stats.text(r[1]["speedup"], 3), **bottleneck_columns}
   target = next(iter(lm.values()))["target"]
-  return (f"LM target: the baseline seeds' highest final held-out loss ({target:.4f}); bottleneck "
-          "metrics: LM, mean over logged steps, then over seeds (mean ± 95% CI)\n\n"
+  return (f"LM: each method at its lr with the lowest mean final held-out loss; target: the "
+          f"baseline seeds' highest final held-out loss ({target:.4f}); bottleneck metrics: LM, "
+          "mean over logged steps, then over seeds (mean ± 95% CI)\n\n"
           + metrics.markdown_table(list(lm.items()), columns) + text)
 
 

@@ -114,7 +114,8 @@ def summarize(workdir, entries: list[dict]) -> dict:
   out = {}
   for r, runs in sorted(by.items()):
     reach = tokens(runs)
-    speedup = {s: base[s] / t for s, t in reach.items() if s in base and t > 0}
+    speedup = {s: base[s] / t if t > 0 else None  # None: never reached the target
+               for s, t in reach.items() if s in base}
     last = lambda key: stats.summary([e.get(key) for e in runs.values()])
     out[r] = {"target": target, "eval_loss": stats.summary(final(runs).values()),
               "minus_lowest": stats.paired(final(runs), final(lowest)),

@@ -41,8 +41,10 @@ def test_every_method_builds_and_validates(preset):
     assert ("baseline", 4096) in ranks and ("whitened", 256) in ranks and ("mos", None) in ranks
     assert cfg.model.d_model == 4096 and cfg.head.chunk_size is None
   if preset == "cpu":
-    assert len(grid.expand(cfg.spamlang.sweep)) == 6 * 3 * 2 * 2
-    assert len(grid.expand(cfg.sweep)) == 6 * 3
+    assert len(grid.expand(cfg.spamlang.sweep)) == 6 * 5 * 2 * 3  # methods, seeds, D, lr
+    assert len(grid.expand(cfg.sweep)) == 6 * 5 * 3  # methods, seeds, lr
+    seeds = [o["seed"] for o in grid.expand(cfg.sweep)]
+    assert seeds == sorted(seeds)  # seed by seed
 
 
 def test_paper_preset_plans_on_a_v5p_slice():
@@ -90,28 +92,34 @@ def test_spamlang_summary_from_runs(tmp_path):
 
 
 def test_lm_summary_from_runs(tmp_path):
-  """Held-out loss curves at 100, 200, 300 tokens; target = the worst baseline seed's final loss."""
-  curves = {("baseline", 0): [5.0, 4.0, 3.0], ("baseline", 1): [5.0, 4.5, 3.5],
-            ("mos", 0): [4.0, 3.0, 2.0], ("mos", 1): [5.0, 4.0, 3.6]}
+  """Held-out loss curves at 100, 200, 300 tokens, two lrs per method; each method is judged at
+  its lr with the lowest mean final loss (baseline: 0.1, mos: 0.2); target = the worst final loss
+  of the chosen baseline seeds."""
+  curves = {("baseline", 0.1, 0): [5.0, 4.0, 3.0], ("baseline", 0.1, 1): [5.0, 4.5, 3.5],
+            ("baseline", 0.2, 0): [6.0, 5.0, 4.5], ("baseline", 0.2, 1): [6.0, 5.0, 4.4],
+            ("mos", 0.2, 0): [4.0, 3.0, 2.0], ("mos", 0.2, 1): [5.0, 4.0, 3.6],
+            ("mos", 0.1, 0): [4.0, 3.5, 3.0], ("mos", 0.1, 1): [5.0, 4.0, 3.2]}
   entries = []
-  for (method, seed), losses in curves.items():
-    run = f"{method}-{seed}"
+  for (method, lr, seed), losses in curves.items():
+    run = f"{method}-{lr}-{seed}"
     write_run(tmp_path, run, [{"step": k, "tokens_seen": 100 * k, "eval/loss": loss,
                                "bottleneck/realized_cosine": 0.1 * k}
                               for k, loss in enumerate(losses, 1)])
     entries.append({"run": run, "method": method, "seed": seed, "eval/loss": losses[-1],
-                    "head_rank": 8 if method == "baseline" else None})
+                    "lr": lr, "head_rank": 8 if method == "baseline" else None})
   out = head_lab.summarize_lm(tmp_path, entries)
   assert set(out) == {"baseline", "mos"}
   base, mos = out["baseline"], out["mos"]
+  assert (base["lr"], mos["lr"]) == (0.1, 0.2)
   assert base["target"] == mos["target"] == 3.5
   # linear between the evaluations around the crossing: baseline 4.0 → 3.0 over 200..300 tokens
   # crosses 3.5 at 250, the other seed ends at 3.5 (300); mos 4.0 → 3.0 over 100..200 at 150,
   # its seed 1 never reaches it (3.6).
   assert base["tokens_to_target"]["values"] == [250.0, 300.0]
   assert mos["tokens_to_target"]["values"] == [150.0, None]
-  assert mos["tokens_to_target"]["n"] == 1 and mos["speedup"] is None  # a seed never reached it
-  assert base["speedup"] == pytest.approx(1.0)
+  assert mos["speedup"]["values"] == pytest.approx([250 / 150, None])  # paired by seed
+  assert mos["speedup"]["n"] == 1
+  assert base["speedup"]["values"] == [1.0, 1.0]
   assert base["eval_loss"]["ci95"] == pytest.approx(t_ci([3.0, 3.5]))
   paired = mos["eval_loss_minus_baseline"]  # 2.0 − 3.0 and 3.6 − 3.5, seed by seed
   assert paired["values"] == pytest.approx([-1.0, 0.1]) and paired["seeds"] == [0, 1]
@@ -119,6 +127,14 @@ def test_lm_summary_from_runs(tmp_path):
   assert base["eval_loss_minus_baseline"]["values"] == [0.0, 0.0]
   assert base["realized_cosine"]["mean"] == pytest.approx(0.2)
   assert base["destroyed_ratio"]["n"] == 0  # not logged: no number rather than a made-up one
+
+
+def test_a_diverged_seed_makes_its_lr_lose():
+  """A seed without a final loss (diverged) counts as +inf for its lr's mean."""
+  runs = [{"lr": 0.1, "seed": 0, "eval/loss": 1.0}, {"lr": 0.1, "seed": 1, "eval/loss": None},
+          {"lr": 0.01, "seed": 1, "eval/loss": 3.0}, {"lr": 0.01, "seed": 0, "eval/loss": 2.0}]
+  assert [e["seed"] for e in head_lab.best_lr(runs)] == [0, 1]
+  assert {e["lr"] for e in head_lab.best_lr(runs)} == {0.01}
 
 
 def tiny_token_dirs(root, vocab):
@@ -152,6 +168,6 @@ def test_smoke_end_to_end(tmp_path):
     for m in head_lab.BOTTLENECK:
       assert 0 <= tasks["lm"][m]["mean"] <= 1
   table = (out / "results.md").read_text()
-  assert "| method | SpamLang largest V/D ≥ 99% | LM held-out loss |" in table
+  assert "| method | SpamLang largest V/D ≥ 99% | LM lr | LM held-out loss |" in table
   for name in ("lm_loss", "lm_realized_cosine", "spamlang_accuracy"):
     assert (out / f"head_lab_{name}.png").read_bytes()[:4] == b"\x89PNG"
