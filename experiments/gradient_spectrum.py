@@ -4,8 +4,10 @@ Presets:
 - `cpu`: offline, V = 4096 (a byte-level BPE of the Python standard library), a fresh D = 64
   model and one trained here for 300 steps, N up to 100k tokens; float64 Gram on the host.
 - `pretrained`: HF checkpoints (`--config.checkpoints=...`, data as in measure_pretrained), N up
-  to 500k tokens; the Gram (float64) when V×V fits in `spectrum.gram_max_gib`, else the top
-  `spectrum.rank_k` σ by a randomized eigensolver.
+  to 500k tokens; the Gram (float64) when its row shard fits in `spectrum.gram_max_gib` per
+  device and its host part (`gram.gram_gib`) in `spectrum.host_max_gib` (0: half the host's
+  memory), else the top `spectrum.rank_k` σ by a randomized eigensolver. V = 50k takes
+  37.6 GiB of host memory (the paper's setting: a TPU host, not this 24 GB machine).
 
 Writes WORKDIR/summary.json ({"models": [{..., "points": [one summary per N]}]}, definitions in
 `lmhead_jax.analysis.gram`), prints a table and draws WORKDIR/spectrum_rank.png.
@@ -22,7 +24,8 @@ def get_config(preset: str = "cpu"):
   cfg = measurement.base_config()
   with cfg.unlocked():
     cfg.spectrum = dict(tokens="1000,2000,5000,10000,20000,50000,100000", method="auto",
-                        gram_dtype="float64", gram_max_gib=16.0, rank_k=8192, power_iters=30)
+                        gram_dtype="float64", gram_max_gib=16.0, host_max_gib=0.0, rank_k=8192,
+                        power_iters=30)
   if preset == "cpu":
     measurement.cpu_preset(cfg, vocab_size=4096, fresh="64", batch_size=16)
   elif preset == "pretrained":
@@ -52,7 +55,8 @@ def main(cfg, workdir):
   tokens = [int(t) for t in corpus.split_list(sp.tokens)]
 
   def spectrum(s, source, mesh):
-    method = gram.choose_method(sp.method, s.model_cfg.vocab_size, sp.gram_dtype, sp.gram_max_gib)
+    method = gram.choose_method(sp.method, s.model_cfg.vocab_size, sp.gram_dtype, sp.gram_max_gib,
+                                mesh.devices.size, sp.host_max_gib)
     t0 = time.perf_counter()
     points = gram.growing_spectrum(
         s, source, mesh, tokens=tokens, batch_size=cfg.measure.batch_size, method=method,

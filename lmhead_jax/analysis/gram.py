@@ -1,17 +1,24 @@
 """Singular values of the logit gradient G over many tokens, without ever holding the N×V matrix.
 
 Two methods, both streaming G in chunks of tokens recomputed from the hidden states: `gram`
-(C = GᵀG, V×V, accumulated sharded over every device, then its eigenvalues; float64 by default)
-and `randomized` (the top k σ of C by a randomized range finder, one pass over the tokens per
-product, when V×V does not fit). G is scaled by 1/N as in the paper. Resolution, convergence and
+(C = GᵀG, V×V, accumulated sharded by rows over every device, float64 by default, then its
+eigenvalues in float64 on the host) and `randomized` (the top k σ of C by a randomized range
+finder, one pass over the tokens per product, when C does not fit). G is scaled by 1/N as in the paper. Resolution, convergence and
 the rank rules (`numerical_rank`, `numerical_rank_fine`): docs/INTERNALS.md.
 """
 
+import logging
 import math
+import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
+import threadpoolctl
+import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lmhead_jax.analysis import measure, spectrum
@@ -20,6 +27,7 @@ from lmhead_jax.data import pipeline
 from lmhead_jax.training import sharding
 
 EPS32 = float(np.finfo(np.float32).eps)
+log = logging.getLogger(__name__)
 
 
 def chunk_grad(h_BxLxD, w_VxD, y_BxL, mask_BxL, dtype):
@@ -28,27 +36,42 @@ def chunk_grad(h_BxLxD, w_VxD, y_BxL, mask_BxL, dtype):
   return (g * mask_BxL.reshape(-1, 1)).astype(dtype)
 
 
-def make_gram(mesh, v: int, dtype):
-  """(update(c, h, w, y, mask) -> c + gᵀg, jitted and donated, and C = 0), C sharded by rows.
+def gram_sharding(mesh, v: int) -> NamedSharding:
+  """C's rows split over every device (replicated when V does not divide)."""
+  return NamedSharding(mesh, P(sharding.MESH_AXES, None) if v % mesh.devices.size == 0 else P())
 
-  The chunk's G is gathered on every device, which then computes only its own rows of C: no
-  device ever holds a V×V partial sum.
-  """
-  c_sh = NamedSharding(mesh, P(sharding.MESH_AXES, None) if v % mesh.devices.size == 0 else P())
 
+def gram_update(mesh, v: int):
+  """update(c, h, w, y, mask) -> c + gᵀg, jitted and donated: the chunk's G is gathered on every
+  device, which then computes only its own rows of C (no device holds a V×V partial sum)."""
   def update(c, h, w, y, m):
     g = jax.lax.with_sharding_constraint(chunk_grad(h, w, y, m, c.dtype),
                                          sharding.replicated(mesh))
     return c + g.T @ g
 
-  zeros = jax.jit(lambda: jnp.zeros((v, v), dtype), out_shardings=c_sh)
-  return jax.jit(update, out_shardings=c_sh, donate_argnums=0), zeros()
+  return jax.jit(update, out_shardings=gram_sharding(mesh, v), donate_argnums=0)
 
 
-def eig_sigma(c_VxV, mesh) -> np.ndarray:
-  """σ descending from the eigenvalues of C = GᵀG (negative round-off clipped to 0)."""
-  lam = jax.jit(jnp.linalg.eigvalsh, out_shardings=sharding.replicated(mesh))(c_VxV)
-  return np.sqrt(np.clip(np.asarray(lam, np.float64)[::-1], 0.0, None))
+def make_gram(mesh, v: int, dtype):
+  """(`gram_update`, C = 0 sharded by rows)."""
+  zeros = jax.jit(lambda: jnp.zeros((v, v), dtype), out_shardings=gram_sharding(mesh, v))
+  return gram_update(mesh, v), zeros()
+
+
+def host_sigma(c_VxV) -> np.ndarray:
+  """σ descending from the eigenvalues of C = GᵀG, by LAPACK in float64 on the host, with every
+  core (negative round-off clipped to 0). C's row shards (every process's) are copied into one
+  host array, which the eigensolver overwrites; accelerators have no float64 eigensolver."""
+  if jax.process_count() > 1:
+    c_VxV = multihost_utils.process_allgather(c_VxV, tiled=True)
+  host = np.array(c_VxV, np.float64)
+  v, t = len(host), time.perf_counter()
+  log.info("eigenvalues of the %d×%d Gram on the host (float64, %d threads)", v, v,
+           os.cpu_count())
+  with threadpoolctl.threadpool_limits(os.cpu_count(), user_api="blas"):  # no XLA work runs now
+    lam = scipy.linalg.eigvalsh(host, overwrite_a=True, check_finite=False)
+  log.info("eigenvalues done in %.0f s", time.perf_counter() - t)
+  return np.sqrt(np.clip(lam[::-1], 0.0, None))
 
 
 def randomized_sigma(apply_c, v: int, k: int, key, *, power_iters: int = 30,
@@ -130,10 +153,26 @@ def hidden_chunks(subject, source, mesh, *, num_tokens: int, batch_size: int, se
     yield h, b["targets"], b["mask"], int(n)
 
 
-def choose_method(method: str, v: int, gram_dtype: str, gram_max_gib: float) -> str:
-  """'gram' or 'randomized'; 'auto' picks gram when V×V in gram_dtype fits in gram_max_gib."""
+def host_memory_gib() -> float:
+  """This host's physical memory in GiB."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def gram_gib(v: int, gram_dtype: str, devices: int) -> tuple[float, float]:
+  """(GiB per device, GiB on the host) of the Gram path: C's row shard, and C in float64 for the
+  eigensolver beside the accumulator's own copy (on a CPU device that is host memory too)."""
+  c = v * v * np.dtype(gram_dtype).itemsize / 2**30
+  return c / devices, v * v * 8 / 2**30 + c
+
+
+def choose_method(method: str, v: int, gram_dtype: str, gram_max_gib: float, devices: int = 1,
+                  host_max_gib: float = 0.0) -> str:
+  """'gram' or 'randomized'; 'auto' picks gram when C's share per device fits in gram_max_gib and
+  the host's part (`gram_gib`) in host_max_gib (0: half of this host's memory)."""
   if method == "auto":
-    return "gram" if v * v * np.dtype(gram_dtype).itemsize <= gram_max_gib * 2**30 else "randomized"
+    per_device, host = gram_gib(v, gram_dtype, devices)
+    fits = host <= (host_max_gib or host_memory_gib() / 2) and per_device <= gram_max_gib
+    return "gram" if fits else "randomized"
   if method not in ("gram", "randomized"):
     raise ValueError(f"spectrum.method={method!r} is not 'auto', 'gram' or 'randomized'")
   return method
@@ -175,18 +214,22 @@ def growing_spectrum(subject, source, mesh, *, tokens: list[int], batch_size: in
     with x64():
       update, c = make_gram(mesh, v, jnp.dtype(gram_dtype))
   prod = jax.jit(lambda x, h, w, y, m: (lambda g: g.T @ (g @ x))(chunk_grad(h, w, y, m, x.dtype)))
+  bar = tqdm.tqdm(total=max(tokens), desc=f"G of {subject.name}", unit="tok", unit_scale=True,
+                  disable=jax.process_index() != 0, mininterval=10)
   for h, y, m, n in hidden_chunks(subject, source, mesh, num_tokens=max(tokens),
                                   batch_size=batch_size, seed=seed):
     seen, total_sq = seen + n, total_sq + float(sq(h, w, y, m))
+    bar.update(min(n, bar.total - bar.n))
     if method == "gram":
       with x64():
         c = update(c, h, w, y, m)
         if due():
-          add(eig_sigma(c, mesh))
+          add(host_sigma(c))
       continue
     cache.append((h, y, m))
     if due():
       apply_c = lambda x: sum(prod(x, h, w, y, m) for h, y, m in cache)
       add(*randomized_sigma(apply_c, v, min(k, seen, v), jax.random.key(seed),
                             power_iters=power_iters))
+  bar.close()
   return points

@@ -107,7 +107,8 @@ def resolved(cfg) -> ml_collections.ConfigDict:
 
 
 # Ranges of the numeric keys besides model.* and head.* (ModelConfig and HeadConfig check
-# those): key -> (low, high, check_range options). A missing group (measure.*) is skipped.
+# those): key -> (low, high, check_range options). A missing group (measure.*, spectrum.*) is
+# skipped.
 def flat(d: dict, prefix: str = "") -> dict:
   """A nested dict (a config as JSON) as {dotted key: value}."""
   out = {}
@@ -143,6 +144,10 @@ RANGES = {
     "optimizer.b2": (0, 1, dict(high_open=True)),
     "optimizer.eps": (0, math.inf, dict(low_open=True)),
     "optimizer.momentum": (0, 1, dict(high_open=True)),  # 0: plain SGD
+    "spectrum.gram_max_gib": (0, math.inf, dict(low_open=True)),
+    "spectrum.host_max_gib": (0, math.inf, {}),  # 0: half the host's memory
+    "spectrum.rank_k": (0, math.inf, dict(integer=True)),
+    "spectrum.power_iters": (0, math.inf, dict(integer=True)),
 }
 
 

@@ -3,7 +3,7 @@
 `topology_devices` asks libtpu for a slice's devices (`jax.experimental.topologies`, as MaxText's
 train_compile.py does), multi-host slices included; `gpu_devices` does the same for H100/H200
 GPUs with the CUDA plugin's XLA:GPU. Programs (`train_programs` of a Setup on such a mesh,
-`measure_programs`) are lowered with sharded ShapeDtypeStructs and compiled for that topology.
+`measure_programs`, `gram_programs`) are lowered with sharded ShapeDtypeStructs and compiled for that topology.
 Per chip, `compiled_row` reports XLA's bytes (needed = arguments + outputs − aliased +
 temporaries), FLOPs and bytes accessed (`cost_analysis`; none from XLA:GPU), the bytes its
 collectives send (`collectives`) and a three-way roofline (`roofline`): compute, HBM and
@@ -30,7 +30,7 @@ import typing
 import jax
 import jax.numpy as jnp
 
-from lmhead_jax.analysis import measure
+from lmhead_jax.analysis import gram, measure
 from lmhead_jax.core import bottleneck, heads, model
 from lmhead_jax.core.config import HeadConfig, ModelConfig
 from lmhead_jax.tools import collectives, costs
@@ -233,6 +233,25 @@ def measure_programs(models: list[Measured], mesh, batch_size: int, seq_len: int
     out[f"{name}/range_map"] = Program(range_map.lower(heads.params_of(params, hc)), None)
     out[f"{name}/measure_step"] = Program(step.lower(params, m, batch),
                                           forward_flops(c, hc, batch_size * seq_len, seq_len))
+  return out
+
+
+def gram_programs(models: list[Measured], mesh, batch_size: int, seq_len: int,
+                  gram_dtype: str) -> dict[str, Program]:
+  """The Gram path's accumulation step (`gram.gram_update`: a batch's G gathered, C += GᵀG on
+  each device's rows of C in gram_dtype), per model; no model FLOPs."""
+  out = {}
+  y = _batch(mesh, batch_size, seq_len)
+  for name, c, _, dtype in models:
+    dtype = dtype or jnp.float32
+    h = jax.ShapeDtypeStruct((batch_size, seq_len, c.d_model), dtype,
+                             sharding=sharding.batch_sharding(mesh, 3))
+    w = jax.ShapeDtypeStruct((c.vocab_size, c.d_model), dtype, sharding=sharding.replicated(mesh))
+    with jax.enable_x64(gram_dtype == "float64"):
+      acc = jax.ShapeDtypeStruct((c.vocab_size,) * 2, jnp.dtype(gram_dtype),
+                                 sharding=gram.gram_sharding(mesh, c.vocab_size))
+      lowered = gram.gram_update(mesh, c.vocab_size).lower(acc, h, w, y["targets"], y["mask"])
+    out[f"{name}/gram_update"] = Program(lowered, None)
   return out
 
 

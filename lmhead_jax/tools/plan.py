@@ -22,6 +22,7 @@ import types
 import jax
 import numpy as np
 
+from lmhead_jax.analysis import gram
 from lmhead_jax.core import attention
 from lmhead_jax.core.config import default_head
 from lmhead_jax.data import hf
@@ -274,8 +275,15 @@ def programs_of(cfg, mesh, only=None) -> dict[str, aot.Program]:
   if "measure" not in cfg:
     return aot.train_programs(checked_setup(cfg, mesh), only)
   seq_len = int(cfg.data.seq_len)
-  programs = aot.measure_programs(measured_models(cfg), mesh, int(cfg.measure.batch_size),
-                                  seq_len, int(cfg.measure.chunk_len or seq_len))
+  models, batch_size = measured_models(cfg), int(cfg.measure.batch_size)
+  programs = aot.measure_programs(models, mesh, batch_size, seq_len,
+                                  int(cfg.measure.get("chunk_len") or seq_len))
+  if "spectrum" in cfg:  # gradient_spectrum: the Gram path's step where it picks that path
+    sp = cfg.spectrum  # (host_max_gib=0 means the measuring host's memory, not this one's)
+    on_gram = [m for m in models if gram.choose_method(
+        sp.method, m.model.vocab_size, sp.gram_dtype, sp.gram_max_gib, mesh.devices.size,
+        sp.host_max_gib or math.inf) == "gram"]
+    programs |= aot.gram_programs(on_gram, mesh, batch_size, seq_len, sp.gram_dtype)
   return {k: v for k, v in programs.items() if only is None or k in only}
 
 

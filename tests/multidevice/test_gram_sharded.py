@@ -1,5 +1,7 @@
-"""gram.growing_spectrum on 8 devices against a dense float64 numpy SVD of G."""
+"""gram on 8 devices: growing_spectrum against a dense float64 numpy SVD of G; C split by rows."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lmhead_jax.runs import measurement
@@ -38,3 +40,25 @@ def test_gram_on_eight_devices():
   np.testing.assert_allclose(got["sigma_1"], sv[0], rtol=1e-5)
   np.testing.assert_allclose(got["residual_2d"], np.sqrt(np.sum(sv[16:]**2) / np.sum(sv**2)),
                              rtol=1e-5)
+
+
+def test_each_device_holds_its_rows_of_the_gram():
+  """C = GᵀG split by rows over 8 devices (V = 64: 8 rows each), before and after an update;
+  the per-device budget is what lets a V×V larger than one device's share take the Gram path."""
+  mesh = sharding.make_mesh(data=8)
+  rng = np.random.default_rng(0)
+  h = rng.standard_normal((8, 4, 16)).astype(np.float32)
+  w = rng.standard_normal((64, 16)).astype(np.float32)
+  y, m = rng.integers(0, 64, (8, 4)).astype(np.int32), np.ones((8, 4), np.float32)
+  with jax.enable_x64(True):
+    update, c = gram.make_gram(mesh, 64, jnp.float64)
+    assert {s.data.shape for s in c.addressable_shards} == {(8, 64)}
+    c = update(c, jax.device_put(h, sharding.batch_sharding(mesh, 3)), w, y, m)
+    assert {s.data.shape for s in c.addressable_shards} == {(8, 64)}
+    z = h.reshape(-1, 16).astype(np.float64) @ w.T.astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    g = p / p.sum(-1, keepdims=True) - np.eye(64)[y.reshape(-1)]
+    np.testing.assert_allclose(np.asarray(c), g.T @ g, rtol=1e-5, atol=1e-6)
+  share = 64 * 64 * 8 / 8 / 2**30  # one device's rows, in GiB
+  assert gram.choose_method("auto", 64, "float64", share, 8, host_max_gib=1.0) == "gram"
+  assert gram.choose_method("auto", 64, "float64", share, 1, host_max_gib=1.0) == "randomized"
