@@ -147,3 +147,21 @@ def test_slices_take_meshes_of_whole_torus_axes():
   assert aot.maps_onto_slice("v5p-64", (4, 4, 2)) and aot.maps_onto_slice("v5p-64", (1, 32, 1))
   assert not aot.maps_onto_slice("v5p-64", (2, 8, 2))  # 2x4x4: 8 = 2·4 leaves 4 for the last 2
   assert aot.maps_onto_slice("h200-64", (2, 8, 4))  # GPUs: any
+
+
+@pytest.mark.parametrize("method", ["gram", "randomized"])
+def test_a_spectrum_config_plans_its_gram_step(method):
+  """gradient_spectrum's Gram path adds its accumulation step: C (V×V float64, the donated
+  argument and the output) += GᵀG of one batch; the randomized path has none."""
+  from experiments import gradient_spectrum
+  from lmhead_jax.training import sharding
+  cfg = gradient_spectrum.get_config("cpu")
+  cfg.model.update(vocab_size=256, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                   max_seq_len=32)
+  cfg.data.seq_len, cfg.measure.batch_size, cfg.spectrum.method = 32, 4, method
+  programs = plan.programs_of(cfg, sharding.make_mesh())
+  assert ("model/gram_update" in programs) == (method == "gram")
+  if method == "gram":
+    memory = programs["model/gram_update"].lowered.compile().memory_analysis()
+    assert memory.output_size_in_bytes == 256 * 256 * 8
+    assert memory.alias_size_in_bytes == 256 * 256 * 8  # C is donated
