@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from lmhead_jax.core.params import BATCH_AXES
+from lmhead_jax.core.params import BATCH_AXES, TENSOR_AXIS
 
 KINDS = ("xla", "flash", "cudnn", "auto")
-HEADS_AXIS = "tensor"  # the mesh axis that tensor parallelism splits attention heads over
 FLASH_BLOCK = 128  # the sequence length of tokamax's TPU kernel is a multiple of this
 # tokamax's fused backward keeps L / block partial float32 copies of dq (splash's
 # dq_reduction_steps is not exposed): the largest of these blocks that divides L is taken, so
@@ -72,8 +71,8 @@ def _per_shard(kernel, q_BxLxHxE, k_BxLxKxE, v_BxLxKxE):
   if mesh.empty:
     return kernel(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE)
   batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
-  t = mesh.shape.get(HEADS_AXIS, 1)
-  heads = HEADS_AXIS if t > 1 and q_BxLxHxE.shape[2] % t == k_BxLxKxE.shape[2] % t == 0 else None
+  t = mesh.shape.get(TENSOR_AXIS, 1)
+  heads = TENSOR_AXIS if t > 1 and q_BxLxHxE.shape[2] % t == k_BxLxKxE.shape[2] % t == 0 else None
   spec = P(batch, None, heads, None)
   return jax.shard_map(kernel, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE)

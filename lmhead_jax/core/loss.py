@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lmhead_jax.core import checks
+from lmhead_jax.core import checks, params
 
 IGNORE_INDEX = -100  # a target equal to it is masked (Hugging Face's ignore_index convention)
 REDUCTIONS = ("mean", "sum", "none")
@@ -305,8 +305,10 @@ def _over_blocks(f, init, xs):
 
 def _scan_chunks(h_TxCxD, w_MxUxD, y_TxC, m_TxC, r_TxC, static, with_grad):
   """Per-token ℓ [T, C], TokenStats and, with_grad, (dh, dW) of Σ_t r_t·ℓ_t, over T chunks of
-  C tokens and M vocabulary blocks of U columns; static = (Options, V, compute dtype)."""
-  opts, vocab_size, dtype = static
+  C tokens and M vocabulary blocks of U columns; static = (Options, V, compute dtype, S). dW
+  accumulates as S partial sums, one per slice of C/S tokens (each device's own, on a mesh whose
+  batch axes have S devices), summed once after the last chunk."""
+  opts, vocab_size, dtype, shards = static
   h_TxCxD, w_MxUxD = h_TxCxD.astype(dtype), w_MxUxD.astype(dtype)
   nb, u, _ = w_MxUxD.shape
   blocks = (w_MxUxD, jnp.arange(nb) * u)
@@ -350,17 +352,19 @@ def _scan_chunks(h_TxCxD, w_MxUxD, y_TxC, m_TxC, r_TxC, static, with_grad):
       # Both contract a dimension that may be sharded: the outputs are sharded like h and w.
       dh = jnp.einsum("cu,ud->cd", g_CxU, w, preferred_element_type=jnp.float32,
                       out_sharding=jax.typeof(h_CxD).sharding)
-      dw = jnp.einsum("cu,cd->ud", g_CxU, h_CxD, preferred_element_type=jnp.float32,
-                      out_sharding=jax.typeof(w).sharding)
+      dw = jnp.einsum("scu,scd->sud", g_CxU.reshape(shards, -1, u),
+                      h_CxD.reshape(shards, -1, h_CxD.shape[-1]),
+                      preferred_element_type=jnp.float32)
       return (dh_CxD + dh, g_sq_C), dw
     dh0 = jnp.zeros_like(h_CxD, jnp.float32) if with_grad else None
     (dh_CxD, g_sq_C), dw = _over_blocks(grad_step, (dh0, jnp.zeros_like(m_C)), blocks)
     tok = _token_stats(g_sq_C if row_g_sq is None else row_g_sq, loss_C, soft, stats, y_C, m_C)
     return (dw_MxUxD + dw if with_grad else None), (loss_C, tok, dh_CxD)
 
-  dw0 = jnp.zeros_like(w_MxUxD, jnp.float32) if with_grad else None
+  dw0 = (params.pinned(jnp.zeros((nb, shards, u, w_MxUxD.shape[-1]), jnp.float32), batch=1,
+                       vocab=2) if with_grad else None)
   dw, (loss, tok, dh) = jax.lax.scan(chunk, dw0, (h_TxCxD, y_TxC, m_TxC, r_TxC))
-  return loss, tok, (dh, dw)
+  return loss, tok, (dh, None if dw is None else jnp.sum(dw, axis=1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -457,8 +461,11 @@ def fused_head_loss(h, w_VxD, targets, mask=None, *, chunk_size, vocab_block=Non
   u = min(vocab_block or v, v)
   nb = -(-v // u)
   w_MxUxD = jnp.pad(w_VxD, [(0, nb * u - v), (0, 0)]).reshape(nb, u, d)
-  chunks = [token_chunks(x, c) for x in (h_NxD, y_N, m_N, r_N)]
-  loss, tok = _chunked(chunks[0], w_MxUxD, *chunks[1:], (opts, v, dtype))
+  # Every chunk holds each device's own tokens; W is whole but for `tensor` (vocab-parallel), so
+  # FSDP gathers it once here rather than gathering h in every chunk.
+  chunks = [params.pinned(token_chunks(x, c), batch=1) for x in (h_NxD, y_N, m_N, r_N)]
+  w_MxUxD = params.pinned(w_MxUxD, vocab=1)
+  loss, tok = _chunked(chunks[0], w_MxUxD, *chunks[1:], (opts, v, dtype, params.batch_shards(c)))
   if reduction == "none":
     loss = _from_chunks(loss, n)
   return shaped(loss), jax.tree.map(lambda x: _from_chunks(x, n), tok)

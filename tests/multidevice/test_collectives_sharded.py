@@ -1,6 +1,8 @@
 """Collective bytes of programs compiled by XLA:CPU for 8 devices: explicit collectives in nested
 loops against their ring counts, and a train step's per-layer bytes against `costs`' formula."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -71,3 +73,24 @@ def test_layer_bytes_match_the_formula(mesh_shape):
   for kind, added in expected.items():
     assert two[kind] - one[kind] == pytest.approx(added), kind
     assert f_two[kind] - f_one[kind] == pytest.approx(added), kind
+
+
+def test_the_chunked_head_loop_sends_nothing():
+  """data 2 × fsdp 4, W split by V over fsdp, 1,024 tokens in 8 chunks of 128: W is gathered
+  once before the chunk loop and dW reduced once after it; the loop itself (8 trips; the layer
+  loops make 2) sends no byte: no gather of h, no per-chunk reduction of dW."""
+  cfg = tiny_config(n_layers=2, vocab_size=4096, d_model=64)
+  cfg.train.update(batch_size=16, grad_accum=1)
+  cfg.data.seq_len, cfg.head.chunk_size = 64, 128
+  s = experiment.resolve(cfg, sharding.make_mesh(2, 4, 1))
+  (program,) = aot.train_programs(s, ("train_step_no_metrics",)).values()
+  module = collectives.Module(program.lowered.compile().as_text())
+  loops = [i for body in module.computations.values() for i in body if i.opcode == "while"]
+  chunk_loops = [i for i in loops if module.trip_count(i) == 8]
+  assert chunk_loops
+  for loop in chunk_loops:
+    body = re.search(r"body=%([\w.\-]+)", loop.attrs)[1]
+    assert not any(module.sent(body).values()), module.sent(body)
+  w_gathers = [i for body in module.computations.values() for i in body
+               if i.opcode.removesuffix("-start") == "all-gather" and "f32[4096,64]" in i.type]
+  assert len(w_gathers) == 1
