@@ -4,6 +4,8 @@ and −(GWWᵀ + HHᵀG) (joint SGD step), each scaled to the same norm, over a 
 Presets:
 - `cpu`: offline, V = 8192 (a byte-level BPE of the Python standard library): fresh D = 64 and
   D = 128 models and a D = 64 model trained here for 300 steps; one batch of 8×128 tokens each.
+- `vocab_cpu`: the largest V/D here: V = 65,536 (the same corpus), fresh D = 16 and D = 64
+  (V/D = 4096, 1024) and the trained D = 64; ε on a grid twice as fine.
 - `pretrained`: HF checkpoints (`--config.checkpoints=...`, data as in measure_pretrained).
 
 Writes WORKDIR/summary.json ({"models": [...]}, definitions in `lmhead_jax.analysis.directions`),
@@ -24,12 +26,16 @@ def get_config(preset: str = "cpu"):
     cfg.update_dir = dict(eps_min=1e-4, eps_max=30.0, eps_points=22)
   if preset == "cpu":
     measurement.cpu_preset(cfg, vocab_size=8192, fresh="64,128", batch_size=8)
+  elif preset == "vocab_cpu":
+    measurement.cpu_preset(cfg, vocab_size=65536, fresh="16,64", batch_size=8)
+    cfg.head.chunk_size = 1024  # the trained model's 300 steps: 2k×65k logits a chunk at a time
+    cfg.update_dir.eps_points = 43  # twice as fine, for each direction's best ε
   elif preset == "pretrained":
     cfg.data.update(seq_len=512, stdlib=False)
     cfg.measure.batch_size = 8
   else:
     raise ValueError(f"unknown preset {preset!r} for experiments/update_direction.py "
-                     "(known: cpu, pretrained)")
+                     "(known: cpu, vocab_cpu, pretrained)")
   return cfg
 
 
