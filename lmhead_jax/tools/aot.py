@@ -9,8 +9,9 @@ temporaries), FLOPs and bytes accessed (`cost_analysis`; none from XLA:GPU), the
 collectives send (`collectives`) and a three-way roofline (`roofline`): compute, HBM and
 collectives at the chip's rates (`chips`), their max (perfect overlap) and sum (none), with the
 MFU each implies. XLA:TPU's cost_analysis counts a while loop's body once (one layer, one
-micro-batch): the compute term takes the larger of its FLOPs and the model's (`costs`, with
-remat's recompute); the HBM term stays a lower bound.
+micro-batch, one token chunk): the compute term takes the largest of its FLOPs, the HLO's
+matmul FLOPs counted per loop trip (`matmuls`) and the model's (`costs`, with remat's
+recompute); the HBM term stays a lower bound.
 """
 
 import contextlib
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from lmhead_jax.analysis import gram, measure
 from lmhead_jax.core import bottleneck, heads, model
 from lmhead_jax.core.config import HeadConfig, ModelConfig
-from lmhead_jax.tools import collectives, costs
+from lmhead_jax.tools import collectives, costs, matmuls
 from lmhead_jax.tools.chips import GPUS_PER_HOST, parse_slice
 from lmhead_jax.training import sharding, train
 from lmhead_jax.training.setup import Setup
@@ -285,19 +286,20 @@ def compiled_row(name: str, program: Program, chip, devices: int) -> dict:
   cost = compiled.cost_analysis()  # None from XLA:GPU without a GPU
   cost = (cost[0] if isinstance(cost, list) else cost) or {}
   xla_flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-  sent = collectives.per_device(compiled.as_text())
+  text = compiled.as_text()
+  sent, matmul_flops = collectives.per_device(text), matmuls.flops(text)
   needed = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
   per_chip = program.model_flops / devices if program.model_flops else 0.0
   run = (program.flops or program.model_flops or 0.0) / devices
-  flops = max(xla_flops, run)  # both are lower bounds (module docstring)
+  flops = max(xla_flops, matmul_flops, run)  # each a lower bound (module docstring)
   return {
       "program": name, "argument_gb": mem.argument_size_in_bytes / 1e9,
       "output_gb": mem.output_size_in_bytes / 1e9, "alias_gb": mem.alias_size_in_bytes / 1e9,
       "temp_gb": mem.temp_size_in_bytes / 1e9, "needed_gb": needed / 1e9,
       "hbm_gb": chip.hbm_bytes / 1e9, "fits": needed <= chip.hbm_bytes,
       "model_tflops": per_chip / 1e12 if program.model_flops else None,
-      "xla_tflops": xla_flops / 1e12 if cost else None,
+      "xla_tflops": xla_flops / 1e12 if cost else None, "matmul_tflops": matmul_flops / 1e12,
       "xla_gb_accessed": accessed / 1e9 if cost else None,
       "coll_gb": sum(sent.values()) / 1e9, **{f"{k}_gb": v / 1e9 for k, v in sent.items()},
       **roofline(flops, accessed, sum(sent.values()), per_chip, chip, devices),

@@ -11,6 +11,7 @@ anything counts once, with a warning. A conditional counts its costliest branch.
 `costs.collective_bytes` is the analytic count under the same convention.
 """
 
+import collections
 import dataclasses
 import math
 import re
@@ -148,43 +149,50 @@ class Module:
         init = self.instructions[_NAME.findall(loop.args)[0]]
         start = self._constant(_NAME.findall(init.args)[k]) if init.opcode == "tuple" else None
         return max(0, -(-(n - (start or 0)) // step))
-    warnings.warn(f"collectives: the trip count of while loop %{loop.name} is unknown; its "
-                  "collectives are counted once")
+    warnings.warn(f"HLO: the trip count of while loop %{loop.name} is unknown; its body is "
+                  "counted once")
     return 1
 
-  def sent(self, computation: str) -> dict[str, float]:
-    """{kind: bytes} that one device sends in one run of `computation`, callees included."""
-    if computation in self._memo:
-      return self._memo[computation]
-    out = dict.fromkeys(KINDS, 0.0)
+  def operand_types(self, ins: Instruction) -> list[str]:
+    """The HLO types of `ins`'s operands, in order."""
+    return [self.instructions[name].type for name in _NAME.findall(ins.args)]
 
-    def add(part: dict, times: float = 1.0):
-      for k in KINDS:
-        out[k] += times * part[k]
-
+  def total(self, computation: str, cost) -> dict[str, float]:
+    """Σ cost(instruction) ({key: value}) over one run of `computation`, callees included: a
+    while loop's body times its trips, a conditional's costliest branch."""
+    memo = self._memo.setdefault(cost, {})
+    if computation in memo:
+      return memo[computation]
+    out = collections.Counter()
     for ins in self.computations[computation]:
-      kind = ins.opcode.removesuffix("-start")
-      if kind in SENT:
-        operands = _NAME.findall(ins.args)[:1 if kind == "collective-permute" else None]
-        b = sum(type_bytes(self.instructions[name].type) for name in operands)
-        out[kind] += b * SENT[kind](group_size(ins.attrs, self.devices))
+      out.update(cost(self, ins))
       if ins.opcode == "while":
-        body = self.sent(re.search(r"body=%([\w.\-]+)", ins.attrs)[1])
-        if any(body.values()):  # a convergence loop (the SVD's) sends nothing: trips unneeded
-          add(body, self.trip_count(ins))
+        body = self.total(re.search(r"body=%([\w.\-]+)", ins.attrs)[1], cost)
+        if any(body.values()):  # a convergence loop (the SVD's) may cost nothing: trips unneeded
+          out.update({k: v * self.trip_count(ins) for k, v in body.items()})
       elif ins.opcode == "conditional":
         m = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
         branches = _NAME.findall(m[1]) if m else re.findall(
             r"(?:true|false)_computation=%([\w.\-]+)", ins.attrs)
-        add(max((self.sent(b) for b in branches), key=lambda d: sum(d.values())))
+        out.update(max((self.total(b, cost) for b in branches), key=lambda d: sum(d.values())))
       else:
         for callee in _CALLEES.findall(ins.attrs):
-          add(self.sent(callee))
-    self._memo[computation] = out
-    return out
+          out.update(self.total(callee, cost))
+    memo[computation] = dict(out)
+    return memo[computation]
+
+
+def sent(module: Module, ins: Instruction) -> dict[str, float]:
+  """Bytes one device sends in `ins` under the ring algorithms (module docstring)."""
+  kind = ins.opcode.removesuffix("-start")
+  if kind not in SENT:
+    return {}
+  operands = module.operand_types(ins)[:1 if kind == "collective-permute" else None]
+  b = sum(type_bytes(t) for t in operands)
+  return {kind: b * SENT[kind](group_size(ins.attrs, module.devices))}
 
 
 def per_device(hlo_text: str) -> dict[str, float]:
   """{kind: bytes one device sends per run} of a compiled program (`compiled.as_text()`)."""
   module = Module(hlo_text)
-  return module.sent(module.entry)
+  return dict.fromkeys(KINDS, 0.0) | module.total(module.entry, sent)

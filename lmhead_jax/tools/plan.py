@@ -197,7 +197,8 @@ COLUMNS = ("run", "params", "flops_per_token", "mesh", "params_gb", "opt_state_g
            "activations_gb", "total_gb", "hbm_gb", "fits", "est_coll_gb", "argument_gb", "temp_gb",
            "step_s", "tokens", "chip_hours")
 AOT_COLUMNS = ("run", "program", "argument_gb", "temp_gb", "output_gb", "alias_gb", "needed_gb",
-               "hbm_gb", "fits", "model_tflops", "xla_tflops", "xla_gb_accessed", "coll_gb",
+               "hbm_gb", "fits", "model_tflops", "xla_tflops", "matmul_tflops", "xla_gb_accessed",
+               "coll_gb",
                "compute_ms", "hbm_ms", "coll_ms", "bound", "roofline_ms", "roofline_mfu",
                "serial_ms", "serial_mfu", "xla_error")
 TUNE_COLUMNS = ("rank", "preset", "mesh", "grad_accum", "remat", "est_gb", "est_fits",

@@ -1,0 +1,52 @@
+"""Matmul FLOPs from HLO text: dots and convolutions, in fusions and loops, against the analytic
+count, on programs compiled by XLA:CPU and on XLA:TPU's convolution form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmhead_jax.tools import matmuls
+
+
+def test_a_dot_in_a_loop_counts_once_per_trip():
+  """5 trips of x @ a (8×16 · 16×32) and one b @ c (4×6 · 6×3) outside: XLA's cost_analysis
+  counts the loop's dot once, the walk counts it 5 times."""
+  def f(x, a, b, c):
+    y, _ = jax.lax.scan(lambda y, _: (jnp.tanh(y @ a) @ a.T, None), x, length=5)
+    return y, b @ c
+  args = [np.ones(s, np.float32) for s in ((8, 16), (16, 32), (4, 6), (6, 3))]
+  compiled = jax.jit(f).lower(*args).compile()
+  want = 5 * 2 * (2 * 8 * 16 * 32) + 2 * 4 * 6 * 3
+  assert matmuls.flops(compiled.as_text()) == want
+  assert compiled.cost_analysis()["flops"] < want  # the reason for the walk
+
+
+def test_a_convolution_counts_its_window():
+  """NHWC 1×10×10×3 by a 3×3×3×8 kernel, 'SAME': 2 · (10·10·8) · 3 · 9."""
+  x, k = np.ones((1, 10, 10, 3), np.float32), np.ones((3, 3, 3, 8), np.float32)
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  text = jax.jit(conv).lower(x, k).compile().as_text()
+  assert matmuls.flops(text) == 2 * 10 * 10 * 8 * 3 * 9
+
+
+TPU_CONVOLUTION = """HloModule jit_f, num_partitions=1
+
+%fused (p0: bf16[512,256], p1: bf16[8192,256]) -> f32[512,8192] {
+  %p0 = bf16[512,256]{1,0:T(8,128)(2,1)} parameter(0)
+  %p1 = bf16[8192,256]{1,0:T(8,128)(2,1)} parameter(1)
+  ROOT %convolution.5 = f32[512,8192]{1,0:T(8,128)} convolution(%p0, %p1), dim_labels=bf_oi->bf
+}
+
+ENTRY %main (h: bf16[512,256], w: bf16[8192,256]) -> f32[512,8192] {
+  %h = bf16[512,256]{1,0:T(8,128)(2,1)} parameter(0)
+  %w = bf16[8192,256]{1,0:T(8,128)(2,1)} parameter(1)
+  ROOT %fusion = f32[512,8192]{1,0:T(8,128)} fusion(%h, %w), kind=kOutput, calls=%fused
+}
+"""
+
+
+def test_xla_tpus_matmul_as_a_convolution_in_a_fusion():
+  """h Wᵀ as XLA:TPU prints it: a dot-like convolution (no spatial dims) inside a fusion."""
+  assert matmuls.dims("f32[512,8192]{1,0:T(8,128)}") == [512, 8192]
+  assert matmuls.flops(TPU_CONVOLUTION) == 2 * 512 * 8192 * 256
