@@ -1,7 +1,8 @@
 """bottleneck.head_loss against other fused linear cross-entropies, in one process (issues 13, 23).
 
-  python -m benchmarks.head_loss [--cases=small,large,issue23] [--dtypes=float32,bfloat16]
-      [--variants=all] [--repeats=7] [--warmup=1] [--chunk_size=1024] [--wait_s=600]
+  python -m benchmarks.head_loss [--cases=small,large,issue23,rank_sweep]
+      [--dtypes=float32,bfloat16] [--variants=all] [--repeats=7] [--warmup=1]
+      [--chunk_size=1024] [--wait_s=600] [--compile=v5p-8]
 
 Each variant (`VARIANTS`) is a jitted value_and_grad in h[N, D] and W of a mean CE of z = h Wᵀ,
 on the same inputs. tokamax and jax-cce are optional (`pip install tokamax jax-cce`); a variant
@@ -11,6 +12,7 @@ that does not import is listed with its error. Per variant: XLA's temporary byte
 bound close to the variant's own). The variants alternate call by call (the machine is shared
 and its load drifts); medians. A call waits up to wait_s for its temporaries and outputs + 1 GiB
 of free memory, else is skipped. Prints one JSON line per case and dtype (progress on stderr).
+`--compile=SLICE` compiles instead for one chip of a TPU slice (`compile_case`).
 """
 
 import argparse
@@ -31,7 +33,8 @@ from lmhead_jax.core import bottleneck
 from lmhead_jax.core.loss import fused_head_loss
 
 CASES = {"small": dict(v=8192, d=64, n=2048), "large": dict(v=32768, d=256, n=8192),
-         "issue23": dict(v=131072, d=1024, n=8192)}
+         "issue23": dict(v=131072, d=1024, n=8192),
+         "rank_sweep": dict(v=49152, d=4096, n=32768)}  # the paper preset's tokens per chip
 VOCAB_BLOCK = 8192  # fused_ce_blocked's
 OPTIONS = dict(softcap=30.0, z_loss=1e-4, label_smoothing=0.1)
 VARIANTS = {
@@ -192,6 +195,25 @@ def run_case(v, d, n, dtype="float32", names=None, repeats=7, warmup=1, chunk_si
           "ratios": ratios, "not_run": not_run, "unavailable": unavailable}
 
 
+def compile_case(v, d, n, dtype, names, chunk_size, slice_name) -> dict:
+  """XLA's verdict on one chip of `slice_name` (`aot`: no device needed): per variant, the
+  compiled row (temporaries, FLOPs counted per loop trip, bytes accessed) and `roofline_mfu`,
+  the fraction of the 6·N·D·V matmul limit at peak that the roofline allows."""
+  from lmhead_jax.tools import aot, chips
+  _, chip, _ = chips.parse_slice(slice_name)
+  one = jax.sharding.SingleDeviceSharding(aot.topology_devices(slice_name)[0])
+  fns = variants(np.random.default_rng(0).integers(0, v, n).astype(np.int32), chunk_size)
+  rows = {}
+  for k in [k for k in names or VARIANTS if k in fns]:
+    w = (d, v) if k in TRANSPOSED else (v, d)
+    args = [jax.ShapeDtypeStruct(s, dtype, sharding=one) for s in ((n, d), w)]
+    program = aot.Program(jax.jit(fns[k]).lower(*args), None if k == "range_map" else 6.0 * n * d * v)
+    with aot.progress(f"compiling {k} for {slice_name}"):
+      rows[k] = aot.compiled_row(k, program, chip, 1)
+  return {"V": v, "D": d, "tokens": n, "dtype": dtype, "chunk_size": chunk_size,
+          "slice": slice_name, "compiled": rows}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--cases", default="small,large", help=f"comma-separated: {', '.join(CASES)}")
@@ -203,6 +225,9 @@ def main():
   parser.add_argument("--chunk_size", type=int, default=1024, help="tokens per chunk")
   parser.add_argument("--wait_s", type=int, default=600,
                       help="how long a call waits for memory before it is skipped")
+  parser.add_argument("--compile", metavar="SLICE", default=None,
+                      help="compile for one chip of this slice (e.g. v5p-8; libtpu) and report "
+                      "XLA's counts and the roofline instead of running")
   args = parser.parse_args()
   names = None if args.variants == "all" else args.variants.split(",")
   for flag, given, known in (("variants", names or (), VARIANTS),
@@ -211,8 +236,12 @@ def main():
       parser.error(f"--{flag}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
   for name in args.cases.split(","):
     for dtype in args.dtypes.split(","):
-      result = run_case(**CASES[name], dtype=dtype, names=names, repeats=args.repeats,
-                        warmup=args.warmup, chunk_size=args.chunk_size, wait_s=args.wait_s)
+      if args.compile:
+        result = compile_case(**CASES[name], dtype=dtype, names=names,
+                              chunk_size=args.chunk_size, slice_name=args.compile)
+      else:
+        result = run_case(**CASES[name], dtype=dtype, names=names, repeats=args.repeats,
+                          warmup=args.warmup, chunk_size=args.chunk_size, wait_s=args.wait_s)
       print(json.dumps({"case": name, "device": jax.devices()[0].device_kind, **result}),
             flush=True)
 

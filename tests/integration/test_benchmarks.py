@@ -4,6 +4,7 @@ The default suite runs the bf16 section; hf_parity (tests/test_hf.py checks the 
 the timed sections (train, head: seven XLA:CPU compiles of train steps) run in the slow tests.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -125,3 +126,15 @@ def test_head_loss_benchmark_reports_time_memory_and_ratios():
       temp["head_loss_chunked"] / temp["head_loss"], abs=1e-4)
   assert r["ratios"]["chunked_over_dense_temp"] < 0.5  # 32 of 256 tokens' logits at a time
   assert set(r["ratios"]) == {"chunked_over_dense", "chunked_over_dense_temp"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed: the TPU compiler is unavailable")
+def test_head_loss_compiles_for_a_tpu_chip():
+  """`--compile`: the chunked CE's matmuls, read off XLA:TPU's HLO per loop trip (4 chunks),
+  are exactly the 6·N·D·V limit, where XLA's cost_analysis counts one chunk."""
+  out = head_loss.compile_case(8192, 256, 2048, "bfloat16", ["fused_ce_chunked"], 512, "v5p-8")
+  row = out["compiled"]["fused_ce_chunked"]
+  assert row["matmul_tflops"] * 1e12 == 6 * 2048 * 256 * 8192
+  assert row["xla_tflops"] * 1e12 < 6 * 2048 * 256 * 8192 / 2
+  assert 0 < row["roofline_mfu"] <= 1 and row["fits"]
