@@ -202,7 +202,7 @@ def vocab_report(workdir, entries: list[dict], fmt: str = "png") -> str:
 def main(cfg, workdir):
   fmt = plots.figure_format(cfg)
   entries = sweep.run(cfg, workdir, describe)
-  if cfg.get("sweep") and "seed" in cfg.sweep[0]:
+  if any("seed" in grid for grid in cfg.get("sweep") or ()):  # seeds: the report over seeds
     sweep.publish(workdir, lambda: vocab_report(workdir, entries, fmt))
   elif cfg.get("sweep"):
     sweep.publish(workdir, lambda: report(workdir, entries, fmt))
