@@ -3,8 +3,9 @@
 Two methods, both streaming G in chunks of tokens recomputed from the hidden states: `gram`
 (C = GᵀG, V×V, accumulated sharded by rows over every device, float64 by default, then its
 eigenvalues in float64 on the host) and `randomized` (the top k σ of C by a randomized range
-finder, one pass over the tokens per product, when C does not fit). G is scaled by 1/N as in the paper. Resolution, convergence and
-the rank rules (`numerical_rank`, `numerical_rank_fine`): docs/INTERNALS.md.
+finder, one pass over the tokens per product, when C does not fit). G is scaled by 1/N as in the
+paper. Resolution, convergence and the rank rules (`numerical_rank`, `numerical_rank_fine`):
+docs/INTERNALS.md.
 """
 
 import logging

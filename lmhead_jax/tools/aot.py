@@ -3,7 +3,8 @@
 `topology_devices` asks libtpu for a slice's devices (`jax.experimental.topologies`, as MaxText's
 train_compile.py does), multi-host slices included; `gpu_devices` does the same for H100/H200
 GPUs with the CUDA plugin's XLA:GPU. Programs (`train_programs` of a Setup on such a mesh,
-`measure_programs`, `gram_programs`) are lowered with sharded ShapeDtypeStructs and compiled for that topology.
+`measure_programs`, `gram_programs`) are lowered with sharded ShapeDtypeStructs and compiled for
+that topology.
 Per chip, `compiled_row` reports XLA's bytes (needed = arguments + outputs − aliased +
 temporaries), FLOPs and bytes accessed (`cost_analysis`; none from XLA:GPU), the bytes its
 collectives send (`collectives`) and a three-way roofline (`roofline`): compute, HBM and
