@@ -243,8 +243,8 @@ def main():
       else:
         result = run_case(**CASES[name], dtype=dtype, names=names, repeats=args.repeats,
                           warmup=args.warmup, chunk_size=args.chunk_size, wait_s=args.wait_s)
-      print(json.dumps({"case": name, "device": jax.devices()[0].device_kind, **result}),
-            flush=True)
+      device = f"one chip of {args.compile}" if args.compile else jax.devices()[0].device_kind
+      print(json.dumps({"case": name, "device": device, **result}), flush=True)
 
 
 if __name__ == "__main__":

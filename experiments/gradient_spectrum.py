@@ -7,7 +7,7 @@ Presets:
   to 500k tokens; the Gram (float64) when its row shard fits in `spectrum.gram_max_gib` per
   device and its host part (`gram.gram_gib`) in `spectrum.host_max_gib` (0: half the host's
   memory), else the top `spectrum.rank_k` σ by a randomized eigensolver. V = 50k takes
-  37.6 GiB of host memory (the paper's setting: a TPU host, not this 24 GB machine).
+  37.7 GiB of host memory.
 
 Writes WORKDIR/summary.json ({"models": [{..., "points": [one summary per N]}]}, definitions in
 `lmhead_jax.analysis.gram`), prints a table and draws WORKDIR/spectrum_rank.png.

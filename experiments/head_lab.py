@@ -204,7 +204,7 @@ def summarize_lm(workdir, entries: list[dict]) -> dict:
     speedup = {s: base_reach[s] / t if t > 0 else None  # None: never reached the target
                for s, t in reach.items() if s in base_reach}
     per_seed = lambda es: {e["seed"]: e.get("eval/loss") for e in es}
-    out[label(group[0])] = {"lr": group[0]["lr"],
+    out[label(group[0])] = {"lr": group[0]["lr"], "runs": [e["run"] for e in group],
                             "eval_loss": stats.summary([e.get("eval/loss") for e in group]),
                             "eval_loss_minus_baseline": stats.paired(per_seed(group),
                                                                      per_seed(base)),
@@ -227,7 +227,8 @@ def _mean_curves(workdir, entries, y, label, x="step") -> dict:
 def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
   """The results table (method × task); figures saved into the workdir."""
   lm_dir, label = f"{workdir}/lm", lm_label(entries["lm"])
-  chosen = [e for g in _by(entries["lm"], "method", "head_rank").values() for e in best_lr(g)]
+  runs = {r for numbers in found["lm"].values() for r in numbers["runs"]}  # each method's best lr
+  chosen = [e for e in entries["lm"] if e["run"] in runs]
   plots.lines(_mean_curves(lm_dir, chosen, "eval/loss", label, "tokens_seen"),
               f"{workdir}/head_lab_lm_loss.{fmt}", xlabel="tokens", ylabel="held-out loss",
               title="Head lab, LM: held-out loss (mean over seeds)", markers=False)

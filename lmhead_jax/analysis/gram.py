@@ -37,25 +37,34 @@ def chunk_grad(h_BxLxD, w_VxD, y_BxL, mask_BxL, dtype):
   return (g * mask_BxL.reshape(-1, 1)).astype(dtype)
 
 
-def gram_sharding(mesh, v: int) -> NamedSharding:
-  """C's rows split over every device (replicated when V does not divide)."""
-  return NamedSharding(mesh, P(sharding.MESH_AXES, None) if v % mesh.devices.size == 0 else P())
+def gram_size(v: int, devices: int) -> int:
+  """C's side: V rounded up to a multiple of the devices, so that its rows split evenly (the
+  zero rows and columns add zero eigenvalues only, which the summaries drop)."""
+  return -(-v // devices) * devices
 
 
 def gram_update(mesh, v: int):
-  """update(c, h, w, y, mask) -> c + gᵀg, jitted and donated: the chunk's G is gathered on every
-  device, which then computes only its own rows of C (no device holds a V×V partial sum)."""
+  """update(c, h, w, y, mask) -> c + gᵀg, jitted and donated, C [`gram_size`]² split by rows over
+  every device: the chunk's G is gathered on every device, which then computes only its own rows
+  of C (no device holds a V×V partial sum)."""
+  vp = gram_size(v, mesh.devices.size)
+
   def update(c, h, w, y, m):
-    g = jax.lax.with_sharding_constraint(chunk_grad(h, w, y, m, c.dtype),
-                                         sharding.replicated(mesh))
+    g = jnp.pad(chunk_grad(h, w, y, m, c.dtype), ((0, 0), (0, vp - v)))
+    g = jax.lax.with_sharding_constraint(g, sharding.replicated(mesh))
     return c + g.T @ g
 
-  return jax.jit(update, out_shardings=gram_sharding(mesh, v), donate_argnums=0)
+  return jax.jit(update, out_shardings=gram_sharding(mesh), donate_argnums=0)
+
+
+def gram_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(sharding.MESH_AXES, None))
 
 
 def make_gram(mesh, v: int, dtype):
-  """(`gram_update`, C = 0 sharded by rows)."""
-  zeros = jax.jit(lambda: jnp.zeros((v, v), dtype), out_shardings=gram_sharding(mesh, v))
+  """(`gram_update`, C = 0)."""
+  vp = gram_size(v, mesh.devices.size)
+  zeros = jax.jit(lambda: jnp.zeros((vp, vp), dtype), out_shardings=gram_sharding(mesh))
   return gram_update(mesh, v), zeros()
 
 
@@ -160,10 +169,13 @@ def host_memory_gib() -> float:
 
 
 def gram_gib(v: int, gram_dtype: str, devices: int) -> tuple[float, float]:
-  """(GiB per device, GiB on the host) of the Gram path: C's row shard, and C in float64 for the
-  eigensolver beside the accumulator's own copy (on a CPU device that is host memory too)."""
-  c = v * v * np.dtype(gram_dtype).itemsize / 2**30
-  return c / devices, v * v * 8 / 2**30 + c
+  """(GiB per device, GiB on the host) that C takes: its row shard, and C in float64 for the
+  eigensolver beside the accumulator's own copy (on a CPU device that is host memory too). Not
+  counted: each batch's G, gathered on every device, and a compiler's temporaries (XLA:TPU's
+  float64 emulation): `plan --compile` gives the whole per-device figure."""
+  vp = gram_size(v, devices)
+  c = vp * vp * np.dtype(gram_dtype).itemsize / 2**30
+  return c / devices, vp * vp * 8 / 2**30 + c
 
 
 def choose_method(method: str, v: int, gram_dtype: str, gram_max_gib: float, devices: int = 1,
@@ -203,7 +215,7 @@ def growing_spectrum(subject, source, mesh, *, tokens: list[int], batch_size: in
     pending = pending[len(passed):]
     return bool(passed)
 
-  # σ_i² come out of an eigensolver in this dtype: σ below √ε·σ_1 are noise.
+  # C accumulates in this dtype: σ below √ε·σ_1 of it are noise (the eigensolver is float64).
   resolution = math.sqrt(np.finfo(gram_dtype if method == "gram" else np.float32).eps)
 
   def add(sigma, err=None):  # σ of the unscaled rows g_t; G = (rows) / N

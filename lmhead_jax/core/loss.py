@@ -349,12 +349,16 @@ def _scan_chunks(h_TxCxD, w_MxUxD, y_TxC, m_TxC, r_TxC, static, with_grad):
         return (dh_CxD, g_sq_C), None
       w = blk[0]
       g_CxU = (d * r_C[:, None]).astype(dtype)
-      # Both contract a dimension that may be sharded: the outputs are sharded like h and w.
+      # dh contracts a dimension that may be sharded: it is sharded like h.
       dh = jnp.einsum("cu,ud->cd", g_CxU, w, preferred_element_type=jnp.float32,
                       out_sharding=jax.typeof(h_CxD).sharding)
-      dw = jnp.einsum("scu,scd->sud", g_CxU.reshape(shards, -1, u),
-                      h_CxD.reshape(shards, -1, h_CxD.shape[-1]),
-                      preferred_element_type=jnp.float32)
+      if shards == 1:  # one sum, sharded like w (C may still be split, unevenly: it contracts)
+        dw = jnp.einsum("cu,cd->ud", g_CxU, h_CxD, preferred_element_type=jnp.float32,
+                        out_sharding=jax.typeof(w).sharding)[None]
+      else:  # one partial sum per batch shard: its own tokens, no reduction in the loop
+        dw = jnp.einsum("scu,scd->sud", g_CxU.reshape(shards, -1, u),
+                        h_CxD.reshape(shards, -1, h_CxD.shape[-1]),
+                        preferred_element_type=jnp.float32)
       return (dh_CxD + dh, g_sq_C), dw
     dh0 = jnp.zeros_like(h_CxD, jnp.float32) if with_grad else None
     (dh_CxD, g_sq_C), dw = _over_blocks(grad_step, (dh0, jnp.zeros_like(m_C)), blocks)
@@ -460,11 +464,11 @@ def fused_head_loss(h, w_VxD, targets, mask=None, *, chunk_size, vocab_block=Non
   c = max(1, min(chunk_size, n))
   u = min(vocab_block or v, v)
   nb = -(-v // u)
-  w_MxUxD = jnp.pad(w_VxD, [(0, nb * u - v), (0, 0)]).reshape(nb, u, d)
   # Every chunk holds each device's own tokens; W is whole but for `tensor` (vocab-parallel), so
   # FSDP gathers it once here rather than gathering h in every chunk.
+  w_VxD = params.pinned(w_VxD, vocab=0)
+  w_MxUxD = params.pinned(jnp.pad(w_VxD, [(0, nb * u - v), (0, 0)]).reshape(nb, u, d), vocab=1)
   chunks = [params.pinned(token_chunks(x, c), batch=1) for x in (h_NxD, y_N, m_N, r_N)]
-  w_MxUxD = params.pinned(w_MxUxD, vocab=1)
   loss, tok = _chunked(chunks[0], w_MxUxD, *chunks[1:], (opts, v, dtype, params.batch_shards(c)))
   if reduction == "none":
     loss = _from_chunks(loss, n)

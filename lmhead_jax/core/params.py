@@ -75,14 +75,15 @@ def pinned(x: jax.Array, *, batch: int | None = None, vocab: int | None = None) 
   """`x` with axis `batch` split over the batch axes of the mesh in context (`jax.set_mesh`,
   `jax.sharding.use_abstract_mesh`), axis `vocab` over its `tensor` axis where that divides it,
   and whole on every other mesh axis; `x` unchanged without such a mesh, or when the batch axes
-  do not divide axis `batch`. A head matrix pinned with `vocab` before a loop over token chunks
+  do not divide axis `batch` (and no `vocab` is asked). A head matrix pinned with `vocab` before a loop over token chunks
   is gathered over `fsdp` once, not in every chunk."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  if not axes or (batch is not None and batch_shards(x.shape[batch]) == 1):
+  split = batch is not None and batch_shards(x.shape[batch]) > 1
+  if not axes or (batch is not None and not split and vocab is None):
     return x
   spec = [None] * x.ndim
-  if batch is not None:
+  if split:
     spec[batch] = axes
   t = mesh.shape.get(TENSOR_AXIS, 1)
   if vocab is not None and t > 1 and x.shape[vocab] % t == 0:

@@ -49,19 +49,6 @@ def tokens_to_target(x: np.ndarray, y: np.ndarray, target: float) -> float:
   return float(x0 + (x1 - x0) * (y0 - target) / (y0 - y1))
 
 
-def speedups(curves: dict[str, tuple[np.ndarray, np.ndarray]], baseline: str) -> dict[str, dict]:
-  """The paper's headline metric: tokens each curve needs to reach the baseline's final value,
-  and the speed-up `baseline's total tokens / those tokens` (the paper's 11B / 700M ≈ 16×)."""
-  base_x, base_y = curves[baseline]
-  target, total = float(base_y[-1]), float(base_x[-1])
-  out = {}
-  for name, (x, y) in curves.items():
-    t = tokens_to_target(x, y, target)
-    out[name] = {"target": target, "tokens_to_target": t,
-                 "speedup": total / t if t > 0 else math.nan}
-  return out
-
-
 def markdown_table(rows: list[dict], columns: dict[str, Callable[[dict], object]]) -> str:
   """A markdown table: one line per row, one column per (header, row -> value)."""
   def cell(v) -> str:

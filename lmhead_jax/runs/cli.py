@@ -50,16 +50,15 @@ FAILED = (OSError, FloatingPointError)
 
 def storage_errors() -> tuple[type[BaseException], ...]:
   """gcsfs's failures that are not OSErrors: an HTTP error after its retries (5xx, 401, 429),
-  a dropped connection, failed credentials; () without gcsfs."""
+  an aiohttp client error, failed credentials; () without gcsfs. (requests' errors and a
+  dropped connection are OSErrors: FAILED, one line too.)"""
   try:
     import aiohttp
     import gcsfs.retry
     import google.auth.exceptions
-    import requests
   except ImportError:
     return ()
-  return (gcsfs.retry.HttpError, aiohttp.ClientError, google.auth.exceptions.GoogleAuthError,
-          requests.RequestException)
+  return (gcsfs.retry.HttpError, aiohttp.ClientError, google.auth.exceptions.GoogleAuthError)
 
 
 def refuse(error: BaseException, verbose: bool, code: int, text: str | None = None):

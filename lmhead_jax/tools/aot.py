@@ -250,8 +250,8 @@ def gram_programs(models: list[Measured], mesh, batch_size: int, seq_len: int,
                              sharding=sharding.batch_sharding(mesh, 3))
     w = jax.ShapeDtypeStruct((c.vocab_size, c.d_model), dtype, sharding=sharding.replicated(mesh))
     with jax.enable_x64(gram_dtype == "float64"):
-      acc = jax.ShapeDtypeStruct((c.vocab_size,) * 2, jnp.dtype(gram_dtype),
-                                 sharding=gram.gram_sharding(mesh, c.vocab_size))
+      acc = jax.ShapeDtypeStruct((gram.gram_size(c.vocab_size, mesh.devices.size),) * 2,
+                                 jnp.dtype(gram_dtype), sharding=gram.gram_sharding(mesh))
       lowered = gram.gram_update(mesh, c.vocab_size).lower(acc, h, w, y["targets"], y["mask"])
     out[f"{name}/gram_update"] = Program(lowered, None)
   return out

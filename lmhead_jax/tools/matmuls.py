@@ -3,8 +3,10 @@
 XLA's cost_analysis counts a while loop's body once (one layer, one micro-batch, one token
 chunk). `flops(compiled.as_text())` walks the same HLO as `collectives` and counts every `dot`
 and `convolution` (XLA:TPU writes matmuls as convolutions) as 2 · |output| · |contraction| (×
-the kernel's window for a true convolution), inside fusions too, times the trips of the loops
-that hold it. Elementwise work is not counted: this is the MXU's work, the roofline's compute.
+the kernel's window for a true convolution, ÷ its feature groups), inside fusions too, times the
+trips of the loops that hold it. Elementwise work is not counted: this is the MXU's work, the
+roofline's compute. Not seen: matmuls in custom calls (XLA:GPU's cuBLAS and cuDNN calls, so GPU
+rows count ≈ 0) and a convolution's batch groups.
 """
 
 import math
@@ -32,7 +34,8 @@ def matmul(module: collectives.Module, ins: collectives.Instruction) -> dict[str
   else:  # dim_labels=bf_oi->bf: the lhs 'f' is contracted, and the rhs's spatial digits
     lhs_labels, rhs_labels, _ = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs).groups()
     window = math.prod(n for label, n in zip(rhs_labels, rhs) if label.isdigit())
-    contracted = lhs[lhs_labels.index("f")] * window
+    groups = re.search(r"feature_group_count=(\d+)", ins.attrs)
+    contracted = lhs[lhs_labels.index("f")] * window // (int(groups[1]) if groups else 1)
   return {"flops": 2.0 * math.prod(dims(ins.type)) * contracted}
 
 

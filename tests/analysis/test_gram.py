@@ -183,6 +183,8 @@ def test_growing_spectrum_errors(tiny):
                           method="randomized")
   assert gram.choose_method("auto", 4096, "float64", 1.0, host_max_gib=1.0) == "gram"
   assert gram.choose_method("auto", 128256, "float64", 16.0, host_max_gib=1e3) == "randomized"
+  with pytest.raises(ValueError, match="spectrum.method='dense'"):
+    gram.choose_method("dense", 10, "float64", 1.0)
 
 
 def test_the_paper_spectrum_takes_the_gram_path_on_a_slice():
@@ -208,3 +210,22 @@ def test_host_sigma_against_numpy():
     got = gram.host_sigma(c)
     np.testing.assert_array_equal(np.asarray(c), g.T @ g)
   np.testing.assert_allclose(got, np.linalg.svd(g, compute_uv=False), rtol=1e-9)
+
+
+def test_cpu_preset_runs_offline(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.gradient_spectrum",
+         "--config=experiments/gradient_spectrum.py:cpu", f"--workdir={tmp_path}",
+         "--config.train.steps=0", "--config.fresh=16,16r4", "--config.model.vocab_size=300",
+         "--config.data.max_chars=200000", "--config.data.seq_len=32",
+         "--config.spectrum.tokens=200,1000", "--config.measure.batch_size=8"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  models = json.loads((tmp_path / "summary.json").read_text())["models"]
+  assert [m["name"] for m in models] == ["fresh-d16", "fresh-d16-r4"]
+  for m in models:
+    assert m["method"] == "gram" and [p["tokens"] for p in m["points"]] == [256, 1024]
+    ranks = [(p["numerical_rank"], p["numerical_rank_fine"]) for p in m["points"]]
+    assert ranks[0][0] <= ranks[0][1] <= 256 and ranks[1][0] <= ranks[1][1] <= 299
+    assert ranks[1][1] > ranks[0][1]
+  assert (tmp_path / "spectrum_rank.png").stat().st_size > 10_000

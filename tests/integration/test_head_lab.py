@@ -111,6 +111,7 @@ def test_lm_summary_from_runs(tmp_path):
   assert set(out) == {"baseline", "mos"}
   base, mos = out["baseline"], out["mos"]
   assert (base["lr"], mos["lr"]) == (0.1, 0.2)
+  assert base["runs"] == ["baseline-0.1-0", "baseline-0.1-1"]  # the figures' runs
   assert base["target"] == mos["target"] == 3.5
   # linear between the evaluations around the crossing: baseline 4.0 → 3.0 over 200..300 tokens
   # crosses 3.5 at 250, the other seed ends at 3.5 (300); mos 4.0 → 3.0 over 100..200 at 150,

@@ -57,22 +57,6 @@ def test_tokens_to_target_interpolates_the_first_crossing(x, y, target, want):
   assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-12)
 
 
-def test_speedups_against_the_lowest_rank():
-  curves = {"r=4": (np.array([100, 200, 300, 400]), np.array([6.0, 5.0, 4.5, 4.0])),
-            "r=8": (np.array([100, 200, 300, 400]), np.array([6.0, 4.5, 3.5, 3.0])),
-            "r=16": (np.array([100, 200, 300, 400]), np.array([5.0, 3.0, 2.5, 2.0])),
-            "r=2": (np.array([100, 200, 300, 400]), np.array([7.0, 6.0, 5.0, 4.5]))}
-  out = metrics.speedups(curves, "r=4")
-  assert out["r=4"] == {"target": 4.0, "tokens_to_target": 400.0, "speedup": 1.0}
-  # r=8 crosses 4.0 between 200 (4.5) and 300 (3.5): 250 tokens; 400 / 250 = 1.6.
-  assert out["r=8"]["tokens_to_target"] == pytest.approx(250.0)
-  assert out["r=8"]["speedup"] == pytest.approx(1.6)
-  # r=16 crosses between 100 (5.0) and 200 (3.0): 150 tokens; 400 / 150.
-  assert out["r=16"]["tokens_to_target"] == pytest.approx(150.0)
-  assert out["r=16"]["speedup"] == pytest.approx(400 / 150)
-  assert math.isnan(out["r=2"]["tokens_to_target"]) and math.isnan(out["r=2"]["speedup"])
-
-
 def test_mean_curve_averages_seeds_on_their_common_prefix():
   """A run cut short (a resumed or diverged seed) limits the mean to the steps all runs have."""
   x, y = metrics.mean_curve([(np.array([1.0, 2.0, 3.0]), np.array([4.0, 2.0, 1.0])),

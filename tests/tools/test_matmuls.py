@@ -28,6 +28,12 @@ def test_a_convolution_counts_its_window():
                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   text = jax.jit(conv).lower(x, k).compile().as_text()
   assert matmuls.flops(text) == 2 * 10 * 10 * 8 * 3 * 9
+  # 3 feature groups: each of the 6 output channels reads 2 of the 6 input channels
+  x, k = np.ones((1, 10, 10, 6), np.float32), np.ones((3, 3, 2, 6), np.float32)
+  grouped = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=3)
+  text = jax.jit(grouped).lower(x, k).compile().as_text()
+  assert matmuls.flops(text) == 2 * 10 * 10 * 6 * 2 * 9
 
 
 TPU_CONVOLUTION = """HloModule jit_f, num_partitions=1
