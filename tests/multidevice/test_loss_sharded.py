@@ -15,18 +15,21 @@ def step(h, w, y, m):
   return loss, tok, grads
 
 
+def problem(seed, n=96, v=64, d=16):
+  """h[N, D], W[V, D], targets and a mask (about 70% valid)."""
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(n, d)).astype(np.float32),
+          (rng.normal(size=(v, d)) / 4).astype(np.float32),
+          rng.integers(0, v, n).astype(np.int32), rng.random(n) > 0.3)
+
+
 @pytest.mark.parametrize("kind", [AxisType.Auto, AxisType.Explicit])
 @pytest.mark.parametrize("shape,names,w_spec", [((8,), ("data",), P()),
                                                 ((4, 2), ("data", "tensor"), P("tensor"))])
 def test_sharded_matches_unsharded(kind, shape, names, w_spec):
   """Tokens sharded over `data` (8-way, or 4-way with W sharded on V over `tensor`), in both
   Auto and Explicit axis modes, give the unsharded result."""
-  rng = np.random.default_rng(0)
-  n, v, d = 96, 64, 16
-  h = rng.normal(size=(n, d)).astype(np.float32)
-  w = (rng.normal(size=(v, d)) / 4).astype(np.float32)
-  y = rng.integers(0, v, n).astype(np.int32)
-  m = rng.random(n) > 0.3
+  h, w, y, m = problem(0)
   want = jax.tree.leaves(jax.jit(step)(h, w, y, m))
   mesh = jax.make_mesh(shape, names, axis_types=(kind,) * len(shape))
   with jax.set_mesh(mesh):
@@ -56,13 +59,8 @@ BOTH = [AxisType.Auto, AxisType.Explicit]
 def test_fsdp_mesh_matches_unsharded(kind, chunk, vocab_block, reduction, tokens):
   """data 2 × fsdp 4 (the paper presets' layout), W split by V over fsdp: the loss, the stats and
   both gradients equal the unsharded ones."""
-  rng = np.random.default_rng(1)
-  n, v, d = 96, 64, 16
-  h = rng.normal(size=(n, d)).astype(np.float32)
-  w = (rng.normal(size=(v, d)) / 4).astype(np.float32)
-  y = rng.integers(0, v, n).astype(np.int32)
-  m = rng.random(n) > 0.3
-  ct = rng.normal(size=n).astype(np.float32)  # the cotangent of per-token losses
+  h, w, y, m = problem(1)
+  ct = np.random.default_rng(2).normal(size=len(y)).astype(np.float32)  # per-token cotangents
 
   def f(h, w, y, m):
     loss, tok = fused_head_loss(h, w, y, m, chunk_size=chunk, vocab_block=vocab_block,
