@@ -77,11 +77,6 @@ def describe(cfg) -> dict:
   return {"arm": cfg.arm, "r": int(rank), "D": cfg.model.d_model, "seed": cfg.seed}
 
 
-def _curve(workdir, entry):
-  return metrics.curve(metrics.read_metrics(f"{workdir}/{entry['run']}/metrics.jsonl"),
-                       "eval/loss", "tokens_seen")
-
-
 def summarize(workdir, entries: list[dict]) -> dict:
   """{r: {arm: numbers}} for every r below D (module docstring); `full` at each r is the one
   full-rank run per seed, measured against that r's target."""
@@ -95,7 +90,7 @@ def summarize(workdir, entries: list[dict]) -> dict:
   for r in sorted({r for arm, r in by if arm != "full"}):
     fact = final(by[("factorized", r)])
     target = max(v for v in fact.values() if v is not None)
-    tokens = lambda runs: {s: metrics.tokens_to_target(*_curve(workdir, e), target)
+    tokens = lambda runs: {s: metrics.tokens_to_target(*metrics.run_curve(workdir, e), target)
                            for s, e in runs.items()}
     base_final, base_tokens = final(full), tokens(full)
     gap = stats.paired(fact, base_final)
@@ -137,7 +132,7 @@ def report(workdir, found: dict, entries: list[dict], fmt: str = "png") -> str:
   curves = {}
   for arm in [*series, "full"]:  # the arms' colours of the figure above, then full
     runs = [e for e in entries if e["arm"] == arm and e["r"] == (d if arm == "full" else r0)]
-    curves[arm] = metrics.mean_curve([_curve(workdir, e) for e in runs])
+    curves[arm] = metrics.mean_curve([metrics.run_curve(workdir, e) for e in runs])
   plots.lines(curves, f"{workdir}/ablation_curves_r{r0}.{fmt}", xlabel="tokens",
               ylabel="held-out loss", title=f"Bottleneck ablation at r={r0} (mean over seeds)",
               markers=False)

@@ -130,12 +130,8 @@ def describe(cfg) -> dict:
           "head_rank": cfg.head.rank if cfg.head.kind == "factorized" else None}
 
 
-def _curve(workdir, entry, y, x="step"):
-  return metrics.curve(metrics.read_metrics(f"{workdir}/{entry['run']}/metrics.jsonl"), y, x)
-
-
 def _training_mean(workdir, entry, metric) -> float:
-  _, y = _curve(workdir, entry, f"bottleneck/{metric}")
+  _, y = metrics.run_curve(workdir, entry, f"bottleneck/{metric}", "step")
   return float(np.mean(y)) if y.size else math.nan
 
 
@@ -199,7 +195,7 @@ def summarize_lm(workdir, entries: list[dict]) -> dict:
     target = max((e["eval/loss"] for e in base if e.get("eval/loss") is not None),
                  default=math.nan)  # every seed diverged
     tokens = lambda es: {e["seed"]: metrics.tokens_to_target(
-        *_curve(workdir, e, "eval/loss", "tokens_seen"), target) for e in es}
+        *metrics.run_curve(workdir, e), target) for e in es}
     reach, base_reach = tokens(group), tokens(base)
     speedup = {s: base_reach[s] / t if t > 0 else None  # None: never reached the target
                for s, t in reach.items() if s in base_reach}
@@ -218,7 +214,7 @@ def _mean_curves(workdir, entries, y, label, x="step") -> dict:
   """Per label, the mean over seeds of y against x (runs of one label share their x)."""
   out = {}
   for (name,), group in _by([e | {"label": label(e)} for e in entries], "label").items():
-    x_mean, y_mean = metrics.mean_curve([_curve(workdir, e, y, x) for e in group])
+    x_mean, y_mean = metrics.mean_curve([metrics.run_curve(workdir, e, y, x) for e in group])
     if x_mean.size:
       out[name] = (x_mean, y_mean)
   return out

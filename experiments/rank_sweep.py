@@ -53,7 +53,7 @@ def get_config(preset: str = "cpu"):
     cfg.head.chunk_size = 4096  # fused head + CE: 4096×V logits live, not 32k×V per device
     cfg.optimizer.update(learning_rate=3e-4, warmup_steps=500)
     # `plan --slice=v5p-64 --tune` ranked layouts × grad_accum × remat by predicted step time and
-    # compiled the best: data=8 × fsdp=4 in one pass, 34 GB per chip (docs/PERFORMANCE.md).
+    # compiled the best: data=8 × fsdp=4 in one pass, 33–34 GB per chip (docs/PERFORMANCE.md).
     cfg.train.update(steps=10_500, batch_size=512, grad_accum=1, log_every=10,
                      bottleneck_every=50, eval_every=500, eval_batches=16)
     cfg.checkpoint.update(every=500, keep=2)
@@ -95,11 +95,6 @@ def describe(cfg) -> dict:
           "tokens": cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len}
 
 
-def _curve(workdir, entry):
-  return metrics.curve(metrics.read_metrics(f"{workdir}/{entry['run']}/metrics.jsonl"),
-                       "eval/loss", "tokens_seen")
-
-
 def summarize(workdir, entries: list[dict]) -> dict:
   """{r: numbers over seeds} (module docstring); paired: the same seed at the lowest rank."""
   by = {}
@@ -108,7 +103,7 @@ def summarize(workdir, entries: list[dict]) -> dict:
   lowest = by[min(by)]
   final = lambda runs: {s: e.get("eval/loss") for s, e in runs.items()}
   target = max((v for v in final(lowest).values() if v is not None), default=float("nan"))
-  tokens = lambda runs: {s: metrics.tokens_to_target(*_curve(workdir, e), target)
+  tokens = lambda runs: {s: metrics.tokens_to_target(*metrics.run_curve(workdir, e), target)
                          for s, e in runs.items()}
   base = tokens(lowest)
   out = {}
@@ -130,8 +125,8 @@ def report(workdir, found: dict, entries: list[dict], fmt: str = "png") -> str:
   """The table of `summarize`'s numbers; loss-curve and destroyed-ratio figures saved into the
   workdir."""
   ranks = sorted(found)
-  curves = {f"r={r}": metrics.mean_curve([_curve(workdir, e) for e in entries if e["r"] == r])
-            for r in ranks}
+  curves = {f"r={r}": metrics.mean_curve([metrics.run_curve(workdir, e) for e in entries
+                                          if e["r"] == r]) for r in ranks}
   n = len({e["seed"] for e in entries})
   plots.lines(curves, f"{workdir}/loss_vs_tokens.{fmt}", xlabel="tokens",
               ylabel="held-out loss", markers=False,

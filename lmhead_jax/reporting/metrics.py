@@ -29,6 +29,13 @@ def curve(records: list[dict], y: str, x: str = "step") -> tuple[np.ndarray, np.
   return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
 
 
+def run_curve(workdir, entry: dict, y: str = "eval/loss",
+              x: str = "tokens_seen") -> tuple[np.ndarray, np.ndarray]:
+  """`curve` of the sweep run `entry["run"]` from its WORKDIR/<run>/metrics.jsonl (by default
+  the held-out loss against tokens)."""
+  return curve(read_metrics(f"{workdir}/{entry['run']}/metrics.jsonl"), y, x)
+
+
 def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
   """The mean y over runs that log at the same x (seeds of one setting), on their common prefix."""
   n = min(len(x) for x, _ in curves)

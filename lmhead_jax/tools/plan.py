@@ -198,9 +198,8 @@ COLUMNS = ("run", "params", "flops_per_token", "mesh", "params_gb", "opt_state_g
            "step_s", "tokens", "chip_hours")
 AOT_COLUMNS = ("run", "program", "argument_gb", "temp_gb", "output_gb", "alias_gb", "needed_gb",
                "hbm_gb", "fits", "model_tflops", "xla_tflops", "matmul_tflops", "xla_gb_accessed",
-               "coll_gb",
-               "compute_ms", "hbm_ms", "coll_ms", "bound", "roofline_ms", "roofline_mfu",
-               "serial_ms", "serial_mfu", "xla_error")
+               "coll_gb", "compute_ms", "hbm_ms", "coll_ms", "bound", "roofline_ms",
+               "roofline_mfu", "serial_ms", "serial_mfu", "xla_error")
 TUNE_COLUMNS = ("rank", "preset", "mesh", "grad_accum", "remat", "est_gb", "est_fits",
                 "est_coll_gb", "est_compute_ms", "est_hbm_ms", "est_coll_ms", "est_roofline_ms",
                 "est_serial_ms", "est_serial_mfu", "est_chip_hours", "program", "needed_gb",

@@ -69,3 +69,15 @@ def test_markdown_table():
   rows = [{"a": 1, "b": 0.123456}, {"a": 2, "b": None}]
   text = metrics.markdown_table(rows, {"A": lambda r: r["a"], "B x2": lambda r: r["b"]})
   assert text == "| A | B x2 |\n|---|---|\n| 1 | 0.1235 |\n| 2 |  |"
+
+
+def test_run_curve_reads_a_sweep_runs_metrics(tmp_path):
+  (tmp_path / "rank=4").mkdir()
+  (tmp_path / "rank=4" / "metrics.jsonl").write_text(
+      '{"step": 1, "tokens_seen": 10, "loss": 5.0}\n'
+      '{"step": 2, "tokens_seen": 20, "loss": 4.0, "eval/loss": 4.5}\n')
+  x, y = metrics.run_curve(tmp_path, {"run": "rank=4"})
+  np.testing.assert_array_equal(x, [20.0])
+  np.testing.assert_array_equal(y, [4.5])
+  x, y = metrics.run_curve(tmp_path, {"run": "rank=4"}, "loss", "step")
+  np.testing.assert_array_equal(x, [1.0, 2.0])
