@@ -2,8 +2,8 @@
 
 G = ∂ℒ/∂Z (rows g_t = (p_t − e_y)/N) is what the loss asks of the logits; the backbone only
 receives G W. Π = W (WᵀW)⁺ Wᵀ projects onto range(W); G Π is visible, G (I − Π) destroyed.
-‖g_t Π‖ is computed from b_t = g_t W alone, through the SVD of W's small factor R (W = Q R), so
-no V×V matrix is ever formed (`range_map`: "qr", or "gram" for W sharded over V on TPU).
+‖g_t Π‖ = ‖b_t M‖ is computed from b_t = g_t W alone, through a D×D map M of W (`range_map`:
+Householder "qr", or two Gram passes for W sharded over V on TPU): no V×V matrix is ever formed.
 `linear_head_stats` and `head_stats` measure; `head_loss` and `head_fn_loss` are training losses
 that return the stats beside the loss, from the same pass, with the options of `loss.Options`.
 The two formulations' accuracy, the rank rule and the float32 error: docs/INTERNALS.md.
@@ -56,18 +56,18 @@ def range_map(w_VxD: jax.Array, method: str = "auto") -> jax.Array:
   method: "qr" (Householder), "gram" (two Gram passes, for W sharded over V) or "auto": "gram"
   where the program is lowered for TPU, else "qr" (`jax.lax.platform_dependent`)."""
   w = w_VxD.astype(jnp.float32)
-  methods = {"qr": _qr_r, "gram": _gram_r}
+  methods = {"qr": _qr_map, "gram": _gram_map}
   if method == "auto":
-    r = jax.lax.platform_dependent(w, tpu=_gram_r, default=_qr_r)
-  elif method in methods:
-    r = methods[method](w)
-  else:
+    return jax.lax.platform_dependent(w, tpu=_gram_map, default=_qr_map)
+  if method not in methods:
     raise ValueError(f"range_map method must be 'auto', 'qr' or 'gram', got {method!r}")
-  v, d = w.shape
-  _, s, vt = jnp.linalg.svd(r, full_matrices=False)
-  s, vt = s[:min(v, d)], vt[:min(v, d)]
-  tol = s[0] * max(d, v**0.5) * jnp.finfo(jnp.float32).eps
-  return vt.T * _inverse_where(s > tol, s)[None, :]
+  return methods[method](w)
+
+
+def _rank_tolerance(w_VxD) -> float:
+  """σ ≤ σ_max · max(D, √V) · ε counts as zero (docs/INTERNALS.md)."""
+  v, d = w_VxD.shape
+  return max(d, v**0.5) * jnp.finfo(jnp.float32).eps
 
 
 def _inverse_where(keep, x):
@@ -75,21 +75,31 @@ def _inverse_where(keep, x):
   return jnp.where(keep, 1.0 / jnp.where(keep, x, 1.0), 0.0)
 
 
-def _qr_r(w_VxD):
-  """R[min(V, D), D] of W = Q R (Householder)."""
-  return jnp.linalg.qr(w_VxD, mode="r")
+def _qr_map(w_VxD):
+  """W = Q R (Householder), R = U S Vᵀ: M = V S⁻¹ over the kept σ."""
+  k = min(w_VxD.shape)
+  _, s, vt = jnp.linalg.svd(jnp.linalg.qr(w_VxD, mode="r"), full_matrices=False)
+  s, vt = s[:k], vt[:k]
+  return vt.T * _inverse_where(s > s[0] * _rank_tolerance(w_VxD), s)[None, :]
 
 
-def _gram_r(w_VxD):
-  """R[D, D] with W = Q R, Q orthonormal on range(W), from Gram matrices alone: the V-long work
-  is two matmuls WᵀW, W₁ᵀW₁ and one W P (an all-reduce of D×D when W is sharded over V)."""
+def _gram_map(w_VxD):
+  """From Gram matrices alone: the V-long work is two matmuls WᵀW, W₁ᵀW₁ and one W P (an
+  all-reduce of D×D when W is sharded over V), the D×D work two eigh.
+
+  WᵀW = U Λ Uᵀ, λ floored at D·ε·λ_max; W₁ = W P, P = U Λ^-½, has σ ≈ 1, or σ(W)/√floor where
+  floored. W₁ᵀW₁ = U₁ Λ₁ U₁ᵀ; Q = W₁ U₁ Λ₁^-½ is orthonormal on range(W), so M = P U₁ Λ₁^-½. The
+  rank rule σ(W) > tol·σ_max reads λ₁ = σ²/floor > tol²/(D·ε)."""
   mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+  k, d = min(w_VxD.shape), w_VxD.shape[1]
+  eps = jnp.finfo(jnp.float32).eps
   lam_D, u_DxD = jnp.linalg.eigh(mm(w_VxD.T, w_VxD))
-  lam_D = jnp.maximum(lam_D, lam_D[-1] * w_VxD.shape[1] * jnp.finfo(jnp.float32).eps)
-  scale_D = jnp.sqrt(lam_D)
-  w1_VxD = mm(w_VxD, u_DxD * _inverse_where(lam_D > 0, scale_D))
-  lam1_D, u1_DxD = jnp.linalg.eigh(mm(w1_VxD.T, w1_VxD))
-  return mm(jnp.sqrt(jnp.maximum(lam1_D, 0.0))[:, None] * u1_DxD.T, scale_D[:, None] * u_DxD.T)
+  lam_D = jnp.maximum(lam_D, lam_D[-1] * d * eps)
+  p_DxD = u_DxD * _inverse_where(lam_D > 0, jnp.sqrt(lam_D))
+  w1_VxD = mm(w_VxD, p_DxD)
+  lam1_K, u1_DxK = (x[..., -k:] for x in jnp.linalg.eigh(mm(w1_VxD.T, w1_VxD)))
+  keep_K = lam1_K > _rank_tolerance(w_VxD) ** 2 / (d * eps)
+  return mm(p_DxD, u1_DxK * _inverse_where(keep_K, jnp.sqrt(lam1_K)))
 
 
 def summarize(loss, g_sq_N, b_NxD, vis_sq_N, mask_N, weights_N=None) -> BottleneckStats:
