@@ -5,7 +5,8 @@ Presets:
 - `cpu`: offline, V = 8192 (a byte-level BPE of the Python standard library): fresh D = 64 and
   D = 128 models and a D = 64 model trained here for 300 steps; one batch of 8×128 tokens each.
 - `vocab_cpu`: the largest V/D here: V = 65,536 (the same corpus), fresh D = 16 and D = 64
-  (V/D = 4096, 1024) and the trained D = 64; ε on a grid twice as fine.
+  (V/D = 4096, 1024) and the trained D = 64; ε on a grid twice as fine, up to 1e4 (−GΠ's best ε
+  lies beyond the default 30 here).
 - `pretrained`: HF checkpoints (`--config.checkpoints=...`, data as in measure_pretrained).
 
 Writes WORKDIR/summary.json ({"models": [...]}, definitions in `lmhead_jax.analysis.directions`),
@@ -29,7 +30,7 @@ def get_config(preset: str = "cpu"):
   elif preset == "vocab_cpu":
     measurement.cpu_preset(cfg, vocab_size=65536, fresh="16,64", batch_size=8)
     cfg.head.chunk_size = 1024  # the trained model's 300 steps: 2k×65k logits a chunk at a time
-    cfg.update_dir.eps_points = 43  # twice as fine, for each direction's best ε
+    cfg.update_dir.update(eps_max=1e4, eps_points=63)  # twice as fine, each direction's best ε
   elif preset == "pretrained":
     cfg.data.update(seq_len=512, stdlib=False)
     cfg.measure.batch_size = 8
