@@ -55,6 +55,17 @@ def test_topology_shapes_match_cloud_tpu():
     aot.topology_shape("v5p", 2)
 
 
+def test_train_programs_cost_in_order_of_their_metrics():
+  """Four train-side programs; the usual metric step (bottleneck stats, no realized_cosine)
+  costs more than none and less than every metric (on this CPU, by XLA's counts)."""
+  s = experiment.resolve(tiny_config(), helpers.one_device_mesh())
+  flops = {name: p.lowered.compile().cost_analysis()["flops"]
+           for name, p in aot.train_programs(s).items()}
+  assert set(flops) == {"train_step", "train_step_bottleneck", "train_step_no_metrics",
+                        "eval_step"}
+  assert flops["train_step_no_metrics"] < flops["train_step_bottleneck"] < flops["train_step"]
+
+
 @needs_libtpu
 def test_multi_host_slice_devices():
   devices = aot.topology_devices("v5p-64")
