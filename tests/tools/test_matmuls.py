@@ -21,19 +21,26 @@ def test_a_dot_in_a_loop_counts_once_per_trip():
   assert compiled.cost_analysis()["flops"] < want  # the reason for the walk
 
 
-def test_a_convolution_counts_its_window():
-  """NHWC 1×10×10×3 by a 3×3×3×8 kernel, 'SAME': 2 · (10·10·8) · 3 · 9."""
+def test_a_convolution_counts_the_taps_on_its_input():
+  """NHWC 1×10×10×3 by a 3×3×3×8 kernel, 'SAME': per spatial dim 10 outputs × 3 taps, less the
+  2 that fall on the padding, so 2 · 8 · 3 · 28²."""
   x, k = np.ones((1, 10, 10, 3), np.float32), np.ones((3, 3, 3, 8), np.float32)
   conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   text = jax.jit(conv).lower(x, k).compile().as_text()
-  assert matmuls.flops(text) == 2 * 10 * 10 * 8 * 3 * 9
+  assert matmuls.flops(text) == 2 * 8 * 3 * 28 * 28
   # 3 feature groups: each of the 6 output channels reads 2 of the 6 input channels
   x, k = np.ones((1, 10, 10, 6), np.float32), np.ones((3, 3, 2, 6), np.float32)
   grouped = lambda x, k: jax.lax.conv_general_dilated(
       x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=3)
   text = jax.jit(grouped).lower(x, k).compile().as_text()
-  assert matmuls.flops(text) == 2 * 10 * 10 * 6 * 2 * 9
+  assert matmuls.flops(text) == 2 * 6 * 2 * 28 * 28
+  # 'VALID' with a stride and a dilated kernel: every tap lands on the input
+  strided = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (2, 2), "VALID", rhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x, k = np.ones((1, 10, 10, 3), np.float32), np.ones((3, 3, 3, 8), np.float32)
+  text = jax.jit(strided).lower(x, k).compile().as_text()
+  assert matmuls.flops(text) == 2 * (3 * 3 * 8) * 3 * 9  # 3×3 outputs of 8, 3·9 taps each
 
 
 TPU_CONVOLUTION = """HloModule jit_f, num_partitions=1
@@ -56,3 +63,20 @@ def test_xla_tpus_matmul_as_a_convolution_in_a_fusion():
   """h Wᵀ as XLA:TPU prints it: a dot-like convolution (no spatial dims) inside a fusion."""
   assert matmuls.dims("f32[512,8192]{1,0:T(8,128)}") == [512, 8192]
   assert matmuls.flops(TPU_CONVOLUTION) == 2 * 512 * 8192 * 256
+
+
+TPU_ATTENTION = """HloModule jit_f, num_partitions=1
+
+ENTRY %main (q: bf16[16,2048,8,4,128], k: bf16[16,2048,8,128,1]) -> f32[16,8,2048,4,2048] {
+  %q = bf16[16,2048,8,4,128]{4,3,2,1,0:T(8,128)(2,1)} parameter(0)
+  %k = bf16[16,2048,8,128,1]{4,3,2,1,0:T(8,128)(2,1)} parameter(1)
+  ROOT %convolution-base-dilated.36 = f32[16,8,2048,4,2048]{2,4,3,1,0:T(8,128)} convolution(%q, %k), window={size=16x8x1 stride=15x7x1 lhs_dilate=16x8x1}, dim_labels=0b12f_0o1i2->01b2f
+}
+"""
+
+
+def test_xla_tpus_attention_scores_as_a_base_dilated_convolution():
+  """Q Kᵀ of 16 sequences × 8 kv heads × 4 query heads each, T = S = 2048, head 128, as XLA:TPU
+  writes it (the rank sweep's paper step): the batch dims are 16×8 windows over a 16×8-dilated
+  input with one real tap each, so 2·B·N·T·S·H, not 128× that."""
+  assert matmuls.flops(TPU_ATTENTION) == 2 * 16 * 8 * 4 * 2048 * 2048 * 128
