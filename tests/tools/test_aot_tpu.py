@@ -108,8 +108,9 @@ def test_train_eval_programs_bytes_and_roofline():
 @needs_libtpu
 def test_cost_analysis_counts_a_scan_body_once():
   """Why the roofline takes max(model, XLA, HLO matmul) FLOPs: XLA:TPU ignores the layer scan's
-  trip count, and `matmuls` counts it: its FLOPs grow with the layers at least as the model's
-  do (XLA:TPU runs some data movement on the MXU too: 2.35e8 against 2.02e8 for two layers).
+  trip count, and `matmuls` counts it: its FLOPs grow with the layers as the model's do (2.013e8
+  against 2.016e8 for two layers; before `matmuls` skipped the holes of base-dilated
+  convolutions it counted 2.35e8).
 
   If a libtpu release counts loops, this fails: XLA's FLOPs then become the better figure.
   """
@@ -120,7 +121,7 @@ def test_cost_analysis_counts_a_scan_body_once():
     rows.append(row)
   assert rows[1]["xla_tflops"] == pytest.approx(rows[0]["xla_tflops"], rel=0.01)
   added = {k: rows[1][k] - rows[0][k] for k in ("matmul_tflops", "model_tflops")}
-  assert added["model_tflops"] <= added["matmul_tflops"] <= 1.2 * added["model_tflops"]
+  assert added["matmul_tflops"] == pytest.approx(added["model_tflops"], rel=0.01)
 
 
 @needs_libtpu
