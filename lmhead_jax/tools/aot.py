@@ -225,7 +225,7 @@ class Measured(typing.NamedTuple):
 
 def measure_programs(models: list[Measured], mesh, batch_size: int, seq_len: int,
                      chunk_len: int) -> dict[str, Program]:
-  """The range map of W (QR + SVD; no model FLOPs) and the measuring step (trunk and head
+  """The range map of W (`bottleneck.range_map`; no model FLOPs) and the measuring step (trunk and head
   forward), per model."""
   out = {}
   batch = _batch(mesh, batch_size, seq_len)
