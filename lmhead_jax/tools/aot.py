@@ -225,8 +225,8 @@ class Measured(typing.NamedTuple):
 
 def measure_programs(models: list[Measured], mesh, batch_size: int, seq_len: int,
                      chunk_len: int) -> dict[str, Program]:
-  """The range map of W (`bottleneck.range_map`; no model FLOPs) and the measuring step (trunk and head
-  forward), per model."""
+  """The range map of W (`bottleneck.range_map`; no model FLOPs) and the measuring step (trunk
+  and head forward), per model."""
   out = {}
   batch = _batch(mesh, batch_size, seq_len)
   rep = sharding.replicated(mesh)
