@@ -224,7 +224,7 @@ def jacobian_visible_sq(head_fn, h_NxD, b_NxD, linear_in_h: bool) -> jax.Array:
 
 def head_loss(h, w, targets, mask=None, *, chunk_size=None, z_loss=0.0, softcap=None,
               label_smoothing=0.0, weights=None, reduction="mean", return_lse=False,
-              backward_rank=None) -> tuple[jax.Array, BottleneckStats]:
+              backward_rank=None, w_range_map=None) -> tuple[jax.Array, BottleneckStats]:
   """(loss of z = h Wᵀ, its BottleneckStats), differentiable in h[..., D] and W[V, D].
 
   The loss is the mean CE by default, with the options of `loss.Options`, all exact: softcap
@@ -244,6 +244,8 @@ def head_loss(h, w, targets, mask=None, *, chunk_size=None, z_loss=0.0, softcap=
   the ratios) carry ≈ 2⁻⁹ relative error; linear_head_stats computes in float32 throughout.
   backward_rank=r: h receives G W_r instead of G W, W_r the best rank-r approximation of W (the
   forward pass and W's gradient unchanged; `backward.truncate`), and the stats describe G W_r.
+  w_range_map: `range_map(w)`, when the caller computes it once for many calls on one W (the
+  train step's micro-batches); None computes it here.
   """
   opts = options(z_loss, softcap, label_smoothing, reduction)
   w = _matrix(w)
@@ -257,7 +259,7 @@ def head_loss(h, w, targets, mask=None, *, chunk_size=None, z_loss=0.0, softcap=
   loss, tok, dh = _one_pass(value_grads, w, h_NxD, targets_N, mask_N, weights_N)
   if backward_rank is not None:
     dh = backward.truncate(dh, w_fixed, backward_rank)
-  m_DxK = range_map(w_fixed)
+  m_DxK = range_map(w_fixed) if w_range_map is None else jax.lax.stop_gradient(w_range_map)
   return _outputs(loss, tok, dh, mask_N, weights_N, opts, lambda b: visible_sq(b, m_DxK),
                   jnp.shape(targets), return_lse)
 

@@ -25,11 +25,19 @@ GUARDED = ("learning_rate", "loss", "grad_norm", "update_norm", "param_norm")
 MOS_STAT_TOKENS = 64
 
 
-def _head_loss(params, h, batch, setup: Setup):
+def _linear_head_loss(setup: Setup) -> bool:
+  """Whether the head's loss is `bottleneck.head_loss` (of W, with W's range map), not
+  `head_fn_loss` (the mos head, feedback alignment, and the alignment regularizer's G)."""
+  hc = setup.head
+  return not (hc.kind == "mos" or hc.backward == "feedback_alignment"
+              or setup.alignment_weight > 0)
+
+
+def _head_loss(params, h, batch, setup: Setup, w_range_map=None):
   """((loss, (BottleneckStats, G or None)), (∂/∂params, ∂/∂h)) of the head on h, through the
   public head loss: its h-gradient is what the trunk receives (`head.backward`). G = ∂ℒ/∂z is
   needed by the alignment regularizer only (dense): it comes out as the gradient of zeros added
-  to the logits."""
+  to the logits. w_range_map: `bottleneck.range_map` of W, if the caller has it."""
   hc, targets, mask = setup.head, batch["targets"], batch["mask"]
   options = dict(setup.loss.options(), return_lse=True)
   head_logits = lambda hp, h: heads.logits(hp, h, hc)
@@ -38,7 +46,7 @@ def _head_loss(params, h, batch, setup: Setup):
     w_VxD = jax.lax.stop_gradient(heads.matrix(heads.params_of(params, hc)))
     h = backward.projected(h, w_VxD, hc.forward_rank)
 
-  if hc.kind == "mos" or hc.backward == "feedback_alignment" or with_g:
+  if not _linear_head_loss(setup):
     b_VxD = (backward.feedback_matrix(setup.seed, hc.live_vocab, hc.d_model)
              if hc.backward == "feedback_alignment" else None)
 
@@ -66,7 +74,8 @@ def _head_loss(params, h, batch, setup: Setup):
     if hc.backward == "whitened":
       h = backward.whitened(h, jax.lax.stop_gradient(w))
     loss, stats = bottleneck.head_loss(h, w, targets, mask, chunk_size=hc.chunk_size,
-                                       backward_rank=hc.backward_rank, **options)
+                                       backward_rank=hc.backward_rank, w_range_map=w_range_map,
+                                       **options)
     return loss, (stats, None)
 
   return jax.value_and_grad(objective, (0, 1), has_aux=True)(params, h)
@@ -108,12 +117,12 @@ def _mos_stats(params, h, batch, setup: Setup):
                                linear_in_h=False)
 
 
-def _loss_parts(params, batch, setup: Setup, with_bottleneck: bool):
+def _loss_parts(params, batch, setup: Setup, with_bottleneck: bool, w_range_map=None):
   """Loss, accuracy, (with_bottleneck) the bottleneck stats and the parameter gradient of one
   micro-batch."""
   mask = batch["mask"]
   h, trunk_vjp = jax.vjp(lambda p: model.hidden(p, batch["inputs"], setup.model), params)
-  (loss, (stats, g)), (head_grads, d_h) = _head_loss(params, h, batch, setup)
+  (loss, (stats, g)), (head_grads, d_h) = _head_loss(params, h, batch, setup, w_range_map)
   terms, reg_grads = _regularizers(params, h, g, mask, setup)
   if reg_grads is not None:
     head_grads = jax.tree.map(jnp.add, head_grads, reg_grads[0])
@@ -149,10 +158,15 @@ def micro_batches(batch: dict, k: int) -> dict:
 
 
 def loss_and_grads(params, batch, setup: Setup, with_bottleneck: bool = True):
-  """Loss and gradient over the whole batch, accumulated over `setup.grad_accum` micro-batches."""
-  parts = lambda mb: _loss_parts(params, mb, setup, with_bottleneck)
+  """Loss and gradient over the whole batch, accumulated over `setup.grad_accum` micro-batches
+  (W's range map, for the stats, once per step, not once per micro-batch)."""
   if setup.grad_accum == 1:
-    return parts(batch)
+    return _loss_parts(params, batch, setup, with_bottleneck)
+  w_range_map = None
+  if with_bottleneck and _linear_head_loss(setup):
+    w_VxD = heads.matrix(heads.params_of(params, setup.head))
+    w_range_map = bottleneck.range_map(jax.lax.stop_gradient(w_VxD))
+  parts = lambda mb: _loss_parts(params, mb, setup, with_bottleneck, w_range_map)
 
   def body(acc, mb):
     out, grads = parts(mb)

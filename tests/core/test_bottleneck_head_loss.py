@@ -65,6 +65,14 @@ def test_eager_and_low_rank(rank):
     np.testing.assert_allclose(loss, reference(h, w, y)["loss"], rtol=RTOL)
 
 
+def test_a_given_range_map_is_used():
+  h, w, w64, y = batch(1, 40, 64, 12, 4)
+  _, given = bottleneck.head_loss(h, w, y, w_range_map=bottleneck.range_map(w))
+  assert_stats(given, reference(h, w, y, w_range=w64))
+  _, none_visible = bottleneck.head_loss(h, w, y, w_range_map=jnp.zeros((12, 12)))
+  assert float(none_visible.visible_norm) == 0 and float(none_visible.destroyed_ratio) == 1
+
+
 @pytest.mark.parametrize("case", range(3))
 def test_head_fn_loss_for_any_head(case):
   """Linear, tied and factorized heads as head_fn(params, h): gradients reach every parameter

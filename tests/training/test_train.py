@@ -74,6 +74,18 @@ def test_grad_accumulation_equals_big_batch(initial):
     np.testing.assert_allclose(out4["stats"].metrics()[name], value, rtol=1e-5, err_msg=name)
 
 
+def test_range_map_once_per_step_not_per_micro_batch(initial):
+  cfg = tiny_config()
+  cfg.train.grad_accum = 4
+  setup = experiment.resolve(cfg)
+  batch = random_batch(cfg, seed=3)
+  jaxpr = jax.make_jaxpr(lambda p, b: train.loss_and_grads(p, b, setup))(initial().params, batch)
+  (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+  # range_map (its CPU path's SVD, its TPU path's eigh) sits outside the micro-batch loop
+  for kernel in ("svd", "eigh"):
+    assert kernel in str(jaxpr) and kernel not in str(scan.params["jaxpr"]), kernel
+
+
 def test_bottleneck_off_has_no_extra_outputs(initial):
   cfg = tiny_config()
   mesh = one_device_mesh()
