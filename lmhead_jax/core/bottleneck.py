@@ -65,7 +65,7 @@ def range_map(w_VxD: jax.Array, method: str = "auto") -> jax.Array:
 
 
 def _rank_tolerance(w_VxD) -> float:
-  """σ ≤ σ_max · max(D, √V) · ε counts as zero (docs/INTERNALS.md)."""
+  """t of the rank rule: σ ≤ t·σ_max counts as zero, t = max(D, √V)·ε (docs/INTERNALS.md)."""
   v, d = w_VxD.shape
   return max(d, v**0.5) * jnp.finfo(jnp.float32).eps
 
@@ -77,9 +77,7 @@ def _inverse_where(keep, x):
 
 def _qr_map(w_VxD):
   """W = Q R (Householder), R = U S Vᵀ: M = V S⁻¹ over the kept σ."""
-  k = min(w_VxD.shape)
   _, s, vt = jnp.linalg.svd(jnp.linalg.qr(w_VxD, mode="r"), full_matrices=False)
-  s, vt = s[:k], vt[:k]
   return vt.T * _inverse_where(s > s[0] * _rank_tolerance(w_VxD), s)[None, :]
 
 
@@ -91,15 +89,14 @@ def _gram_map(w_VxD):
   floored. W₁ᵀW₁ = U₁ Λ₁ U₁ᵀ; Q = W₁ U₁ Λ₁^-½ is orthonormal on range(W), so M = P U₁ Λ₁^-½. The
   rank rule σ(W) > tol·σ_max reads λ₁ = σ²/floor > tol²/(D·ε)."""
   mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-  k, d = min(w_VxD.shape), w_VxD.shape[1]
-  eps = jnp.finfo(jnp.float32).eps
+  k, floor = min(w_VxD.shape), w_VxD.shape[1] * jnp.finfo(jnp.float32).eps  # floor: × λ_max
   lam_D, u_DxD = jnp.linalg.eigh(mm(w_VxD.T, w_VxD))
-  lam_D = jnp.maximum(lam_D, lam_D[-1] * d * eps)
+  lam_D = jnp.maximum(lam_D, lam_D[-1] * floor)
   p_DxD = u_DxD * _inverse_where(lam_D > 0, jnp.sqrt(lam_D))
   w1_VxD = mm(w_VxD, p_DxD)
   lam1_K, u1_DxK = (x[..., -k:] for x in jnp.linalg.eigh(mm(w1_VxD.T, w1_VxD)))
-  keep_K = lam1_K > _rank_tolerance(w_VxD) ** 2 / (d * eps)
-  return mm(p_DxD, u1_DxK * _inverse_where(keep_K, jnp.sqrt(lam1_K)))
+  keep_K = lam1_K > _rank_tolerance(w_VxD) ** 2 / floor
+  return mm(p_DxD, u1_DxK * _inverse_where(keep_K, jnp.sqrt(jnp.maximum(lam1_K, 0.0))))
 
 
 def summarize(loss, g_sq_N, b_NxD, vis_sq_N, mask_N, weights_N=None) -> BottleneckStats:

@@ -197,9 +197,9 @@ def forward_flops(c: ModelConfig, hc: HeadConfig, tokens: int, seq_len: int) -> 
 
 
 def train_programs(s: Setup, only: tuple[str, ...] | None = None) -> dict[str, Program]:
-  """The train step with every metric, with the bottleneck stats but not realized_cosine (the
-  runner's usual metric step), without metrics, and the eval step (or those in `only`), lowered
-  for a Setup placed on a mesh."""
+  """The train step with every metric, with the bottleneck stats but not realized_cosine (a
+  metric step off `train.realized_cosine_every`'s multiples), without metrics, and the eval step
+  (or those in `only`), lowered for a Setup placed on a mesh."""
   state, batch = s.abstract_state(), _batch(s.mesh, s.batch_size, s.seq_len)
   tokens = s.batch_size * s.seq_len
   flops = costs.model_flops_per_token(s.model, s.head, s.seq_len) * tokens

@@ -38,21 +38,21 @@ def matmul(module: collectives.Module, ins: collectives.Instruction) -> dict[str
     return {"flops": 2.0 * math.prod(dims(ins.type)) * contracted}
   # dim_labels=bf_oi->bf: the lhs 'f' is contracted, and the window over the spatial digits
   labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs).groups()
-  (lhs_at, rhs_at, out_at), out = ({c: k for k, c in enumerate(x)} for x in labels), dims(ins.type)
+  lhs_at, rhs_at, out_at = ({c: k for k, c in enumerate(x)} for x in labels)
+  out, spatial = dims(ins.type), [str(i) for i in range(len(labels[0]) - 2)]
   groups = re.search(r"feature_group_count=(\d+)", ins.attrs)
-  flops = 2.0 * math.prod(out) * lhs[lhs_at["f"]] / (int(groups[1]) if groups else 1)
   window = re.search(r"window=\{([^}]*)\}", ins.attrs)
-  for i in map(str, range(len(labels[0]) - 2)):
-    flops *= _taps(window[1] if window else "", int(i), lhs[lhs_at[i]], rhs[rhs_at[i]],
-                   out[out_at[i]]) / out[out_at[i]]
-  return {"flops": flops}
+  taps = math.prod(_taps(window[1] if window else "", int(i), lhs[lhs_at[i]], rhs[rhs_at[i]],
+                         out[out_at[i]]) for i in spatial)
+  others = math.prod(out) // math.prod(out[out_at[i]] for i in spatial)  # the non-spatial dims
+  return {"flops": 2.0 * (others * taps * lhs[lhs_at["f"]] // (int(groups[1]) if groups else 1))}
 
 
 def _taps(window: str, i: int, n: int, size: int, outs: int) -> int:
   """Σ over the `outs` outputs of spatial dim i of the window taps (`size` of them) that land
   on one of its n input elements (window: `size=… stride=… pad=lo_hi… lhs_dilate=…`)."""
   def field(name, default):
-    m = re.search(rf"\b{name}=([\dx_]+)", window)
+    m = re.search(rf"\b{name}=([-\dx_]+)", window)
     return m[1].split("x")[i] if m else default
   stride, base, dilate = (int(field(k, "1")) for k in ("stride", "lhs_dilate", "rhs_dilate"))
   low = int(field("pad", "0_0").split("_")[0])

@@ -28,6 +28,17 @@ def low_rank(v, d, r, seed=0):
   return np.asarray(jnp.matmul(a, b, precision="highest")), a.astype(np.float64) @ b
 
 
+def near_tolerance(v, d, factors, seed=0):
+  """float32 W = U diag(s) Qᵀ with s = 1 but its last values, factors × the rank tolerance
+  σ_max·max(D, √V)·ε; U's rows have log-normal norms (the Gram's round-off is uneven)."""
+  rng = np.random.default_rng(seed)
+  u, _ = np.linalg.qr(np.exp(2 * rng.normal(size=(v, 1))) * rng.normal(size=(v, d)))
+  q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+  s = np.ones(d)
+  s[d - len(factors):] = np.asarray(factors) * max(d, v**0.5) * EPS
+  return ((u * s) @ q.T).astype(np.float32)
+
+
 def visible_norms(w_VxD, m_DxK, w_range=None):
   """‖g_t Π‖ read off b = g W (float32) through m, for 64 random rows g, and the float64 truth
   ‖g_t U_r‖ (U_r: left singular vectors of w_range (default w) above the rank rule's tolerance)."""
@@ -121,3 +132,12 @@ def test_gram_sharded_over_v_needs_no_gather():
   np.testing.assert_allclose(out["sharded"], out["single"], rtol=2e3 * EPS)  # each within κ·ε of the truth
   assert "all-reduce" in out["hlo"]  # the Gram matrices' sums over V
   assert "all-gather" not in out["hlo"]
+
+
+@pytest.mark.parametrize("v,d", [(65536, 16), (8192, 256)])
+def test_the_rank_rule_splits_at_the_tolerance(v, d):
+  """σ at 3, 1.5, 0.6 and 0.3 × the tolerance: both formulations keep the first two and drop
+  the last two, also where √V > D (the Gram's round-off above the first pass's floor)."""
+  w = near_tolerance(v, d, [3.0, 1.5, 0.6, 0.3])
+  for method in ("gram", "qr"):
+    assert kept(bottleneck.range_map(jnp.asarray(w), method)) == d - 2, method

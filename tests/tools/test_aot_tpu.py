@@ -56,8 +56,8 @@ def test_topology_shapes_match_cloud_tpu():
 
 
 def test_train_programs_cost_in_order_of_their_metrics():
-  """Four train-side programs; the usual metric step (bottleneck stats, no realized_cosine)
-  costs more than none and less than every metric (on this CPU, by XLA's counts)."""
+  """Four train-side programs; a metric step without realized_cosine costs more than none and
+  less than every metric (on this CPU, by XLA's counts)."""
   s = experiment.resolve(tiny_config(), helpers.one_device_mesh())
   flops = {name: p.lowered.compile().cost_analysis()["flops"]
            for name, p in aot.train_programs(s).items()}
@@ -212,8 +212,8 @@ def test_cli_exits_when_xla_runs_out_of_hbm():
 def test_every_family_train_step_fits_a_v5p_slice(family):
   """Each family's train step (metrics on) on v5p-16 (8 chips, 2 hosts), FSDP over all.
 
-  Sized for this test's compile time: XLA:TPU takes minutes to compile the metrics' QR and SVD
-  of a large W (docs/PERFORMANCE.md).
+  Sized for this test's compile time: XLA:TPU takes minutes to compile the range map's
+  eigendecompositions for a large D (docs/PERFORMANCE.md).
   """
   cfg = tiny_config(family=family, vocab_size=4096, d_model=256, n_layers=2, n_heads=4,
                     n_kv_heads=4 if family in ("gpt2", "gpt_neox") else 2, d_ff=1024,

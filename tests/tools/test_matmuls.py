@@ -80,3 +80,24 @@ def test_xla_tpus_attention_scores_as_a_base_dilated_convolution():
   writes it (the rank sweep's paper step): the batch dims are 16×8 windows over a 16×8-dilated
   input with one real tap each, so 2·B·N·T·S·H, not 128× that."""
   assert matmuls.flops(TPU_ATTENTION) == 2 * 16 * 8 * 4 * 2048 * 2048 * 128
+
+
+NEGATIVE_PAD = """HloModule jit_f, num_partitions=1
+
+ENTRY %main (x: f32[1,10,1], k: f32[3,1,1]) -> f32[1,8,1] {
+  %x = f32[1,10,1]{2,1,0} parameter(0)
+  %k = f32[3,1,1]{2,1,0} parameter(1)
+  ROOT %c = f32[1,8,1]{2,1,0} convolution(%x, %k), window={size=3 pad=-1_1}, dim_labels=b0f_0io->b0f
+}
+"""
+
+
+def test_a_negative_pad_crops_the_input():
+  """pad=-1_1 drops the first of 10 inputs and adds a zero: output o reads inputs o+1..o+3, of
+  which only the last output's third tap is padding, so 8·3 − 1 = 23 taps."""
+  assert matmuls.flops(NEGATIVE_PAD) == 2 * 23
+  two_dims = NEGATIVE_PAD.replace("f32[1,10,1]", "f32[1,10,10,1]").replace(
+      "f32[3,1,1]", "f32[3,3,1,1]").replace("f32[1,8,1]", "f32[1,8,8,1]").replace(
+      "{2,1,0}", "{3,2,1,0}").replace("size=3 pad=-1_1", "size=3x3 pad=-1_1x0_0").replace(
+      "b0f_0io->b0f", "b01f_01io->b01f")
+  assert matmuls.flops(two_dims) == 2 * 23 * 24  # 8 outputs × 3 taps, all on the input
