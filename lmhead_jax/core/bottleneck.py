@@ -99,6 +99,27 @@ def _gram_map(w_VxD):
   return mm(p_DxD, u1_DxK * _inverse_where(keep_K, jnp.sqrt(jnp.maximum(lam1_K, 0.0))))
 
 
+def refine_range_map(w_VxD: jax.Array, m_DxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(`range_map` of W, drift) from the map M' of a nearby W' (the same head a few steps
+  earlier): one Cholesky QR pass on X = W M', whose Gram is near I, so no eigendecomposition.
+
+  XᵀX = L Lᵀ, M = M' L⁻ᵀ: Q = W M = X L⁻ᵀ is orthonormal to ε·κ(X)², on range(W) when W has
+  the rank of W' (M' keeps its zero columns). drift = max|XᵀX − I| over the kept columns: near
+  0 while W moves little; recompute with `range_map` when it grows (κ(X)² ≤ (1+d)/(1−d)), or
+  when the rank may have changed. The V-long work is two matmuls (W M', XᵀX), the D×D work a
+  Cholesky and a triangular solve."""
+  mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+  w, m = w_VxD.astype(jnp.float32), m_DxK.astype(jnp.float32)
+  x_VxK = mm(w, m)
+  keep_K = jnp.any(m != 0, axis=0)
+  both = keep_K[:, None] & keep_K[None, :]
+  c_KxK = jnp.where(both, mm(x_VxK.T, x_VxK), jnp.eye(m.shape[1], dtype=jnp.float32))
+  l_KxK = jnp.linalg.cholesky(c_KxK)
+  refined = jax.scipy.linalg.solve_triangular(l_KxK, m.T, lower=True).T
+  drift = jnp.max(jnp.abs(c_KxK - jnp.eye(m.shape[1], dtype=jnp.float32)))
+  return refined, drift
+
+
 def summarize(loss, g_sq_N, b_NxD, vis_sq_N, mask_N, weights_N=None) -> BottleneckStats:
   """Stats from the rows g_t of n·G (n valid tokens; g_t = p_t − e_y for the mean CE): per-token
   ‖g_t‖², b_t = g_t W and ‖g_t Π‖². The 1/n comes last, so squares of confident tokens' rows

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import scipy.linalg
 from helpers import run_with_devices
 from lmhead_jax.core import bottleneck
 
@@ -141,3 +142,44 @@ def test_the_rank_rule_splits_at_the_tolerance(v, d):
   w = near_tolerance(v, d, [3.0, 1.5, 0.6, 0.3])
   for method in ("gram", "qr"):
     assert kept(bottleneck.range_map(jnp.asarray(w), method)) == d - 2, method
+
+
+def rotated(w, theta, seed=3):
+  """W exp(θ S), S a random skew-symmetric D×D: the same σ, the right singular vectors moved
+  by ≈ θ (a head a few steps later), in float64 then float32."""
+  rng = np.random.default_rng(seed)
+  s = rng.normal(size=(w.shape[1],) * 2)
+  s = (s - s.T) / np.sqrt(2 * w.shape[1])
+  return (w.astype(np.float64) @ scipy.linalg.expm(theta * s)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kappa", [1, 1e4])
+@pytest.mark.parametrize("theta", [1e-3, 1e-1])
+def test_refine_follows_a_moved_head_to_float64(kappa, theta):
+  """From the map of W', one Cholesky pass gives W's map to the same κ·ε bound as `range_map`,
+  also when W' and W are far apart (θ = 0.1 at κ = 1e4: drift ≈ 7e4)."""
+  w0 = conditioned(8192, 256, kappa)
+  w = rotated(w0, theta)
+  m, drift = bottleneck.refine_range_map(jnp.asarray(w), bottleneck.range_map(jnp.asarray(w0)))
+  got, truth = visible_norms(w, m)
+  assert kept(m) == 256 and float(drift) > 0
+  np.testing.assert_allclose(got, truth, rtol=(8 + kappa) * EPS)
+
+
+def test_refine_keeps_a_low_rank_heads_rank():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(4096, 64)), rng.normal(size=(64, 256))
+  w0 = (a.astype(np.float32) @ b.astype(np.float32))
+  a, b = a + 1e-2 * rng.normal(size=a.shape), b + 1e-2 * rng.normal(size=b.shape)
+  w, w64 = a.astype(np.float32) @ b.astype(np.float32), a @ b
+  m, _ = bottleneck.refine_range_map(jnp.asarray(w), bottleneck.range_map(jnp.asarray(w0)))
+  assert m.shape == (256, 256) and kept(m) == 64
+  np.testing.assert_allclose(*visible_norms(w, m, w_range=w64), rtol=1e-5)
+
+
+def test_refine_of_the_same_head_does_not_drift():
+  w = jnp.asarray(conditioned(2048, 64, 100))
+  m = bottleneck.range_map(w)
+  refined, drift = bottleneck.refine_range_map(w, m)
+  assert float(drift) < 10 * 100 * EPS  # the Gram's round-off on X = W M (37ε here)
+  np.testing.assert_allclose(*visible_norms(np.asarray(w), refined), rtol=108 * EPS)
