@@ -334,7 +334,9 @@ def _train(loop: Loop, workdir, state, start, data_iter, eval_source, ckpt, pree
   """Steps start+1 .. train.steps, then the summary."""
   setup, cadence, guard = loop.setup, loop.cadence, loop.guard
   every, realized_every = cadence.bottleneck_every, cadence.realized_cosine_every
-  steps = {(b, r): train.make_train_step(setup, with_bottleneck=b, with_realized=r)
+  carry = train.RangeMapCarry(setup) if train.carries_range_map(setup) else None
+  steps = {(b, r): train.make_train_step(setup, with_bottleneck=b, with_realized=r,
+                                         carry_range_map=b and carry is not None)
            for b in (True, False) for r in (True, False)}  # each compiled on first use
   eval_step = train.make_eval_step(setup)
   batch_sh = sharding.batch_sharding(setup.mesh)
@@ -347,6 +349,8 @@ def _train(loop: Loop, workdir, state, start, data_iter, eval_source, ckpt, pree
     """Host-side handling of step `step`'s metrics (fetched while the next step runs)."""
     nonlocal t_log, step_log, last
     m = _host(metrics) | extra
+    if carry is not None:
+      carry.observe(m)
     bad = [k for k in train.GUARDED if not math.isfinite(m[k])]
     if bad:
       ckpt.wait()
@@ -374,7 +378,11 @@ def _train(loop: Loop, workdir, state, start, data_iter, eval_source, ckpt, pree
       batch = pipeline.global_batch(next(data_iter), batch_sh)
       with_b = every > 0 and (step % every == 0 or step == total)
       with_r = with_b and realized_every > 0 and (step % realized_every == 0 or step == total)
-      state, metrics = steps[with_b, with_r](state, batch)
+      if with_b and carry is not None:  # W's range map, refined from the last metric step's
+        state, metrics, range_map = steps[with_b, with_r](state, batch, carry.start())
+        carry.update(range_map)
+      else:
+        state, metrics = steps[with_b, with_r](state, batch)
       eval_due = ((cadence.eval_every and step % cadence.eval_every == 0)
                   or (step == total and cadence.eval_batches))  # the final eval is logged too
       extra = (evaluate(setup, cadence.eval_batches, eval_step, state.params, eval_source)

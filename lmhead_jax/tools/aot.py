@@ -198,9 +198,14 @@ def forward_flops(c: ModelConfig, hc: HeadConfig, tokens: int, seq_len: int) -> 
 
 def train_programs(s: Setup, only: tuple[str, ...] | None = None) -> dict[str, Program]:
   """The train step with every metric, with the bottleneck stats but not realized_cosine (a
-  metric step off `train.realized_cosine_every`'s multiples), without metrics, and the eval step
-  (or those in `only`), lowered for a Setup placed on a mesh."""
+  metric step off `train.realized_cosine_every`'s multiples), the same refining the last metric
+  step's range map (the runner's metric steps after the first two, for heads that
+  `train.carries_range_map`), without metrics, and the eval step (or those in `only`), lowered
+  for a Setup placed on a mesh."""
   state, batch = s.abstract_state(), _batch(s.mesh, s.batch_size, s.seq_len)
+  d = s.head.d_model
+  range_map = jax.ShapeDtypeStruct((d, min(s.head.live_vocab, d)), jnp.float32,
+                                   sharding=sharding.replicated(s.mesh))
   tokens = s.batch_size * s.seq_len
   flops = costs.model_flops_per_token(s.model, s.head, s.seq_len) * tokens
   run = flops + costs.recompute_flops_per_token(s.model, s.head, s.seq_len) * tokens
@@ -208,11 +213,16 @@ def train_programs(s: Setup, only: tuple[str, ...] | None = None) -> dict[str, P
       "train_step": lambda: Program(train.make_train_step(s).lower(state, batch), flops, run),
       "train_step_bottleneck": lambda: Program(
           train.make_train_step(s, with_realized=False).lower(state, batch), flops, run),
+      "train_step_refined": lambda: Program(train.make_train_step(
+          s, with_realized=False, carry_range_map=True).lower(state, batch, range_map), flops,
+          run),
       "train_step_no_metrics": lambda: Program(
           train.make_train_step(s, with_bottleneck=False).lower(state, batch), flops, run),
       "eval_step": lambda: Program(train.make_eval_step(s).lower(state.params, batch),
                                    forward_flops(s.model, s.head, tokens, s.seq_len)),
   }
+  if not train.carries_range_map(s):
+    del lower["train_step_refined"]
   return {k: make() for k, make in lower.items() if only is None or k in only}
 
 

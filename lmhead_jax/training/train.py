@@ -25,7 +25,7 @@ GUARDED = ("learning_rate", "loss", "grad_norm", "update_norm", "param_norm")
 MOS_STAT_TOKENS = 64
 
 
-def _linear_head_loss(setup: Setup) -> bool:
+def carries_range_map(setup: Setup) -> bool:
   """Whether the head's loss is `bottleneck.head_loss` (of W, with W's range map), not
   `head_fn_loss` (the mos head, feedback alignment, and the alignment regularizer's G)."""
   hc = setup.head
@@ -46,7 +46,7 @@ def _head_loss(params, h, batch, setup: Setup, w_range_map=None):
     w_VxD = jax.lax.stop_gradient(heads.matrix(heads.params_of(params, hc)))
     h = backward.projected(h, w_VxD, hc.forward_rank)
 
-  if not _linear_head_loss(setup):
+  if not carries_range_map(setup):
     b_VxD = (backward.feedback_matrix(setup.seed, hc.live_vocab, hc.d_model)
              if hc.backward == "feedback_alignment" else None)
 
@@ -157,28 +157,35 @@ def micro_batches(batch: dict, k: int) -> dict:
   return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), batch)
 
 
-def loss_and_grads(params, batch, setup: Setup, with_bottleneck: bool = True):
-  """Loss and gradient over the whole batch, accumulated over `setup.grad_accum` micro-batches
-  (W's range map, for the stats, once per step, not once per micro-batch)."""
+def loss_and_grads(params, batch, setup: Setup, with_bottleneck: bool = True, range_map=None):
+  """Loss and gradient over the whole batch, accumulated over `setup.grad_accum` micro-batches.
+  With the stats of a linear head (`carries_range_map`), W's range map is computed once per
+  step, refined from `range_map` (an earlier W's) when given (`bottleneck.refine_range_map`),
+  and returned as out["range_map"], with W's numerical rank and the refinement's drift."""
+  m = drift = None
+  if with_bottleneck and carries_range_map(setup):
+    w_VxD = jax.lax.stop_gradient(heads.matrix(heads.params_of(params, setup.head)))
+    if range_map is None:
+      m, drift = bottleneck.range_map(w_VxD), jnp.zeros((), jnp.float32)
+    else:
+      m, drift = bottleneck.refine_range_map(w_VxD, range_map)
+  parts = lambda mb: _loss_parts(params, mb, setup, with_bottleneck, m)
   if setup.grad_accum == 1:
-    return _loss_parts(params, batch, setup, with_bottleneck)
-  w_range_map = None
-  if with_bottleneck and _linear_head_loss(setup):
-    w_VxD = heads.matrix(heads.params_of(params, setup.head))
-    w_range_map = bottleneck.range_map(jax.lax.stop_gradient(w_VxD))
-  parts = lambda mb: _loss_parts(params, mb, setup, with_bottleneck, w_range_map)
+    out, grads = parts(batch)
+  else:
+    def body(acc, mb):
+      out, grads = parts(mb)
+      return jax.tree.map(lambda a, g: a + g * out["n"], acc, grads), out
 
-  def body(acc, mb):
-    out, grads = parts(mb)
-    return jax.tree.map(lambda a, g: a + g * out["n"], acc, grads), out
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  grad_sum, outs = jax.lax.scan(body, zeros, micro_batches(batch, setup.grad_accum))
-  n_total = jnp.sum(outs["n"])
-  grads = jax.tree.map(lambda g: g / jnp.maximum(n_total, 1.0), grad_sum)
-  merged = _combine(outs, n_total)
-  merged["n"] = n_total
-  return merged, grads
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, outs = jax.lax.scan(body, zeros, micro_batches(batch, setup.grad_accum))
+    n_total = jnp.sum(outs["n"])
+    grads = jax.tree.map(lambda g: g / jnp.maximum(n_total, 1.0), grad_sum)
+    out = _combine(outs, n_total) | {"n": n_total}
+  if m is not None:
+    out |= {"range_map": m, "range_map_drift": drift,
+            "head_rank": jnp.sum(jnp.any(m != 0, axis=0))}
+  return out, grads
 
 
 def objective_logits(hp, h, hc) -> jax.Array:
@@ -231,15 +238,20 @@ def init_state(key, setup: Setup) -> tuple[TrainState, TrainState]:
 
 
 def make_train_step(setup: Setup, *, with_bottleneck: bool = True,
-                    with_realized: bool | None = None):
+                    with_realized: bool | None = None, carry_range_map: bool = False):
   """step(state, batch) -> (state, metrics), jitted with explicit shardings; state donated.
   `with_realized` (default: `with_bottleneck`) adds bottleneck/realized_cosine, a forward pass
-  with tangents."""
+  with tangents. carry_range_map (bottleneck stats of a head that `carries_range_map`):
+  step(state, batch, range_map) -> (state, metrics, range_map), W's range map refined from an
+  earlier step's (None: computed afresh; `RangeMapCarry` decides)."""
   _check_mesh(setup)
   with_realized = with_bottleneck if with_realized is None else with_realized
+  if carry_range_map and not (with_bottleneck and carries_range_map(setup)):
+    raise ValueError("carry_range_map needs the bottleneck stats of a linear head (not mos, "
+                     "feedback_alignment or train.alignment_weight > 0)")
 
-  def step(state: TrainState, batch):
-    out, grads = loss_and_grads(state.params, batch, setup, with_bottleneck)
+  def step(state: TrainState, batch, range_map=None):
+    out, grads = loss_and_grads(state.params, batch, setup, with_bottleneck, range_map)
     grad_norm = optax.tree.norm(grads)
     if setup.clip_norm > 0:
       grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, setup.clip_norm / (grad_norm + 1e-12)), grads)
@@ -256,15 +268,47 @@ def make_train_step(setup: Setup, *, with_bottleneck: bool = True,
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state), rng=state.rng)
     metrics.update({k: out[k] for k in ("ortho_penalty", "alignment_loss") if k in out})
+    metrics.update({f"bottleneck/{k}": out[k] for k in ("head_rank", "range_map_drift")
+                    if k in out})
     if with_bottleneck:
       metrics.update(out["stats"].metrics())
     if with_realized:
       metrics["bottleneck/realized_cosine"] = realized_cosine(state.params, updates, batch, setup)
-    return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+    metrics = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+    return (new_state, metrics) + ((out["range_map"],) if carry_range_map else ())
 
+  replicated = sharding.replicated(setup.mesh)
+  carried = (replicated,) if carry_range_map else ()
   return jax.jit(sharding.traced_on(setup.mesh, step),
-                 in_shardings=(setup.state_shardings, setup.batch_shardings),
-                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
+                 in_shardings=(setup.state_shardings, setup.batch_shardings) + carried,
+                 out_shardings=(setup.state_shardings, replicated) + carried, donate_argnums=0)
+
+
+class RangeMapCarry:
+  """W's range map from metric step to metric step: refined (`bottleneck.refine_range_map`)
+  while W has the largest rank it can have (so no direction can appear that the map misses)
+  and the last refinement drifted at most MAX_DRIFT; else computed afresh."""
+
+  MAX_DRIFT = 1.0
+
+  def __init__(self, setup: Setup):
+    self.rank_cap = setup.head.rank if setup.head.kind == "factorized" else None
+    self.range_map, self.refinable = None, False
+
+  def start(self):
+    """The map to refine at the next metric step; None: compute it afresh."""
+    return self.range_map if self.refinable else None
+
+  def update(self, range_map) -> None:
+    """The map a metric step returned (on the device: nothing waits for it)."""
+    self.range_map = range_map
+
+  def observe(self, metrics: dict) -> None:
+    """A fetched metric step's host metrics: W's rank and the drift decide the next start."""
+    if "bottleneck/head_rank" in metrics and self.range_map is not None:
+      full = min(self.range_map.shape[1], self.rank_cap or self.range_map.shape[1])
+      self.refinable = (int(metrics["bottleneck/head_rank"]) == full
+                        and metrics["bottleneck/range_map_drift"] <= self.MAX_DRIFT)
 
 
 def make_eval_step(setup: Setup):

@@ -363,3 +363,14 @@ def test_realized_cosine_has_its_own_cadence(tmp_path):
     records = {r["step"]: r for r in map(json.loads, f)}
   assert [s for s in sorted(records) if "bottleneck/realized_cosine" in records[s]] == [2, 4, 5]
   assert all("bottleneck/destroyed_ratio" in r for r in records.values())
+
+
+def test_metric_steps_refine_the_last_range_map(tmp_path):
+  """The first metric step computes W's range map afresh (drift 0); the next ones refine the
+  map of the one before the last (the runner reads a step's metrics while the next one runs)."""
+  runner.run(spam_config(5), tmp_path)
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = {r["step"]: r for r in map(json.loads, f)}
+  drift = [records[s]["bottleneck/range_map_drift"] for s in sorted(records)]
+  assert drift[:2] == [0.0, 0.0] and all(d > 0 for d in drift[2:]), drift
+  assert {records[s]["bottleneck/head_rank"] for s in records} == {32.0}

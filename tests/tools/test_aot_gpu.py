@@ -67,15 +67,16 @@ def test_target_configs_come_from_the_installed_compiler():
 
 @needs_cuda_plugin
 def test_train_programs_on_two_hosts_of_h200():
-  """The CLI compiles the train step with every metric, with the bottleneck stats only and
-  without metrics, and the eval step for 16 H200s (2 hosts); per-GPU arguments are the
-  fsdp-sharded params, AdamW moments and batch."""
+  """The CLI compiles the train step with every metric, with the bottleneck stats only (range
+  map afresh and refined) and without metrics, and the eval step for 16 H200s (2 hosts);
+  per-GPU arguments are the fsdp-sharded params, AdamW moments and batch."""
   proc = run_plan("--slice=h200-16", "--compile=gpu", "--config.model.vocab_size=4096",
                   "--config.model.d_model=256", "--config.mesh.fsdp=-1", "--config.mesh.data=1",
                   "--config.train.batch_size=16")
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = {r["program"]: r for r in compiled_rows(proc.stdout)}
-  assert set(rows) == {"train_step", "train_step_bottleneck", "train_step_no_metrics", "eval_step"}
+  assert set(rows) == {"train_step", "train_step_bottleneck", "train_step_refined",
+                       "train_step_no_metrics", "eval_step"}
   cfg = spamlang.get_config("smoke")
   cfg.model.update(vocab_size=4096, d_model=256)
   c = ModelConfig.of(cfg.model)

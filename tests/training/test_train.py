@@ -86,6 +86,40 @@ def test_range_map_once_per_step_not_per_micro_batch(initial):
     assert kernel in str(jaxpr) and kernel not in str(scan.params["jaxpr"]), kernel
 
 
+def test_a_carried_range_map_gives_the_stats_of_a_fresh_one(initial):
+  """Metric steps that refine the previous step's map (`refine_range_map`) report the stats of
+  steps that compute it afresh, on the same states and batches."""
+  cfg = tiny_config()
+  setup = experiment.resolve(cfg, one_device_mesh())
+  carried, fresh = train.make_train_step(setup, carry_range_map=True), train.make_train_step(setup)
+  a, b, range_map = initial(), initial(), None
+  for seed in range(3):
+    batch = random_batch(cfg, seed=seed)
+    a, got, range_map = carried(a, batch, range_map)
+    b, want = fresh(b, batch)
+    assert float(got["bottleneck/head_rank"]) == cfg.model.d_model
+    assert (float(got["bottleneck/range_map_drift"]) > 0) == (seed > 0)  # 0: computed afresh
+    for name, value in want.items():
+      if name != "bottleneck/range_map_drift":
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, err_msg=name)
+
+
+def test_range_map_carry_refines_only_a_full_rank_head_that_drifts_little():
+  cfg = tiny_config()
+  cfg.head.kind, cfg.head.rank = "factorized", 8
+  carry = train.RangeMapCarry(experiment.resolve(cfg))
+  assert carry.start() is None
+  carry.update(np.ones((32, 32)))
+  for rank, drift, refines in [(8, 0.01, True), (7, 0.01, False), (8, 2.0, False)]:
+    carry.observe({"bottleneck/head_rank": rank, "bottleneck/range_map_drift": drift})
+    assert (carry.start() is not None) == refines
+  carry.observe({"loss": 1.0})  # a step without the stats changes nothing
+  assert carry.start() is None
+  cfg.head.kind, cfg.head.mixtures = "mos", 2
+  with pytest.raises(ValueError, match="carry_range_map needs"):
+    train.make_train_step(experiment.resolve(cfg, one_device_mesh()), carry_range_map=True)
+
+
 def test_bottleneck_off_has_no_extra_outputs(initial):
   cfg = tiny_config()
   mesh = one_device_mesh()
