@@ -1,5 +1,5 @@
-"""The train step on 8 fake CPU devices equals the single-device run, on three meshes, and
-with the chunked head."""
+"""The train step on 8 fake CPU devices equals the single-device run, on three meshes, with
+the chunked head, and refining a carried range map."""
 
 import jax
 import numpy as np
@@ -10,8 +10,9 @@ from lmhead_jax.runs import experiment
 from lmhead_jax.training import sharding, train
 
 
-def run(mesh, chunk_size=None):
-  """Metrics of 3 steps on `mesh`, and the sharding spec of the first query weight."""
+def run(mesh, chunk_size=None, carry=False):
+  """Metrics of 3 steps on `mesh`, and the sharding spec of the first query weight; carry:
+  each step refines the range map of the step before."""
   cfg = tiny_config()
   cfg.head.chunk_size = chunk_size
   rng = np.random.default_rng(0)
@@ -20,11 +21,12 @@ def run(mesh, chunk_size=None):
               "targets": rng.integers(0, 256, shape).astype(np.int32),
               "mask": (rng.random(shape) > 0.2).astype(np.float32)} for _ in range(3)]
   state, _ = train.init_state(jax.random.key(0), experiment.resolve(cfg, mesh))
-  step = train.make_train_step(experiment.resolve(cfg, mesh))
-  out = []
+  step = train.make_train_step(experiment.resolve(cfg, mesh), carry_range_map=carry)
+  out, range_map = [], None
   for b in batches:
-    state, m = step(state, b)
-    out.append({k: float(v) for k, v in m.items()})
+    state, m, *carried = step(state, b, range_map) if carry else step(state, b)
+    range_map = carried[0] if carry else None
+    out.append({k: float(v) for k, v in m.items() if k != "bottleneck/range_map_drift"})
   return out, state.params["layers"]["attn"]["wq"].sharding.spec
 
 
@@ -50,4 +52,9 @@ def test_sharded_steps_match_single_device(ref, shape, axis):
 
 def test_chunked_head_matches_single_device(ref):
   got, _ = run(sharding.make_mesh(2, 2, 2), chunk_size=16)
+  assert worst_rel(got, ref) < 1e-5
+
+
+def test_a_carried_range_map_matches_single_device(ref):
+  got, _ = run(sharding.make_mesh(2, 2, 2), carry=True)
   assert worst_rel(got, ref) < 1e-5
