@@ -27,8 +27,9 @@ Presets:
   (V/D 32, 64); LM: the rank sweep's `cpu` trunk (D=128, stdlib corpus, BPE 4096) with the
   full-width factorized head r=128, 100 steps of 16×128 tokens (205k tokens), AdamW lr ∈ {1e-3,
   3e-3, 1e-2}, 10 warmup steps, cosine decay to 10%, held-out loss every 10 steps on 4 batches,
-  bottleneck metrics every 20. 5 seeds, 6 methods: 180 SpamLang runs (≈ 20 s each on quiet
-  cores, compile-bound) and 90 LM runs (≈ 1 min each).
+  bottleneck metrics every 20; realized_cosine on the metric steps that are multiples of 10 (all
+  of the LM's) in both tasks. 5 seeds, 6 methods: 180 SpamLang runs (≈ 20 s each on quiet cores,
+  compile-bound) and 90 LM runs (≈ 1 min each).
 - `paper`: the rank sweep's `paper` trunk (2B) at r ∈ {4096, 256} (the mos head has no rank: one
   run), one seed, dense loss (head.chunk_size=None: feedback alignment, the alignment loss and mos
   need G), for TPU; not run here.
@@ -106,6 +107,9 @@ def get_config(preset: str = "cpu"):
     spam, seeds = None, (0,)
     cfg.head.chunk_size = None
     cfg.head.rank, lm_axes = 4096, {"head.rank": (4096, 256)}
+  for task in (spam, cfg):  # the realized_cosine cadence these tasks ran with
+    if task is not None:
+      task.train.realized_cosine_every = 10
   if spam is not None:
     spam.checkpoint.every = 0
     spam.sweep = grids(methods, seeds, spam_axes)

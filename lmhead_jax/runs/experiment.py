@@ -52,9 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=100, batch_size=32, log_every=10, eval_every=0, eval_batches=4,
       bottleneck_every=1, grad_accum=1, alignment_weight=0.0,
-      # bottleneck/realized_cosine (a forward pass with tangents) on the metric steps that are
-      # multiples of this, and the last; 0: never
-      realized_cosine_every=10,
+      # bottleneck/realized_cosine (a forward pass with tangents, ≈ 2/3 of a step's FLOPs) on
+      # the metric steps that are multiples of this, and the last; 0: never
+      realized_cosine_every=100,
       # lmhead_jax.runs.divergence: a loss above factor × its running minimum (0: not
       # checked), or pinned at ln V with no gradient, for `patience` steps: warn, stop or off.
       divergence_factor=3.0, divergence_patience=20, divergence_action="warn"))
