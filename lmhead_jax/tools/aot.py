@@ -198,8 +198,8 @@ def forward_flops(c: ModelConfig, hc: HeadConfig, tokens: int, seq_len: int) -> 
 
 def train_programs(s: Setup, only: tuple[str, ...] | None = None) -> dict[str, Program]:
   """The train step with every metric, with the bottleneck stats but not realized_cosine (a
-  metric step off `train.realized_cosine_every`'s multiples), the same refining the last metric
-  step's range map (the runner's metric steps after the first two, for heads that
+  metric step off `train.realized_cosine_every`'s multiples), these two refining the last
+  metric step's range map (the runner's metric steps after the first two, for heads that
   `train.carries_range_map`), without metrics, and the eval step (or those in `only`), lowered
   for a Setup placed on a mesh."""
   state, batch = s.abstract_state(), _batch(s.mesh, s.batch_size, s.seq_len)
@@ -216,13 +216,15 @@ def train_programs(s: Setup, only: tuple[str, ...] | None = None) -> dict[str, P
       "train_step_refined": lambda: Program(train.make_train_step(
           s, with_realized=False, carry_range_map=True).lower(state, batch, range_map), flops,
           run),
+      "train_step_refined_realized": lambda: Program(train.make_train_step(
+          s, carry_range_map=True).lower(state, batch, range_map), flops, run),
       "train_step_no_metrics": lambda: Program(
           train.make_train_step(s, with_bottleneck=False).lower(state, batch), flops, run),
       "eval_step": lambda: Program(train.make_eval_step(s).lower(state.params, batch),
                                    forward_flops(s.model, s.head, tokens, s.seq_len)),
   }
   if not train.carries_range_map(s):
-    del lower["train_step_refined"]
+    del lower["train_step_refined"], lower["train_step_refined_realized"]
   return {k: make() for k, make in lower.items() if only is None or k in only}
 
 

@@ -76,7 +76,7 @@ def test_train_programs_on_two_hosts_of_h200():
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = {r["program"]: r for r in compiled_rows(proc.stdout)}
   assert set(rows) == {"train_step", "train_step_bottleneck", "train_step_refined",
-                       "train_step_no_metrics", "eval_step"}
+                       "train_step_refined_realized", "train_step_no_metrics", "eval_step"}
   cfg = spamlang.get_config("smoke")
   cfg.model.update(vocab_size=4096, d_model=256)
   c = ModelConfig.of(cfg.model)

@@ -56,16 +56,16 @@ def test_topology_shapes_match_cloud_tpu():
 
 
 def test_train_programs_cost_in_order_of_their_metrics():
-  """Five train-side programs; a metric step without realized_cosine costs more than none and
-  less than every metric (on this CPU, by XLA's counts), and so does one refining its range
-  map."""
+  """Six train-side programs; a metric step without realized_cosine costs more than none and
+  less than every metric (on this CPU, by XLA's counts), also when it refines its range map."""
   s = experiment.resolve(tiny_config(), helpers.one_device_mesh())
   flops = {name: p.lowered.compile().cost_analysis()["flops"]
            for name, p in aot.train_programs(s).items()}
   assert set(flops) == {"train_step", "train_step_bottleneck", "train_step_refined",
-                        "train_step_no_metrics", "eval_step"}
+                        "train_step_refined_realized", "train_step_no_metrics", "eval_step"}
   assert flops["train_step_no_metrics"] < flops["train_step_bottleneck"] < flops["train_step"]
-  assert flops["train_step_no_metrics"] < flops["train_step_refined"]
+  assert (flops["train_step_no_metrics"] < flops["train_step_refined"]
+          < flops["train_step_refined_realized"])
 
 
 @needs_libtpu
