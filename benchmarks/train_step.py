@@ -9,7 +9,8 @@ alternates the variants step by step in one process (the machines are shared and
 a line of ratios against a plain-JAX step of the same model (`jax.value_and_grad` of the mean CE,
 the same optax update, no metrics): the library's step with the bottleneck metrics on every step
 and realized_cosine every `train.realized_cosine_every` steps (the runner's default cadence),
-with the metrics off, and chunked against dense head when `head.chunk_size` is set.
+with the metrics off, and chunked against dense head when `head.chunk_size` is set. Metric steps
+refine the previous step's range map of W, as the runner's do after a run's first two.
 """
 
 import json
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lmhead_jax.core import heads, model
+from lmhead_jax.core import bottleneck, heads, model
 from lmhead_jax.core.loss import cross_entropy
 from lmhead_jax.runs import experiment
 from lmhead_jax.tools import costs
@@ -73,11 +74,16 @@ class Variant:
         {"inputs": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
          "targets": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
          "mask": np.ones(shape, np.float32)}, sharding.batch_sharding(mesh))
+    self.carry = with_bottleneck and not plain and train.carries_range_map(setup)
     step = (plain_step(setup) if plain else
             train.make_train_step(setup, with_bottleneck=with_bottleneck,
-                                  with_realized=with_realized))
+                                  with_realized=with_realized, carry_range_map=self.carry))
+    self.args = (self.batch,)
+    if self.carry:  # the runner's metric steps refine the last one's range map
+      w_VxD = heads.matrix(heads.params_of(self.state.params, setup.head))
+      self.args += (jax.device_put(bottleneck.range_map(w_VxD), sharding.replicated(mesh)),)
     t = time.perf_counter()
-    self.compiled = step.lower(self.state, self.batch).compile()
+    self.compiled = step.lower(self.state, *self.args).compile()
     self.compile_time_s = time.perf_counter() - t
     mem = self.compiled.memory_analysis()
     self.temp_bytes = int(mem.temp_size_in_bytes) if mem is not None else None
@@ -87,8 +93,9 @@ class Variant:
 
   def step(self, timed: bool):
     t = time.perf_counter()
-    self.state, metrics = self.compiled(self.state, self.batch)
+    self.state, metrics, *range_map = self.compiled(self.state, *self.args)
     jax.block_until_ready(metrics)
+    self.args = (self.batch, *range_map)
     if timed:
       self.times.append(time.perf_counter() - t)
 
