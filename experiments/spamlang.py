@@ -14,8 +14,9 @@ Presets:
 - `demo` (≤ 5 min on 2 cores): the `cpu` preset's pair that learns and fails, SGD-momentum
   lr=0.1 at D=64 (V/D=64) and D=8 (V/D=512); the same runs, so the two presets share a DIR.
 - `vocab_cpu` (the paper's axis, V at a fixed D): D=16, 1 layer with one head and d_ff=4·D,
-  batch 64, seq 8, the chunked head (512 tokens), V ∈ {256, …, 65,536} (V/D 16 to 4096), each V
-  for max(1500, 6·V/64) steps (every symbol in ≥ 6 sequences); AdamW lr ∈ {1e-3, 1e-2} and
+  batch 64, seq 8, the chunked head (32 tokens a chunk: 1.75× faster than one 512-token chunk
+  at V = 65,536 on XLA:CPU), V ∈ {256, …, 65,536} (V/D 16 to 4096), each V for
+  max(1500, 6·V/64) steps (every symbol in ≥ 6 sequences); AdamW lr ∈ {1e-3, 1e-2} and
   SGD-momentum lr ∈ {0.1, 1}, 3 seeds, V ascending. The report keeps, per V and optimizer, the
   lr with the best mean held-out accuracy: mean ± 95% CI, and the V/D where learning fails.
 - `paper`: a Llama-3-style trunk of D=768, 12 layers, 12 heads, SwiGLU d_ff=2816 (106.2M
@@ -66,7 +67,7 @@ def get_config(preset: str = "smoke"):
   elif preset == "vocab_cpu":  # the paper's axis: V grows at a fixed D
     cfg.model.update(d_model=16, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=None)
     cfg.data.seq_len = 8
-    cfg.head.chunk_size = 512
+    cfg.head.chunk_size = 32
     cfg.train.update(batch_size=64, log_every=50, bottleneck_every=100, eval_every=0,
                      eval_batches=4)
     cfg.checkpoint.update(every=0)

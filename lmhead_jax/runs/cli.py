@@ -32,10 +32,6 @@ def define_flags() -> None:
                       "--print_config.")
   flags.DEFINE_bool("print_config", False, "Print the resolved config as JSON (every key, the "
                     "family flags filled in) and exit.")
-  flags.register_multi_flags_validator(
-      ["workdir", "print_config"],
-      lambda f: f["print_config"] or bool((f["workdir"] or "").strip()),
-      "--workdir=DIR is required and must not be empty (or pass --print_config)")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
   flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
   flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -163,6 +159,10 @@ def main(run_fn) -> None:
     if len(argv) > 1:
       refuse(app.UsageError(f"unexpected arguments: {argv[1:]} (overrides take the form "
                             "--config.a.b=value)"), FLAGS.verbose, 2)
+    if not FLAGS.print_config and not (FLAGS.workdir or "").strip():  # checked here, not by an
+      # absl validator, which would fail any later flag parse in the process (tokamax's)
+      refuse(app.UsageError("--workdir=DIR is required and must not be empty (or pass "
+                            "--print_config)"), FLAGS.verbose, 2)
     try:
       experiment.validate_experiment(FLAGS.config)
     except ValueError as e:

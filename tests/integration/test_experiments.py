@@ -79,7 +79,7 @@ def test_spamlang_vocab_cpu_grid_fixes_d_and_coverage():
   cfg = spamlang.get_config("vocab_cpu")
   entries = [spamlang.describe(c) for c in runs(cfg)]
   assert [e["V"] for e in entries] == sorted(e["V"] for e in entries)  # V ascending
-  assert {e["D"] for e in entries} == {16} and cfg.head.chunk_size == 512
+  assert {e["D"] for e in entries} == {16} and cfg.head.chunk_size == 32
   assert sorted({e["V"] for e in entries}) == [256, 1024, 4096, 16384, 65536]
   for v in (256, 65536):
     arms = {(e["optimizer"], e["lr"], e["seed"]) for e in entries if e["V"] == v}

@@ -58,3 +58,11 @@ def test_every_dotted_name_in_the_docs_imports():
     except AttributeError:
       missing.append(f"{name} ({where})")
   assert not missing, missing
+
+
+def test_ci_runs_the_readmes_test_command():
+  """`.ci/run` runs the tests exactly as the README tells a user to."""
+  readme = re.findall(r"^\.venv/bin/python -m pytest(.*)$", open(README).read(), flags=re.M)
+  ci = re.findall(r'^"\$venv/bin/python" -m pytest(.*)$',
+                  open(os.path.join(helpers.ROOT, ".ci", "run")).read(), flags=re.M)
+  assert len(readme) == 1 and ci == readme, (readme, ci)

@@ -132,3 +132,15 @@ def test_a_refusal_is_one_line_and_exit_2(preset, args, needle):
   verbose = run_experiment(*args, "--verbose", preset=preset)
   assert verbose.returncode == 2 and needle in verbose.stderr
   assert ("Traceback" in verbose.stderr) == ("foo" not in args)  # a usage error has no traceback
+
+
+def test_defined_flags_leave_a_later_parse_without_workdir_alone():
+  """tokamax parses absl's flags on first use; --workdir is checked by `main`, not by a
+  validator that such a parse would trip."""
+  cli.define_flags()
+  cli.FLAGS.unparse_flags()
+  try:
+    cli.FLAGS(["tokamax"], known_only=True)
+    assert cli.FLAGS.workdir is None
+  finally:
+    cli.FLAGS.unparse_flags()
