@@ -44,6 +44,9 @@ VARIANTS = {
     "fused_ce_blocked": "loss.fused_head_loss(chunk_size, vocab_block): online LSE over V",
     "head_loss": "bottleneck.head_loss, dense: the CE and its BottleneckStats",
     "head_loss_chunked": "bottleneck.head_loss(chunk_size)",
+    "head_loss_refined": "head_loss, dense, W's range map refined from the last step's "
+                         "(refine_range_map: a training loop's metric step)",
+    "head_loss_chunked_refined": "the same, chunked",
     "range_map": "bottleneck.range_map(W) alone: the stats' fixed cost (no gradient)",
     "tokamax": "tokamax.linear_softmax_cross_entropy_loss, 'xla' (its CPU default; dense)",
     "tokamax_chunked": "the same, 'chunked_xla' (token blocks 1024, vocabulary blocks 2048)",
@@ -53,11 +56,14 @@ VARIANTS = {
     "head_loss_options_chunked": "bottleneck.head_loss(**OPTIONS, chunk_size)",
 }
 TRANSPOSED = ("tokamax", "tokamax_chunked")  # take W as [D, V], tokamax's layout
+REFINED = ("head_loss_refined", "head_loss_chunked_refined")  # take the last map M' too
 RATIOS = {  # of median times; "…_temp" of XLA temporaries
     "chunked_over_dense": ("head_loss_chunked", "head_loss"),
     "chunked_over_dense_temp": ("head_loss_chunked", "head_loss"),
     "stats_overhead_dense": ("head_loss", "fused_ce"),
     "stats_overhead_chunked": ("head_loss_chunked", "fused_ce_chunked"),
+    "stats_overhead_dense_refined": ("head_loss_refined", "fused_ce"),
+    "stats_overhead_chunked_refined": ("head_loss_chunked_refined", "fused_ce_chunked"),
     "head_loss_chunked_over_optax_ce": ("head_loss_chunked", "optax_ce"),
     "head_loss_chunked_over_tokamax_chunked": ("head_loss_chunked", "tokamax_chunked"),
     "head_loss_chunked_over_jax_cce": ("head_loss_chunked", "jax_cce"),
@@ -96,10 +102,13 @@ def optax_options(z_NxV, y_N):
 
 def variants(y_N, chunk_size, vocab_block=VOCAB_BLOCK) -> dict:
   """name -> f(h, w) of every installed variant, each to be jitted; w is [D, V] for TRANSPOSED
-  variants, else [V, D]. f returns (loss, (dh, dW)), loss being (loss, stats) for head_loss, or
-  range_map's M."""
+  variants, else [V, D]; REFINED ones take f(h, w, m), m the range map of an earlier W. f
+  returns (loss, (dh, dW)), loss being (loss, stats) for head_loss, or range_map's M."""
   grad = lambda f, aux=False: jax.value_and_grad(f, (0, 1), has_aux=aux)
   head = lambda **kw: grad(lambda h, w: bottleneck.head_loss(h, w, y_N, **kw), aux=True)
+  refined = lambda **kw: grad(lambda h, w, m: bottleneck.head_loss(
+      h, w, y_N, w_range_map=bottleneck.refine_range_map(jax.lax.stop_gradient(w), m)[0],
+      **kw), aux=True)
   fns = {
       "optax_ce": grad(lambda h, w: optax.softmax_cross_entropy_with_integer_labels(
           logits(h, w), y_N).mean()),
@@ -109,6 +118,8 @@ def variants(y_N, chunk_size, vocab_block=VOCAB_BLOCK) -> dict:
           h, w, y_N, chunk_size=chunk_size, vocab_block=vocab_block)[0]),
       "head_loss": head(),
       "head_loss_chunked": head(chunk_size=chunk_size),
+      "head_loss_refined": refined(chunk_size=None),
+      "head_loss_chunked_refined": refined(chunk_size=chunk_size),
       "range_map": lambda h, w: bottleneck.range_map(w),
       "optax_options": grad(lambda h, w: optax_options(logits(h, w), y_N)),
       "head_loss_options": head(**OPTIONS),
@@ -161,7 +172,9 @@ def run_case(v, d, n, dtype="float32", names=None, repeats=7, warmup=1, chunk_si
   fns = variants(y, chunk_size)
   unavailable = {k: UNAVAILABLE[k] for k in names or VARIANTS if k in UNAVAILABLE}
   names = [k for k in names or VARIANTS if k in fns]
-  args = {k: (h, w.T.copy() if k in TRANSPOSED else w) for k in names}
+  m = jax.jit(bottleneck.range_map)(w)  # W's own: refining costs the same whatever M' is
+  args = {k: (h, w.T.copy() if k in TRANSPOSED else w) + ((m,) if k in REFINED else ())
+          for k in names}
   compiled = {k: jax.jit(fns[k]).lower(*args[k]).compile() for k in names}
   memory = {k: c.memory_analysis() for k, c in compiled.items()}
   temp = {k: m.temp_size_in_bytes for k, m in memory.items()}
@@ -207,6 +220,8 @@ def compile_case(v, d, n, dtype, names, chunk_size, slice_name) -> dict:
   for k in [k for k in names or VARIANTS if k in fns]:
     w = (d, v) if k in TRANSPOSED else (v, d)
     args = [jax.ShapeDtypeStruct(s, dtype, sharding=one) for s in ((n, d), w)]
+    if k in REFINED:
+      args.append(jax.ShapeDtypeStruct((d, min(v, d)), jnp.float32, sharding=one))
     limit = None if k == "range_map" else 6.0 * n * d * v  # the CE's matmul FLOPs
     program = aot.Program(jax.jit(fns[k]).lower(*args), limit)
     with aot.progress(f"compiling {k} for {slice_name}"):

@@ -7,12 +7,14 @@ per run with V, D, V/D, the optimizer, the learning rate, tying and the symbol c
 
 Presets:
 - `smoke`: one small run, about a minute on 2 CPU cores.
-- `cpu` (≤ 30 min on 2 cores): V=4096, 1 layer with one head and d_ff=4·D, batch 32, seq 32,
+- `cpu` (≈ 1 h on 2 cores): V=4096, 1 layer with one head and d_ff=4·D, batch 32, seq 32,
   1,500 steps (coverage 11.7 sequences per symbol), 10 warmup steps, constant lr. AdamW
   lr=1e-2 over D ∈ {4, …, 128} (V/D from 1024 down to 32); SGD with momentum 0.9 at
-  lr ∈ {0.1, 1, 10} and tied embeddings (AdamW) at D ∈ {8, 64}.
+  lr ∈ {0.1, 1, 10} and tied embeddings (AdamW) at D ∈ {8, 64}; 3 seeds. The report: per arm
+  and V/D, mean ± 95% CI over seeds, and the paired difference from the arm's V/D = 64.
 - `demo` (≤ 5 min on 2 cores): the `cpu` preset's pair that learns and fails, SGD-momentum
-  lr=0.1 at D=64 (V/D=64) and D=8 (V/D=512); the same runs, so the two presets share a DIR.
+  lr=0.1 at D=64 (V/D=64) and D=8 (V/D=512), seed 0; the same runs, so the two presets share a
+  DIR.
 - `vocab_cpu` (the paper's axis, V at a fixed D): D=16, 1 layer with one head and d_ff=4·D,
   batch 64, seq 8, the chunked head (32 tokens a chunk: 1.75× faster than one 512-token chunk
   at V = 65,536 on XLA:CPU), V ∈ {256, …, 65,536} (V/D 16 to 4096), each V for
@@ -57,13 +59,13 @@ def get_config(preset: str = "smoke"):
                      eval_every=0, eval_batches=4)
     cfg.checkpoint.update(every=500, keep=1)
     cfg.sweep = (
-        {"model.d_model": (4, 8, 16, 32, 64, 128)},
+        {"model.d_model": (4, 8, 16, 32, 64, 128), "seed": SEEDS},
         {"model.d_model": (8, 64), "optimizer.name": ("sgd",),
-         "optimizer.learning_rate": (0.1, 1.0, 10.0)},
-        {"model.d_model": (8, 64), "model.tie_embeddings": (True,)})
+         "optimizer.learning_rate": (0.1, 1.0, 10.0), "seed": SEEDS},
+        {"model.d_model": (8, 64), "model.tie_embeddings": (True,), "seed": SEEDS})
     if preset == "demo":  # the cpu preset's pair that learns (V/D=64) and fails (V/D=512)
       cfg.sweep = ({"model.d_model": (64, 8), "optimizer.name": ("sgd",),
-                    "optimizer.learning_rate": (0.1,)},)
+                    "optimizer.learning_rate": (0.1,), "seed": (0,)},)
   elif preset == "vocab_cpu":  # the paper's axis: V grows at a fixed D
     cfg.model.update(d_model=16, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=None)
     cfg.data.seq_len = 8
@@ -115,26 +117,68 @@ def arm(e: dict) -> str:
   return f"{e['optimizer']} lr={e['lr']:g}" + (" tied" if e["tied"] else "")
 
 
+def by_arm(entries: list[dict]) -> dict:
+  """{(arm, V/D): numbers over seeds}: held-out accuracy (diverged: 0), loss and destroyed_ratio
+  (mean ± 95% CI), and the accuracy's paired difference (same seed) from the same arm at
+  `reference`, the lowest V/D that every arm has."""
+  cells = {}
+  for e in entries:
+    cells.setdefault((arm(e), e["V/D"]), {})[e.get("seed", 0)] = e
+  arms = {a for a, _ in cells}
+  common = set.intersection(*({r for a2, r in cells if a2 == a} for a in arms))
+  reference = min(common, default=None)
+  acc = lambda e: 0.0 if e.get("diverged") else e.get("eval/accuracy")
+  out = {}
+  for (a, ratio), runs in cells.items():
+    per_seed = {seed: acc(e) for seed, e in runs.items()}
+    reference_seed = {seed: acc(e) for seed, e in cells.get((a, reference), {}).items()}
+    first = next(iter(runs.values()))
+    out[a, ratio] = {
+        "arm": a, "V/D": ratio, "D": first["D"], "coverage": first["coverage"],
+        "n": len(runs), "diverged": sum(bool(e.get("diverged")) for e in runs.values()),
+        "accuracy": stats.summary(per_seed.values()),
+        "versus": (reference, stats.paired(per_seed, reference_seed)),
+        "loss": stats.summary(e.get("eval/loss") for e in runs.values()),
+        "destroyed_ratio": stats.summary(
+            e.get("bottleneck/destroyed_ratio") for e in runs.values()),
+        "wall_s": stats.summary(e.get("wall_s") for e in runs.values())["mean"]}
+  return dict(sorted(out.items()))
+
+
+def _versus(cell: dict) -> str:
+  reference, diff = cell["versus"]
+  if reference == cell["V/D"]:
+    return "(reference)"
+  if reference is None:
+    return ""
+  p = f" (p = {diff['p']:.2g})" if diff["p"] is not None else ""
+  return f"{stats.text(diff, 3)}{p}" if diff["mean"] is not None else ""
+
+
 COLUMNS = {
-    "V/D": lambda e: e["V/D"], "D": lambda e: e["D"], "arm": arm,
-    "accuracy (held-out)": lambda e: "diverged" if e.get("diverged") else e.get("eval/accuracy"),
-    "loss (held-out)": lambda e: e.get("eval/loss"),
-    "destroyed_ratio": lambda e: e.get("bottleneck/destroyed_ratio"),
-    "coverage": lambda e: e["coverage"],
-    "wall (s)": lambda e: e.get("wall_s")}
+    "V/D": lambda c: c["V/D"], "D": lambda c: c["D"], "arm": lambda c: c["arm"],
+    "n": lambda c: c["n"], "diverged": lambda c: c["diverged"],
+    "accuracy (held-out)": lambda c: stats.text(c["accuracy"], 4),
+    "Δ accuracy, paired, vs the arm's reference V/D": _versus,
+    "loss (held-out)": lambda c: stats.text(c["loss"], 4) if c["loss"]["n"] else "",
+    "destroyed_ratio": lambda c: (stats.text(c["destroyed_ratio"], 4)
+                                  if c["destroyed_ratio"]["n"] else ""),
+    "coverage": lambda c: c["coverage"], "wall (s), mean": lambda c: c["wall_s"]}
 
 
 def report(workdir, entries: list[dict], fmt: str = "png") -> str:
-  """The results table; figures saved into the workdir."""
+  """The results table over seeds (`by_arm`); figures saved into the workdir (the curves: the
+  first arm's lowest seed)."""
   ratios = [e["V/D"] for e in entries]
   chance = {"chance": ([min(ratios), max(ratios)], [1 / entries[0]["V"]] * 2)}
   plots.lines(plots.final_vs(entries, "V/D", "eval/accuracy", arm),
               f"{workdir}/accuracy_vs_ratio.{fmt}", xlabel="V / D", ylabel="held-out accuracy",
-              title="SpamLang: final held-out accuracy", logx=True, connect=False,
+              title="SpamLang: final held-out accuracy (each seed)", logx=True, connect=False,
               reference=chance, reference_label=f"chance: 1/V = 1/{entries[0]['V']}")
-  first = [e for e in entries if arm(e) == arm(entries[0])]
+  seed = min(e.get("seed", 0) for e in entries)
+  first = [e for e in entries if arm(e) == arm(entries[0]) and e.get("seed", 0) == seed]
   by_ratio = lambda e: f"V/D={e['V/D']:g}"
-  title = f"SpamLang, {arm(entries[0])}"
+  title = f"SpamLang, {arm(entries[0])}" + (f", seed {seed}" if "seed" in entries[0] else "")
   destroyed = plots.over_training(workdir, first, "bottleneck/destroyed_ratio", by_ratio)
   baselines = {by_ratio(e): math.sqrt(1 - e["D"] / e["V"]) for e in first}
   plots.lines(destroyed, f"{workdir}/destroyed_ratio_curves.{fmt}", xlabel="step",
@@ -147,7 +191,8 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
               ylabel="train accuracy (each step's batch)", title=title, markers=False,
               reference={k: (x[[0, -1]], [chance[k]] * 2) for k, (x, _) in accuracy.items()},
               reference_label="chance: 1/V")
-  return metrics.markdown_table(sorted(entries, key=lambda e: (arm(e), e["V/D"])), COLUMNS)
+  return ("mean ± 95% CI over seeds (Student t; diverged runs count as accuracy 0)\n\n"
+          + metrics.markdown_table(list(by_arm(entries).values()), COLUMNS))
 
 
 def by_vocab(entries: list[dict]) -> dict:
@@ -203,7 +248,7 @@ def vocab_report(workdir, entries: list[dict], fmt: str = "png") -> str:
 def main(cfg, workdir):
   fmt = plots.figure_format(cfg)
   entries = sweep.run(cfg, workdir, describe)
-  if any("seed" in grid for grid in cfg.get("sweep") or ()):  # seeds: the report over seeds
+  if any({"model.vocab_size", "seed"} <= set(grid) for grid in cfg.get("sweep") or ()):
     sweep.publish(workdir, lambda: vocab_report(workdir, entries, fmt))
   elif cfg.get("sweep"):
     sweep.publish(workdir, lambda: report(workdir, entries, fmt))

@@ -69,6 +69,12 @@ def copy(tree):
   return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
 
+def write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
+  """One JSON object per line, as a run's metrics.jsonl."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from benchmarks import accelerator, configs, head_loss, range_map
-from lmhead_jax.core import heads, model
+from lmhead_jax.core import bottleneck, heads, model
 from lmhead_jax.runs import experiment
 
 
@@ -106,14 +106,24 @@ def test_head_loss_benchmark_variants_match_float64():
   assert set(fns) | set(head_loss.UNAVAILABLE) == set(head_loss.VARIANTS)
   assert all(head_loss.UNAVAILABLE.values())
   del fns["range_map"]  # not a loss (tests/test_range_map.py)
+  earlier = bottleneck.range_map(w + 0.1 * rng.normal(size=w.shape))  # some steps before:
+  # used as is, it gives a visible norm 0.5 % off
+  stats = {}
   for name, f in fns.items():
     want = _numpy_objective(h, w, y, **(head_loss.OPTIONS if "options" in name else {}))
     flip = (lambda x: x.T) if name in head_loss.TRANSPOSED else (lambda x: x)
-    value, (dh, dw) = jax.jit(f)(h.astype(np.float32), flip(w).astype(np.float32))
+    args = (h.astype(np.float32), flip(w).astype(np.float32))
+    value, (dh, dw) = jax.jit(f)(*args + ((earlier,) if name in head_loss.REFINED else ()))
     loss = value[0] if isinstance(value, tuple) else value  # head_loss: (loss, stats)
+    stats[name] = value[1] if isinstance(value, tuple) else None
     assert float(loss) == pytest.approx(want[0], rel=1e-6), name
     for got, ref in ((dh, want[1]), (flip(np.asarray(dw)), want[2])):
       np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max(), err_msg=name)
+  for name in head_loss.REFINED:  # the refined map's stats are the fresh map's
+    fresh = stats[name.replace("_refined", "")]
+    np.testing.assert_allclose(stats[name].visible_norm, fresh.visible_norm, rtol=1e-5)
+    assert float(stats[name].destroyed_ratio) == pytest.approx(float(fresh.destroyed_ratio),
+                                                               rel=1e-5)
 
 
 def test_head_loss_benchmark_reports_time_memory_and_ratios():

@@ -12,6 +12,7 @@ import scipy.stats
 
 from experiments import rank_sweep, spamlang
 import helpers
+from helpers import write_jsonl
 
 from lmhead_jax.data.tokens import write_token_dir
 from lmhead_jax.tools import costs
@@ -68,11 +69,12 @@ def test_spamlang_paper_trunk_and_ratios():
 
 def test_spamlang_cpu_grid():
   entries = [spamlang.describe(c) for c in runs(spamlang.get_config("cpu"))]
-  adamw = sorted(e["V/D"] for e in entries if spamlang.arm(e) == "adamw lr=0.01")
+  adamw = sorted({e["V/D"] for e in entries if spamlang.arm(e) == "adamw lr=0.01"})
   assert adamw == [32, 64, 128, 256, 512, 1024]
   assert {spamlang.arm(e) for e in entries} == {
       "adamw lr=0.01", "adamw lr=0.01 tied", "sgd lr=0.1", "sgd lr=1", "sgd lr=10"}
   assert all(e["coverage"] == 1500 * 32 / 4096 for e in entries)
+  assert len(entries) == 3 * 14 and {e["seed"] for e in entries} == {0, 1, 2}
 
 
 def test_spamlang_vocab_cpu_grid_fixes_d_and_coverage():
@@ -190,24 +192,42 @@ def test_rank_sweep_end_to_end_tiny(tmp_path, capsys):
   assert (tmp_path / "out" / "loss_vs_tokens.png").exists()
 
 
-def test_spamlang_report(tmp_path):
+def test_spamlang_report_over_seeds(tmp_path):
+  """Per arm and V/D: mean ± 95% CI over seeds, a diverged run counting as accuracy 0, and the
+  paired difference from the arm's V/D = 64 (scipy's t quantile and paired t-test)."""
+  acc = {("adamw", 64): (1.0, 0.9), ("adamw", 4): (0.0, 0.2),
+         ("sgd", 64): (0.5, 0.7), ("sgd", 4): (None, 0.1)}  # None: diverged
   entries = []
-  for d, acc in ((64, 1.0), (4, 0.0)):
-    run = f"model.d_model={d}"
-    os.makedirs(tmp_path / run)
-    with open(tmp_path / run / "metrics.jsonl", "w") as f:
-      for step in (50, 100):
-        f.write(json.dumps({"step": step, "accuracy": acc * step / 100,
-                            "bottleneck/destroyed_ratio": 1 - d / 4096}) + "\n")
-    entries.append({"run": run, "V": 4096, "D": d, "V/D": 4096 / d, "optimizer": "adamw",
-                    "lr": 0.01, "tied": False, "coverage": 11.71875, "eval/accuracy": acc,
-                    "eval/loss": 3.0, "bottleneck/destroyed_ratio": 1 - d / 4096, "wall_s": 10.4})
-  entries.append(dict(entries[1], run="x", optimizer="sgd", lr=10.0, diverged=True))
+  for (name, d), accs in acc.items():
+    for seed, a in enumerate(accs):
+      run = f"d_model={d}+name={name}+seed={seed}"
+      write_jsonl(tmp_path / run / "metrics.jsonl", [
+          {"step": step, "accuracy": (a or 0) * step / 100,
+           "bottleneck/destroyed_ratio": 1 - d / 4096} for step in (50, 100)])
+      entries.append({"run": run, "V": 4096, "D": d, "V/D": 4096 / d, "seed": seed,
+                      "optimizer": name, "lr": 0.01, "tied": False, "coverage": 11.71875,
+                      "eval/loss": 3.0 + seed, "bottleneck/destroyed_ratio": 1 - d / 4096,
+                      "wall_s": 10.0 + seed,
+                      **({"diverged": True} if a is None else {"eval/accuracy": a})})
+  t = scipy.stats.t.ppf(0.975, 1)
+  half = lambda x: t * np.std(x, ddof=1) / np.sqrt(len(x))
+  p = scipy.stats.ttest_rel([0.0, 0.2], [1.0, 0.9]).pvalue
   lines = spamlang.report(tmp_path, entries).splitlines()
-  assert lines[2:] == [
-      "| 64 | 64 | adamw lr=0.01 | 1 | 3 | 0.9844 | 11.72 | 10.4 |",
-      "| 1024 | 4 | adamw lr=0.01 | 0 | 3 | 0.999 | 11.72 | 10.4 |",
-      "| 1024 | 4 | sgd lr=10 | diverged | 3 | 0.999 | 11.72 | 10.4 |"]
+  assert lines[2] == ("| V/D | D | arm | n | diverged | accuracy (held-out) | Δ accuracy, "
+                      "paired, vs the arm's reference V/D | loss (held-out) | destroyed_ratio "
+                      "| coverage | wall (s), mean |")
+  assert lines[4:] == [
+      f"| 64 | 64 | adamw lr=0.01 | 2 | 0 | 0.95 ± {half([1, 0.9]):.2g} | (reference) "
+      f"| 3.5 ± {half([3, 4]):.2g} | 0.9844 ± 0 | 11.72 | 10.5 |",
+      f"| 1024 | 4 | adamw lr=0.01 | 2 | 0 | 0.1 ± {half([0, 0.2]):.2g} "
+      f"| -0.85 ± {half([-1, -0.7]):.2g} (p = {p:.2g}) | 3.5 ± {half([3, 4]):.2g} "
+      "| 0.999 ± 0 | 11.72 | 10.5 |",
+      f"| 64 | 64 | sgd lr=0.01 | 2 | 0 | 0.6 ± {half([0.5, 0.7]):.2g} | (reference) "
+      f"| 3.5 ± {half([3, 4]):.2g} | 0.9844 ± 0 | 11.72 | 10.5 |",
+      f"| 1024 | 4 | sgd lr=0.01 | 2 | 1 | 0.05 ± {half([0, 0.1]):.2g} "
+      f"| -0.55 ± {half([-0.5, -0.6]):.2g} (p = "
+      f"{scipy.stats.ttest_rel([0, 0.1], [0.5, 0.7]).pvalue:.2g}) "
+      f"| 3.5 ± {half([3, 4]):.2g} | 0.999 ± 0 | 11.72 | 10.5 |"]
   for png in ("accuracy_vs_ratio.png", "destroyed_ratio_curves.png", "accuracy_curves.png"):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -222,7 +242,7 @@ def test_spamlang_demo_cli_tiny(tmp_path):
        f"--workdir={tmp_path}", *overrides], cwd=ROOT, capture_output=True, text=True,
       timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "| V/D | D | arm | accuracy (held-out) |" in proc.stdout
+  assert "| V/D | D | arm | n | diverged | accuracy (held-out) |" in proc.stdout
   assert "| 1 | 64 | sgd lr=0.1 |" in proc.stdout and "| 8 | 8 | sgd lr=0.1 |" in proc.stdout
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert [e["D"] for e in summary] == [64, 8]

@@ -1,17 +1,12 @@
 """Reading runs back: metrics.jsonl, curves, tokens-to-target, speed-ups, tables."""
 
-import json
 import math
 
 import numpy as np
 import pytest
+from helpers import write_jsonl
 
 from lmhead_jax.reporting import metrics
-
-
-def write_jsonl(path, records):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def test_read_metrics_keeps_the_last_record_of_each_step(tmp_path):

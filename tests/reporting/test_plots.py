@@ -1,19 +1,13 @@
 """Training-curve figures: baselines, palette, formats, legends."""
 
-import json
 import math
 import re
 
 import numpy as np
 import pytest
-from helpers import SVG, svg_lines
+from helpers import SVG, svg_lines, write_jsonl
 
 from lmhead_jax.reporting import plots
-
-
-def write_jsonl(path, records):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def test_final_vs_groups_and_sorts_runs():

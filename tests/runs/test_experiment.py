@@ -320,7 +320,7 @@ def test_print_config_prints_each_runs_resolved_config_and_exits(tmp_path):
                       "--print_config", cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-2000:]
   out = json.loads(proc.stdout)  # demo is a sweep: each run's config under its run name
-  assert list(out) == [f"d_model={d}+learning_rate=0.1+name=sgd"
+  assert list(out) == [f"d_model={d}+learning_rate=0.1+name=sgd+seed=0"
                        for d in (64, 8)]
   for d, run in zip((64, 8), out.values()):
     assert run["model"]["d_model"] == d and run["model"]["bias"] is False
@@ -334,7 +334,7 @@ def test_print_config_prints_each_runs_resolved_config_and_exits(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--workdir="], "--workdir=DIR is required and must not be empty"),
     (["--workdir=out", "--config.train.log_every=0"],
-     "invalid config: sweep run d_model=64+learning_rate=0.1+name=sgd:"
+     "invalid config: sweep run d_model=64+learning_rate=0.1+name=sgd+seed=0:"
      " train.log_every=0 must be an integer >= 1")])
 def test_cli_refuses_before_writing_anything(tmp_path, args, needle):
   proc = spamlang_cli(*args, cwd=tmp_path)
