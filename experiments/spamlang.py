@@ -117,21 +117,30 @@ def arm(e: dict) -> str:
   return f"{e['optimizer']} lr={e['lr']:g}" + (" tied" if e["tied"] else "")
 
 
+def held_out_accuracy(e: dict) -> float | None:
+  """A run's final held-out accuracy, 0 for a diverged run."""
+  return 0.0 if e.get("diverged") else e.get("eval/accuracy")
+
+
 def by_arm(entries: list[dict]) -> dict:
   """{(arm, V/D): numbers over seeds}: held-out accuracy (diverged: 0), loss and destroyed_ratio
   (mean ± 95% CI), and the accuracy's paired difference (same seed) from the same arm at
   `reference`, the lowest V/D that every arm has."""
   cells = {}
   for e in entries:
-    cells.setdefault((arm(e), e["V/D"]), {})[e.get("seed", 0)] = e
+    cell = cells.setdefault((arm(e), e["V/D"]), {})
+    if e.get("seed", 0) in cell:
+      raise ValueError(f"runs {cell[e.get('seed', 0)]['run']} and {e['run']} share arm "
+                       f"{arm(e)!r}, V/D {e['V/D']:g} and seed {e.get('seed', 0)}")
+    cell[e.get("seed", 0)] = e
   arms = {a for a, _ in cells}
   common = set.intersection(*({r for a2, r in cells if a2 == a} for a in arms))
   reference = min(common, default=None)
-  acc = lambda e: 0.0 if e.get("diverged") else e.get("eval/accuracy")
   out = {}
   for (a, ratio), runs in cells.items():
-    per_seed = {seed: acc(e) for seed, e in runs.items()}
-    reference_seed = {seed: acc(e) for seed, e in cells.get((a, reference), {}).items()}
+    per_seed = {seed: held_out_accuracy(e) for seed, e in runs.items()}
+    reference_seed = {seed: held_out_accuracy(e)
+                      for seed, e in cells.get((a, reference), {}).items()}
     first = next(iter(runs.values()))
     out[a, ratio] = {
         "arm": a, "V/D": ratio, "D": first["D"], "coverage": first["coverage"],
@@ -169,11 +178,18 @@ COLUMNS = {
 def report(workdir, entries: list[dict], fmt: str = "png") -> str:
   """The results table over seeds (`by_arm`); figures saved into the workdir (the curves: the
   first arm's lowest seed)."""
+  cells = by_arm(entries)
   ratios = [e["V/D"] for e in entries]
   chance = {"chance": ([min(ratios), max(ratios)], [1 / entries[0]["V"]] * 2)}
-  plots.lines(plots.final_vs(entries, "V/D", "eval/accuracy", arm),
+  arms = {c["arm"]: [x for x in cells.values() if x["arm"] == c["arm"]] for c in cells.values()}
+  n = max(c["n"] for c in cells.values())
+  plots.lines({a: (np.array([c["V/D"] for c in cs]), np.array([c["accuracy"]["mean"] for c in cs]))
+               for a, cs in arms.items()},
               f"{workdir}/accuracy_vs_ratio.{fmt}", xlabel="V / D", ylabel="held-out accuracy",
-              title="SpamLang: final held-out accuracy (each seed)", logx=True, connect=False,
+              title="SpamLang: final held-out accuracy"
+              + (f" (mean ± 95% CI, {n} seeds)" if n > 1 else ""), logx=True, connect=False,
+              errors={a: np.array([c["accuracy"]["ci95"] or np.nan for c in cs])
+                      for a, cs in arms.items()},
               reference=chance, reference_label=f"chance: 1/V = 1/{entries[0]['V']}")
   seed = min(e.get("seed", 0) for e in entries)
   first = [e for e in entries if arm(e) == arm(entries[0]) and e.get("seed", 0) == seed]
@@ -192,7 +208,7 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
               reference={k: (x[[0, -1]], [chance[k]] * 2) for k, (x, _) in accuracy.items()},
               reference_label="chance: 1/V")
   return ("mean ± 95% CI over seeds (Student t; diverged runs count as accuracy 0)\n\n"
-          + metrics.markdown_table(list(by_arm(entries).values()), COLUMNS))
+          + metrics.markdown_table(list(cells.values()), COLUMNS))
 
 
 def by_vocab(entries: list[dict]) -> dict:
@@ -202,11 +218,11 @@ def by_vocab(entries: list[dict]) -> dict:
   out = {}
   for e in entries:
     out.setdefault(e["optimizer"], {}).setdefault(e["V"], {}).setdefault(e["lr"], []).append(e)
-  acc = lambda e: 0.0 if e.get("diverged") else e.get("eval/accuracy")
   for name, per_v in out.items():
     for v, per_lr in per_v.items():
-      lr, runs = max(per_lr.items(), key=lambda kv: stats.summary(map(acc, kv[1]))["mean"] or 0)
-      accuracy = stats.summary([acc(e) for e in runs])
+      lr, runs = max(per_lr.items(),
+                     key=lambda kv: stats.summary(map(held_out_accuracy, kv[1]))["mean"] or 0)
+      accuracy = stats.summary([held_out_accuracy(e) for e in runs])
       per_v[v] = {"lr": lr, "V/D": runs[0]["V/D"], "coverage": runs[0]["coverage"],
                   "accuracy": accuracy, "learned": (accuracy["mean"] or 0) >= LEARNED,
                   "loss": stats.summary([e.get("eval/loss") for e in runs]),

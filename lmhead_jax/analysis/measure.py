@@ -90,7 +90,7 @@ def ci95(x) -> dict:
   n, mean = x.size, float(np.mean(x))
   if n < 2:
     return dict(mean=mean, sd=None, ci95=None, n=n)
-  sd = float(np.std(x, ddof=1))
+  sd = 0.0 if np.all(x == x[0]) else float(np.std(x, ddof=1))  # no round-off "± 1e-16"
   return dict(mean=mean, sd=sd, ci95=float(scipy.stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)),
               n=n)
 

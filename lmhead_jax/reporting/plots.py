@@ -1,11 +1,9 @@
 """Figures from sweep entries (summary.json) and runs' metrics.jsonl; matplotlib, Agg backend.
 
-`lines` draws named (x, y) series with dashed baselines; `final_vs` and `over_training` build those
-series from a sweep's entries: one point per run, or one curve per run. `save` writes PNG, SVG or
-PDF (`figures.format`).
+`lines` draws named (x, y) series with dashed baselines; `over_training` builds those series
+from a sweep's entries: one curve per run. `save` writes PNG, SVG or PDF (`figures.format`).
 """
 
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -85,20 +83,6 @@ def lines(series: dict[str, tuple], path, *, xlabel: str, ylabel: str, title: st
   if series:
     ax.legend(loc="best", fontsize=8, framealpha=0.85)
   return save(fig, path)
-
-
-def _finite(v) -> bool:
-  return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def final_vs(entries: list[dict], x: str, y: str, label: Callable[[dict], str]) -> dict:
-  """Series of y against x over the runs, one per label (sorted by x; runs without y skipped)."""
-  groups: dict[str, list] = {}
-  for e in entries:
-    if _finite(e.get(x)) and _finite(e.get(y)):
-      groups.setdefault(label(e), []).append((e[x], e[y]))
-  return {k: tuple(np.array(v, float).T) for k, v in
-          ((k, sorted(pts)) for k, pts in sorted(groups.items()))}
 
 
 def over_training(workdir, entries: list[dict], y: str, label: Callable[[dict], str],

@@ -2,7 +2,8 @@
 
 `summary` keeps every seed's value (None: not reached or diverged) and counts the finite ones;
 `paired` takes per-seed values of two settings and summarizes their differences on the seeds
-that both have, with the paired t-test's p-value; `text` writes either as "mean ± CI".
+that both have (counting the others as missing), with the paired t-test's p-value; `text`
+writes either as "mean ± CI".
 """
 
 import math
@@ -24,11 +25,15 @@ def summary(values) -> dict:
 
 
 def paired(a: dict, b: dict) -> dict:
-  """`summary` of a[seed] − b[seed] over the seeds with finite values in both, and p, the
-  two-sided paired t-test's p-value (None below 2 pairs or when every difference is equal)."""
-  seeds = [s for s in a if s in b and _finite(a[s]) and _finite(b[s])]
+  """`summary` of a[seed] − b[seed] over the seeds of either (None where one is missing or not
+  finite, so `text` says how many pair), `seeds`: those that pair, and p, the two-sided paired
+  t-test's p-value (None below 2 pairs or when every difference is equal)."""
+  both = lambda s: _finite(a.get(s)) and _finite(b.get(s))
+  every = list(a) + [s for s in b if s not in a]
+  seeds = [s for s in every if both(s)]
   diffs = [float(a[s]) - float(b[s]) for s in seeds]
-  out = summary(diffs) | {"seeds": seeds, "p": None}
+  out = summary(float(a[s]) - float(b[s]) if both(s) else None for s in every)
+  out |= {"seeds": seeds, "p": None}
   if len(diffs) > 1 and len(set(diffs)) > 1:
     out["p"] = float(scipy.stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
   return out

@@ -159,8 +159,8 @@ def main(run_fn) -> None:
     if len(argv) > 1:
       refuse(app.UsageError(f"unexpected arguments: {argv[1:]} (overrides take the form "
                             "--config.a.b=value)"), FLAGS.verbose, 2)
-    if not FLAGS.print_config and not (FLAGS.workdir or "").strip():  # checked here, not by an
-      # absl validator, which would fail any later flag parse in the process (tokamax's)
+    # checked here, not by an absl validator, which would fail any later parse (tokamax's)
+    if not FLAGS.print_config and not (FLAGS.workdir or "").strip():
       refuse(app.UsageError("--workdir=DIR is required and must not be empty (or pass "
                             "--print_config)"), FLAGS.verbose, 2)
     try:

@@ -98,6 +98,7 @@ def test_ci95_student_t():
   np.testing.assert_allclose(measure.ci95(x)["ci95"], 2.7764 * x.std(ddof=1) / np.sqrt(5),
                              rtol=1e-4)
   assert measure.ci95([0.5])["ci95"] is None
+  assert measure.ci95([0.1] * 3)["ci95"] == 0.0  # np.std gives 1.7e-17 here
 
 
 def test_aggregate_batches_and_pooled():

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,6 @@ import scipy.stats
 
 from experiments import rank_sweep, spamlang
 import helpers
-from helpers import write_jsonl
 
 from lmhead_jax.data.tokens import write_token_dir
 from lmhead_jax.tools import costs
@@ -123,10 +121,9 @@ def fake_rank_runs(workdir, seeds=(0,)):
     for r, losses in curves.items():
       losses = [v + seed * (r == 8) for v in losses]
       run = f"rank={r}+seed={seed}"
-      os.makedirs(workdir / run)
-      with open(workdir / run / "metrics.jsonl", "w") as f:
-        for k, loss in enumerate(losses, 1):
-          f.write(json.dumps({"step": k, "tokens_seen": 1000 * k, "eval/loss": loss}) + "\n")
+      helpers.write_jsonl(workdir / run / "metrics.jsonl", [
+          {"step": k, "tokens_seen": 1000 * k, "eval/loss": loss}
+          for k, loss in enumerate(losses, 1)])
       entries.append({"run": run, "r": r, "seed": seed, "V": 64, "V/r": 64 / r,
                       "params": 1e6 + r, "eval/loss": losses[-1],
                       "bottleneck/destroyed_ratio": 1 - r / 64 + seed / 100, "wall_s": 1.0})
@@ -193,43 +190,49 @@ def test_rank_sweep_end_to_end_tiny(tmp_path, capsys):
 
 
 def test_spamlang_report_over_seeds(tmp_path):
-  """Per arm and V/D: mean ± 95% CI over seeds, a diverged run counting as accuracy 0, and the
-  paired difference from the arm's V/D = 64 (scipy's t quantile and paired t-test)."""
-  acc = {("adamw", 64): (1.0, 0.9), ("adamw", 4): (0.0, 0.2),
-         ("sgd", 64): (0.5, 0.7), ("sgd", 4): (None, 0.1)}  # None: diverged
+  """Per arm and V/D: mean ± 95% CI over seeds, a diverged run counting as accuracy 0 and
+  missing from the loss, and the paired difference from the same arm at V/D = 64, the lowest
+  V/D of every arm (adamw's 32 is not sgd's), on the seeds that pair (scipy's t quantile and
+  paired t-test)."""
+  acc = {("adamw", 128): (0.75, 0.5), ("adamw", 64): (1.0, 0.9, 0.95),
+         ("adamw", 4): (0.0, 0.2, 0.1), ("sgd", 64): (0.5, 0.7), ("sgd", 4): (None, 0.1)}
   entries = []
   for (name, d), accs in acc.items():
     for seed, a in enumerate(accs):
       run = f"d_model={d}+name={name}+seed={seed}"
-      write_jsonl(tmp_path / run / "metrics.jsonl", [
+      helpers.write_jsonl(tmp_path / run / "metrics.jsonl", [
           {"step": step, "accuracy": (a or 0) * step / 100,
            "bottleneck/destroyed_ratio": 1 - d / 4096} for step in (50, 100)])
       entries.append({"run": run, "V": 4096, "D": d, "V/D": 4096 / d, "seed": seed,
                       "optimizer": name, "lr": 0.01, "tied": False, "coverage": 11.71875,
-                      "eval/loss": 3.0 + seed, "bottleneck/destroyed_ratio": 1 - d / 4096,
-                      "wall_s": 10.0 + seed,
-                      **({"diverged": True} if a is None else {"eval/accuracy": a})})
-  t = scipy.stats.t.ppf(0.975, 1)
-  half = lambda x: t * np.std(x, ddof=1) / np.sqrt(len(x))
-  p = scipy.stats.ttest_rel([0.0, 0.2], [1.0, 0.9]).pvalue
+                      **({"diverged": True} if a is None else {
+                          "eval/accuracy": a, "eval/loss": 3.0 + seed, "wall_s": 10.0 + seed,
+                          "bottleneck/destroyed_ratio": 1 - d / 4096})})
+  half = lambda x: scipy.stats.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x))
+  cell = lambda x, digits=4: f"{np.mean(x):.{digits}g} ± {half(x):.2g}"
+  p = lambda a, b: f"(p = {scipy.stats.ttest_rel(a, b).pvalue:.2g})"
   lines = spamlang.report(tmp_path, entries).splitlines()
   assert lines[2] == ("| V/D | D | arm | n | diverged | accuracy (held-out) | Δ accuracy, "
                       "paired, vs the arm's reference V/D | loss (held-out) | destroyed_ratio "
                       "| coverage | wall (s), mean |")
   assert lines[4:] == [
-      f"| 64 | 64 | adamw lr=0.01 | 2 | 0 | 0.95 ± {half([1, 0.9]):.2g} | (reference) "
-      f"| 3.5 ± {half([3, 4]):.2g} | 0.9844 ± 0 | 11.72 | 10.5 |",
-      f"| 1024 | 4 | adamw lr=0.01 | 2 | 0 | 0.1 ± {half([0, 0.2]):.2g} "
-      f"| -0.85 ± {half([-1, -0.7]):.2g} (p = {p:.2g}) | 3.5 ± {half([3, 4]):.2g} "
-      "| 0.999 ± 0 | 11.72 | 10.5 |",
-      f"| 64 | 64 | sgd lr=0.01 | 2 | 0 | 0.6 ± {half([0.5, 0.7]):.2g} | (reference) "
-      f"| 3.5 ± {half([3, 4]):.2g} | 0.9844 ± 0 | 11.72 | 10.5 |",
-      f"| 1024 | 4 | sgd lr=0.01 | 2 | 1 | 0.05 ± {half([0, 0.1]):.2g} "
-      f"| -0.55 ± {half([-0.5, -0.6]):.2g} (p = "
-      f"{scipy.stats.ttest_rel([0, 0.1], [0.5, 0.7]).pvalue:.2g}) "
-      f"| 3.5 ± {half([3, 4]):.2g} | 0.999 ± 0 | 11.72 | 10.5 |"]
+      f"| 32 | 128 | adamw lr=0.01 | 2 | 0 | {cell([0.75, 0.5])} "
+      f"| {cell([-0.25, -0.4], 3)} (2/3 seeds) {p([0.75, 0.5], [1.0, 0.9])} "
+      f"| {cell([3, 4])} | 0.9688 ± 0 | 11.72 | 10.5 |",
+      f"| 64 | 64 | adamw lr=0.01 | 3 | 0 | {cell([1.0, 0.9, 0.95])} | (reference) "
+      f"| {cell([3, 4, 5])} | 0.9844 ± 0 | 11.72 | 11 |",
+      f"| 1024 | 4 | adamw lr=0.01 | 3 | 0 | {cell([0.0, 0.2, 0.1])} "
+      f"| {cell([-1, -0.7, -0.85], 3)} {p([0.0, 0.2, 0.1], [1.0, 0.9, 0.95])} "
+      f"| {cell([3, 4, 5])} | 0.999 ± 0 | 11.72 | 11 |",
+      f"| 64 | 64 | sgd lr=0.01 | 2 | 0 | {cell([0.5, 0.7])} | (reference) "
+      f"| {cell([3, 4])} | 0.9844 ± 0 | 11.72 | 10.5 |",
+      f"| 1024 | 4 | sgd lr=0.01 | 2 | 1 | {cell([0.0, 0.1])} "
+      f"| {cell([-0.5, -0.6], 3)} {p([0.0, 0.1], [0.5, 0.7])} "
+      "| 4 (1/2 seeds) | 0.999 (1/2 seeds) | 11.72 | 11 |"]
   for png in ("accuracy_vs_ratio.png", "destroyed_ratio_curves.png", "accuracy_curves.png"):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+  with pytest.raises(ValueError, match="share arm 'sgd lr=0.01', V/D 1024 and seed 1"):
+    spamlang.report(tmp_path, entries + [dict(entries[-1], run="again")])
 
 
 @pytest.mark.slow

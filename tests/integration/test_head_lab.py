@@ -9,6 +9,7 @@ import pytest
 import scipy.stats
 
 from experiments import head_lab
+import helpers
 from lmhead_jax.data.tokens import write_token_dir
 from lmhead_jax.tools import plan
 from lmhead_jax.runs import experiment, grid
@@ -59,12 +60,6 @@ def test_unknown_preset_names_it():
     head_lab.get_config("tpu")
 
 
-def write_run(workdir, run, records):
-  os.makedirs(workdir / run)
-  with open(workdir / run / "metrics.jsonl", "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
-
-
 def test_spamlang_summary_from_runs(tmp_path):
   """Seed 0 learns V/D=64 (at one lr only), seed 1 only 32, seed 2 nothing."""
   acc = {(0, 32, 0.01): 1.0, (0, 64, 0.01): 0.5, (0, 64, 0.03): 0.995,
@@ -73,9 +68,10 @@ def test_spamlang_summary_from_runs(tmp_path):
   entries = []
   for (seed, ratio, lr), a in acc.items():
     run = f"{seed}-{ratio}-{lr}"
-    write_run(tmp_path, run, [{"step": s, "bottleneck/destroyed_ratio": 0.9 + 0.01 * s,
-                               "bottleneck/visible_cosine": 0.1 * s,
-                               "bottleneck/realized_cosine": 0.2} for s in (1, 2, 3)])
+    helpers.write_jsonl(tmp_path / run / "metrics.jsonl", [
+        {"step": s, "bottleneck/destroyed_ratio": 0.9 + 0.01 * s,
+         "bottleneck/visible_cosine": 0.1 * s, "bottleneck/realized_cosine": 0.2}
+        for s in (1, 2, 3)])
     entries.append({"run": run, "method": "m", "seed": seed, "V/D": float(ratio), "lr": lr,
                     "eval/accuracy": a})
   out = head_lab.summarize_spamlang(tmp_path, entries)["m"]
@@ -102,9 +98,9 @@ def test_lm_summary_from_runs(tmp_path):
   entries = []
   for (method, lr, seed), losses in curves.items():
     run = f"{method}-{lr}-{seed}"
-    write_run(tmp_path, run, [{"step": k, "tokens_seen": 100 * k, "eval/loss": loss,
-                               "bottleneck/realized_cosine": 0.1 * k}
-                              for k, loss in enumerate(losses, 1)])
+    helpers.write_jsonl(tmp_path / run / "metrics.jsonl", [
+        {"step": k, "tokens_seen": 100 * k, "eval/loss": loss,
+         "bottleneck/realized_cosine": 0.1 * k} for k, loss in enumerate(losses, 1)])
     entries.append({"run": run, "method": method, "seed": seed, "eval/loss": losses[-1],
                     "lr": lr, "head_rank": 8 if method == "baseline" else None})
   out = head_lab.summarize_lm(tmp_path, entries)

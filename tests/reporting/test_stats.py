@@ -30,6 +30,7 @@ def test_paired_matches_scipys_ttest_rel_on_common_seeds():
   t = scipy.stats.ttest_rel(x, y)
   ci = t.confidence_interval(0.95)
   assert p["seeds"] == [0, 1, 2, 3] and p["n"] == 4
+  assert p["values"][4:] == [None, None] and stats.text(p).endswith(" (4/6 seeds)")
   np.testing.assert_allclose(p["mean"], (ci.low + ci.high) / 2, rtol=1e-12)
   np.testing.assert_allclose(p["ci95"], (ci.high - ci.low) / 2, rtol=1e-12)
   np.testing.assert_allclose(p["p"], t.pvalue, rtol=1e-12)

@@ -333,6 +333,8 @@ def test_print_config_prints_each_runs_resolved_config_and_exits(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--workdir="], "--workdir=DIR is required and must not be empty"),
+    (["--workdir=   "], "--workdir=DIR is required and must not be empty"),
+    ([], "--workdir=DIR is required and must not be empty"),
     (["--workdir=out", "--config.train.log_every=0"],
      "invalid config: sweep run d_model=64+learning_rate=0.1+name=sgd+seed=0:"
      " train.log_every=0 must be an integer >= 1")])
