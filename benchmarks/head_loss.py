@@ -172,8 +172,8 @@ def run_case(v, d, n, dtype="float32", names=None, repeats=7, warmup=1, chunk_si
   fns = variants(y, chunk_size)
   unavailable = {k: UNAVAILABLE[k] for k in names or VARIANTS if k in UNAVAILABLE}
   names = [k for k in names or VARIANTS if k in fns]
-  if any(k in REFINED for k in names):  # W's own map: refining costs the same whatever M' is
-    earlier_map = (jax.jit(bottleneck.range_map)(w),)
+  # W's own map: refining costs the same whatever M' is
+  earlier_map = (jax.jit(bottleneck.range_map)(w),) if set(names) & set(REFINED) else ()
   args = {k: (h, w.T.copy() if k in TRANSPOSED else w) + (earlier_map if k in REFINED else ())
           for k in names}
   compiled = {k: jax.jit(fns[k]).lower(*args[k]).compile() for k in names}

@@ -128,11 +128,11 @@ def by_arm(entries: list[dict]) -> dict:
   `reference`, the lowest V/D that every arm has."""
   cells = {}
   for e in entries:
-    cell = cells.setdefault((arm(e), e["V/D"]), {})
-    if e.get("seed", 0) in cell:
-      raise ValueError(f"runs {cell[e.get('seed', 0)]['run']} and {e['run']} share arm "
-                       f"{arm(e)!r}, V/D {e['V/D']:g} and seed {e.get('seed', 0)}")
-    cell[e.get("seed", 0)] = e
+    cell, seed = cells.setdefault((arm(e), e["V/D"]), {}), e.get("seed", 0)
+    if seed in cell:
+      raise ValueError(f"runs {cell[seed]['run']} and {e['run']} share arm {arm(e)!r}, "
+                       f"V/D {e['V/D']:g} and seed {seed}")
+    cell[seed] = e
   arms = {a for a, _ in cells}
   common = set.intersection(*({r for a2, r in cells if a2 == a} for a in arms))
   reference = min(common, default=None)
@@ -181,7 +181,9 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
   cells = by_arm(entries)
   ratios = [e["V/D"] for e in entries]
   chance = {"chance": ([min(ratios), max(ratios)], [1 / entries[0]["V"]] * 2)}
-  arms = {c["arm"]: [x for x in cells.values() if x["arm"] == c["arm"]] for c in cells.values()}
+  arms = {}
+  for c in cells.values():
+    arms.setdefault(c["arm"], []).append(c)
   n = max(c["n"] for c in cells.values())
   plots.lines({a: (np.array([c["V/D"] for c in cs]), np.array([c["accuracy"]["mean"] for c in cs]))
                for a, cs in arms.items()},

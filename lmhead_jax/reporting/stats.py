@@ -31,9 +31,9 @@ def paired(a: dict, b: dict) -> dict:
   both = lambda s: _finite(a.get(s)) and _finite(b.get(s))
   every = list(a) + [s for s in b if s not in a]
   seeds = [s for s in every if both(s)]
-  diffs = [float(a[s]) - float(b[s]) for s in seeds]
   out = summary(float(a[s]) - float(b[s]) if both(s) else None for s in every)
   out |= {"seeds": seeds, "p": None}
+  diffs = [d for d in out["values"] if d is not None]
   if len(diffs) > 1 and len(set(diffs)) > 1:
     out["p"] = float(scipy.stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
   return out
