@@ -158,8 +158,11 @@ def _versus(cell: dict) -> str:
   reference, diff = cell["versus"]
   if reference == cell["V/D"]:
     return "(reference)"
-  if reference is None:
-    return ""
+  return "" if reference is None else paired_text(diff)
+
+
+def paired_text(diff: dict) -> str:
+  """A `stats.paired` difference as "mean ± CI (p = …)"; "" when no seed pairs."""
   p = f" (p = {diff['p']:.2g})" if diff["p"] is not None else ""
   return f"{stats.text(diff, 3)}{p}" if diff["mean"] is not None else ""
 
@@ -215,8 +218,8 @@ def report(workdir, entries: list[dict], fmt: str = "png") -> str:
 
 def by_vocab(entries: list[dict]) -> dict:
   """{optimizer: {V: numbers}}: per V, the lr with the highest mean held-out accuracy over
-  seeds (diverged: 0), its accuracy and loss (mean ± 95% CI) and whether it learned (mean
-  accuracy ≥ LEARNED)."""
+  seeds (diverged: 0), its accuracy per seed and over seeds and its loss (mean ± 95% CI), and
+  whether it learned (mean accuracy ≥ LEARNED)."""
   out = {}
   for e in entries:
     out.setdefault(e["optimizer"], {}).setdefault(e["V"], {}).setdefault(e["lr"], []).append(e)
@@ -224,9 +227,14 @@ def by_vocab(entries: list[dict]) -> dict:
     for v, per_lr in per_v.items():
       lr, runs = max(per_lr.items(),
                      key=lambda kv: stats.summary(map(held_out_accuracy, kv[1]))["mean"] or 0)
-      accuracy = stats.summary([held_out_accuracy(e) for e in runs])
+      per_seed = {e["seed"]: held_out_accuracy(e) for e in runs}
+      if len(per_seed) < len(runs):
+        raise ValueError(f"{name} at V {v} and lr {lr:g} has two runs of one seed: "
+                         + ", ".join(e["run"] for e in runs))
+      accuracy = stats.summary(per_seed.values())
       per_v[v] = {"lr": lr, "V/D": runs[0]["V/D"], "coverage": runs[0]["coverage"],
-                  "accuracy": accuracy, "learned": (accuracy["mean"] or 0) >= LEARNED,
+                  "per_seed": per_seed, "accuracy": accuracy,
+                  "learned": (accuracy["mean"] or 0) >= LEARNED,
                   "loss": stats.summary([e.get("eval/loss") for e in runs]),
                   "destroyed_ratio": stats.summary(
                       [e.get("bottleneck/destroyed_ratio") for e in runs])}
@@ -234,8 +242,13 @@ def by_vocab(entries: list[dict]) -> dict:
 
 
 def vocab_report(workdir, entries: list[dict], fmt: str = "png") -> str:
-  """`by_vocab`'s table and the accuracy-against-V figure, saved into the workdir."""
+  """`by_vocab`'s table, with each optimizer's accuracy minus the first one's at the same V
+  (both at their best lr, paired by seed), and the accuracy-against-V figure, saved into the
+  workdir."""
   found = by_vocab(entries)
+  first = next(iter(found))
+  versus = lambda r: ("(reference)" if r[0] == first else paired_text(
+      stats.paired(r[2]["per_seed"], found[first].get(r[1], {}).get("per_seed", {}))))
   d = entries[0]["D"]
   series = {name: (np.array(list(per_v), float),
                    np.array([x["accuracy"]["mean"] for x in per_v.values()], float))
@@ -258,7 +271,7 @@ def vocab_report(workdir, entries: list[dict], fmt: str = "png") -> str:
       "optimizer": lambda r: r[0], "V": lambda r: r[1], "V/D": lambda r: r[2]["V/D"],
       "best lr": lambda r: r[2]["lr"], "coverage": lambda r: r[2]["coverage"],
       "held-out accuracy": lambda r: stats.text(r[2]["accuracy"], 3),
-      "held-out loss": lambda r: stats.text(r[2]["loss"], 3),
+      f"− {first} (paired)": versus, "held-out loss": lambda r: stats.text(r[2]["loss"], 3),
       "destroyed_ratio": lambda r: stats.text(r[2]["destroyed_ratio"], 3),
       "learned": lambda r: r[2]["learned"]}))
 

@@ -88,15 +88,22 @@ def test_spamlang_vocab_cpu_grid_fixes_d_and_coverage():
   assert min(e["coverage"] for e in entries) >= spamlang.COVERAGE
 
 
+def vocab_entries(acc: dict) -> list[dict]:
+  """{(optimizer, V, lr): per-seed held-out accuracy (None: diverged)} as sweep entries."""
+  return [{"run": f"{o}-{v}-{lr}-{s}", "V": v, "D": 16, "V/D": v / 16, "seed": s,
+           "optimizer": o, "lr": lr, "coverage": 6.0, "eval/loss": 1.0,
+           "bottleneck/destroyed_ratio": 0.9, **({"eval/accuracy": a} if a is not None
+                                                  else {"diverged": True})}
+          for (o, v, lr), accs in acc.items() for s, a in enumerate(accs)]
+
+
 def test_spamlang_vocab_report_keeps_the_best_lr_per_v(tmp_path):
-  """adamw at V=256: lr 0.01 (mean 0.995, learned) beats 0.001; at V=4096 both fail."""
-  acc = {(256, 0.01): (1.0, 0.99, 0.995), (256, 0.001): (0.5, 0.6, 0.7),
-         (4096, 0.01): (0.2, 0.1, None), (4096, 0.001): (0.3, 0.2, 0.25)}
-  entries = [{"run": f"{v}-{lr}-{s}", "V": v, "D": 16, "V/D": v / 16, "seed": s,
-              "optimizer": "adamw", "lr": lr, "coverage": 6.0, "eval/loss": 1.0,
-              "bottleneck/destroyed_ratio": 0.9, **({"eval/accuracy": a} if a is not None
-                                                     else {"diverged": True})}
-             for (v, lr), accs in acc.items() for s, a in enumerate(accs)]
+  """adamw at V=256: lr 0.01 (mean 0.995, learned) beats 0.001; at V=4096 both fail. sgd at
+  V=256 (lr 0.1 beats 1) is compared with adamw's best lr seed by seed."""
+  acc = {("adamw", 256, 0.01): (1.0, 0.99, 0.995), ("adamw", 256, 0.001): (0.5, 0.6, 0.7),
+         ("adamw", 4096, 0.01): (0.2, 0.1, None), ("adamw", 4096, 0.001): (0.3, 0.2, 0.25),
+         ("sgd", 256, 0.1): (1.0, 0.9, 0.8), ("sgd", 256, 1.0): (0.0, 0.0, 0.0)}
+  entries = vocab_entries(acc)
   found = spamlang.by_vocab(entries)["adamw"]
   assert found[256]["lr"] == 0.01 and found[256]["learned"]
   assert found[256]["accuracy"]["mean"] == pytest.approx(0.995)
@@ -105,6 +112,20 @@ def test_spamlang_vocab_report_keeps_the_best_lr_per_v(tmp_path):
   text = spamlang.vocab_report(tmp_path, entries)
   assert text.startswith("- adamw: learns up to V/D = 16; first failure at V/D = 256\n")
   assert (tmp_path / "accuracy_vs_vocab.png").read_bytes()[:4] == b"\x89PNG"
+  rows = {tuple(line.split(" | ")[:2]): line.split(" | ") for line in text.splitlines()[5:]}
+  sgd, adamw = np.array([1.0, 0.9, 0.8]), np.array([1.0, 0.99, 0.995])
+  diff = sgd - adamw
+  half = scipy.stats.t.ppf(0.975, 2) * np.std(diff, ddof=1) / np.sqrt(3)
+  p = scipy.stats.ttest_rel(sgd, adamw).pvalue
+  assert rows["| sgd", "256"][6] == f"{diff.mean():.3g} ± {half:.2g} (p = {p:.2g})"
+  assert rows["| adamw", "256"][6] == rows["| adamw", "4096"][6] == "(reference)"
+
+
+def test_spamlang_vocab_report_refuses_two_runs_of_one_seed():
+  entries = vocab_entries({("adamw", 256, 0.01): (1.0, 0.99)})
+  entries[1]["seed"] = 0
+  with pytest.raises(ValueError, match="adamw at V 256 and lr 0.01 has two runs of one seed"):
+    spamlang.by_vocab(entries)
 
 
 def test_rank_sweep_paper_needs_a_data_path(tmp_path):
