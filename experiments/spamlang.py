@@ -222,15 +222,17 @@ def by_vocab(entries: list[dict]) -> dict:
   whether it learned (mean accuracy ≥ LEARNED)."""
   out = {}
   for e in entries:
-    out.setdefault(e["optimizer"], {}).setdefault(e["V"], {}).setdefault(e["lr"], []).append(e)
-  for name, per_v in out.items():
+    runs = out.setdefault(e["optimizer"], {}).setdefault(e["V"], {}).setdefault(e["lr"], {})
+    if e["seed"] in runs:
+      raise ValueError(f"{e['optimizer']} at V {e['V']} and lr {e['lr']:g} has two runs of one "
+                       f"seed: {runs[e['seed']]['run']}, {e['run']}")
+    runs[e["seed"]] = e
+  for per_v in out.values():
     for v, per_lr in per_v.items():
-      lr, runs = max(per_lr.items(),
-                     key=lambda kv: stats.summary(map(held_out_accuracy, kv[1]))["mean"] or 0)
-      per_seed = {e["seed"]: held_out_accuracy(e) for e in runs}
-      if len(per_seed) < len(runs):
-        raise ValueError(f"{name} at V {v} and lr {lr:g} has two runs of one seed: "
-                         + ", ".join(e["run"] for e in runs))
+      lr, by_seed = max(per_lr.items(), key=lambda kv: stats.summary(
+          map(held_out_accuracy, kv[1].values()))["mean"] or 0)
+      runs = list(by_seed.values())
+      per_seed = {seed: held_out_accuracy(e) for seed, e in by_seed.items()}
       accuracy = stats.summary(per_seed.values())
       per_v[v] = {"lr": lr, "V/D": runs[0]["V/D"], "coverage": runs[0]["coverage"],
                   "per_seed": per_seed, "accuracy": accuracy,
