@@ -22,14 +22,15 @@ K = 2 mixtures, not tuned.
 Presets:
 - `smoke` (seconds per run): baseline and whitened, 2 seeds, one SpamLang point, a tiny LM (its
   stdlib corpus takes minutes to build once, unless `data.path` names token directories).
-- `cpu` (≈ 3 h on 2 cores, seed by seed): SpamLang V=512, 1 layer, 1 head, d_ff=4·D, batch 32,
-  seq 32, 500 steps (coverage 31), AdamW lr ∈ {1e-2, 3e-2, 1e-1}, 10 warmup steps, D ∈ {16, 8}
-  (V/D 32, 64); LM: the rank sweep's `cpu` trunk (D=128, stdlib corpus, BPE 4096) with the
-  full-width factorized head r=128, 100 steps of 16×128 tokens (205k tokens), AdamW lr ∈ {1e-3,
-  3e-3, 1e-2}, 10 warmup steps, cosine decay to 10%, held-out loss every 10 steps on 4 batches,
-  bottleneck metrics every 20; realized_cosine on the metric steps that are multiples of 10 (all
-  of the LM's) in both tasks. 5 seeds, 6 methods: 180 SpamLang runs (≈ 20 s each on quiet cores,
-  compile-bound) and 90 LM runs (≈ 1 min each).
+- `cpu` (≈ 4 h on 2 cores, seed by seed): SpamLang V=512, 1 layer, 1 head, d_ff=4·D, batch 32,
+  seq 32, 500 steps (coverage 31), AdamW lr ∈ {3e-3, 1e-2, 3e-2, 1e-1}, 10 warmup steps,
+  D ∈ {16, 8} (V/D 32, 64); LM: the rank sweep's `cpu` trunk (D=128, stdlib corpus, BPE 4096)
+  with the full-width factorized head r=128, 100 steps of 16×128 tokens (205k tokens), AdamW
+  lr ∈ {1e-3, 3e-3, 1e-2, 3e-2}, 10 warmup steps, cosine decay to 10%, held-out loss every 10
+  steps on 4 batches, bottleneck metrics every 20; realized_cosine on the metric steps that are
+  multiples of 10 (all of the LM's) in both tasks. 5 seeds, 6 methods: 240 SpamLang runs (≈ 20 s
+  each on quiet cores, compile-bound) and 120 LM runs (≈ 1 min each). Four lrs per task, not
+  three, so that each method's best lies inside its grid (with three, every best sat at an edge).
 - `paper`: the rank sweep's `paper` trunk (2B) at r ∈ {4096, 256} (the mos head has no rank: one
   run), one seed, dense loss (head.chunk_size=None: feedback alignment, the alignment loss and mos
   need G), for TPU; not run here.
@@ -98,11 +99,12 @@ def get_config(preset: str = "cpu"):
     spam.model.update(vocab_size=512, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=None)
     spam.train.update(steps=500, batch_size=32, log_every=25, bottleneck_every=25, eval_every=0,
                       eval_batches=4)
-    spam_axes = {"model.d_model": (16, 8), "optimizer.learning_rate": (1e-2, 3e-2, 1e-1)}
+    spam_axes = {"model.d_model": (16, 8),
+                 "optimizer.learning_rate": (3e-3, 1e-2, 3e-2, 1e-1)}
     cfg.optimizer.warmup_steps = 10
     cfg.train.update(steps=100, log_every=10, bottleneck_every=20, eval_every=10, eval_batches=4)
     cfg.checkpoint.every = 0
-    cfg.head.rank, lm_axes = 128, {"optimizer.learning_rate": (1e-3, 3e-3, 1e-2)}
+    cfg.head.rank, lm_axes = 128, {"optimizer.learning_rate": (1e-3, 3e-3, 1e-2, 3e-2)}
   else:
     spam, seeds = None, (0,)
     cfg.head.chunk_size = None

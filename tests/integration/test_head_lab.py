@@ -42,8 +42,8 @@ def test_every_method_builds_and_validates(preset):
     assert ("baseline", 4096) in ranks and ("whitened", 256) in ranks and ("mos", None) in ranks
     assert cfg.model.d_model == 4096 and cfg.head.chunk_size is None
   if preset == "cpu":
-    assert len(grid.expand(cfg.spamlang.sweep)) == 6 * 5 * 2 * 3  # methods, seeds, D, lr
-    assert len(grid.expand(cfg.sweep)) == 6 * 5 * 3  # methods, seeds, lr
+    assert len(grid.expand(cfg.spamlang.sweep)) == 6 * 5 * 2 * 4  # methods, seeds, D, lr
+    assert len(grid.expand(cfg.sweep)) == 6 * 5 * 4  # methods, seeds, lr
     seeds = [o["seed"] for o in grid.expand(cfg.sweep)]
     assert seeds == sorted(seeds)  # seed by seed
 
