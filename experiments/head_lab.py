@@ -12,7 +12,8 @@ the bottleneck"), run with the same seeds, data and budget on two tasks:
   against the baseline. The lr is chosen on the held-out loss it is then compared on.
 
 DIR/summary.json has, per method and task, the numbers as mean ± 95% CI (Student t) over seeds with
-the per-seed values; DIR/results.md the table; DIR/*.png the figures. destroyed_ratio,
+the per-seed values; DIR/results.md the tables, with every lr's value so that a best at an edge of
+its grid shows; DIR/*.png the figures. destroyed_ratio,
 visible_cosine and realized_cosine are averaged over each run's logged steps, then over seeds.
 The top-level config is the `lm` task; the `spamlang` key holds the SpamLang task's config.
 
@@ -148,6 +149,13 @@ def _by(entries, *keys) -> dict:
   return out
 
 
+def at_every_lr(runs: list[dict], metric: str) -> dict:
+  """Per lr of the grid (ascending, as text), `metric`'s final value over seeds: whether the
+  chosen lr lies inside the grid or at an edge."""
+  return {f"{lr:g}": stats.summary([e.get(metric) for e in sorted(g, key=lambda e: e["seed"])])
+          for (lr,), g in sorted(_by(runs, "lr").items())}
+
+
 def _bottleneck(workdir, entries) -> dict:
   return {m: stats.summary([_training_mean(workdir, e, m) for e in entries]) for m in BOTTLENECK}
 
@@ -161,11 +169,12 @@ def summarize_spamlang(workdir, entries: list[dict]) -> dict:
                       default=0.0) for (s,), g in _by(group, "seed").items()}
     ratios = {}
     for (ratio,), at in sorted(_by(group, "V/D").items()):
-      by_lr = _by(at, "lr")
-      lr = max(by_lr, key=lambda k: np.mean([e.get("eval/accuracy") or 0 for e in by_lr[k]]))
-      best = sorted(by_lr[lr], key=lambda e: e["seed"])
+      runs_at = _by(at, "lr")
+      lr = max(runs_at, key=lambda k: np.mean([e.get("eval/accuracy") or 0 for e in runs_at[k]]))
+      best = sorted(runs_at[lr], key=lambda e: e["seed"])
       ratios[f"{ratio:g}"] = {"lr": lr[0], "accuracy": stats.summary([e.get("eval/accuracy")
                                                             for e in best]),
+                              "accuracy_by_lr": at_every_lr(at, "eval/accuracy"),
                               **_bottleneck(workdir, best)}
     out[method] = {"largest_ratio": stats.summary([learned[s] for s in sorted(learned)]),
                    "by_ratio": ratios}
@@ -182,9 +191,9 @@ def best_lr(runs: list[dict]) -> list[dict]:
   """The runs (sorted by seed) of the lr with the lowest mean final held-out loss over seeds (a
   diverged seed counts as +inf)."""
   loss = lambda e: e.get("eval/loss") if e.get("eval/loss") is not None else math.inf
-  by_lr = _by(runs, "lr")
-  lr = min(by_lr, key=lambda k: np.mean([loss(e) for e in by_lr[k]]))
-  return sorted(by_lr[lr], key=lambda e: e["seed"])
+  runs_at = _by(runs, "lr")
+  lr = min(runs_at, key=lambda k: np.mean([loss(e) for e in runs_at[k]]))
+  return sorted(runs_at[lr], key=lambda e: e["seed"])
 
 
 def summarize_lm(workdir, entries: list[dict]) -> dict:
@@ -193,7 +202,8 @@ def summarize_lm(workdir, entries: list[dict]) -> dict:
   tokens to the target (equal loss: the highest final held-out loss of those baseline seeds,
   which each of them reaches; the full-width baseline's for mos) and, per seed, the baseline's
   tokens over the method's (the speed-up, paired); bottleneck metrics."""
-  groups = {k: best_lr(g) for k, g in _by(entries, "method", "head_rank").items()}
+  grids = _by(entries, "method", "head_rank")
+  groups = {k: best_lr(g) for k, g in grids.items()}
   widest = max(r for m, r in groups if m == "baseline")
   label, out = lm_label(entries), {}
   for (method, rank), group in groups.items():
@@ -208,6 +218,7 @@ def summarize_lm(workdir, entries: list[dict]) -> dict:
     per_seed = lambda es: {e["seed"]: e.get("eval/loss") for e in es}
     out[label(group[0])] = {"lr": group[0]["lr"], "runs": [e["run"] for e in group],
                             "eval_loss": stats.summary([e.get("eval/loss") for e in group]),
+                            "eval_loss_by_lr": at_every_lr(grids[(method, rank)], "eval/loss"),
                             "eval_loss_minus_baseline": stats.paired(per_seed(group),
                                                                      per_seed(base)),
                             "target": target, "tokens_to_target": stats.summary(reach.values()),
@@ -224,6 +235,14 @@ def _mean_curves(workdir, entries, y, label, x="step") -> dict:
     if x_mean.size:
       out[name] = (x_mean, y_mean)
   return out
+
+
+def lr_table(rows: list, grid, columns: dict) -> str:
+  """A markdown table of `columns` then one column per lr: `grid(row)` ({lr: summary}) as text."""
+  lrs = sorted({lr for r in rows for lr in grid(r)}, key=float)
+  return metrics.markdown_table(rows, columns | {
+      f"lr {lr}": (lambda r, lr=lr: stats.text(grid(r)[lr], 3) if lr in grid(r) else "")
+      for lr in lrs})
 
 
 def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
@@ -253,7 +272,10 @@ def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
     text = ("\n\nSpamLang at each V/D, the lr with the highest mean held-out accuracy; bottleneck "
             "metrics: mean over logged steps, then over seeds\n\n" + metrics.markdown_table(rows, {
                 "method": lambda r: r[0], "V/D": lambda r: r[1], "lr": lambda r: r[2]["lr"],
-                "held-out accuracy": lambda r: stats.text(r[2]["accuracy"]), **bottleneck_columns}))
+                "held-out accuracy": lambda r: stats.text(r[2]["accuracy"]), **bottleneck_columns})
+            + "\n\nSpamLang held-out accuracy at every lr\n\n"
+            + lr_table(rows, lambda r: r[2]["accuracy_by_lr"], {"method": lambda r: r[0],
+                                                                 "V/D": lambda r: r[1]}))
   lm = found["lm"]
   columns |= {
       "LM lr": lambda r: r[1]["lr"],
@@ -265,7 +287,10 @@ def report(workdir, found: dict, entries: dict, fmt: str = "png") -> str:
   return (f"LM: each method at its lr with the lowest mean final held-out loss; target: the "
           f"baseline seeds' highest final held-out loss ({target:.4f}); bottleneck metrics: LM, "
           "mean over logged steps, then over seeds (mean ± 95% CI)\n\n"
-          + metrics.markdown_table(list(lm.items()), columns) + text)
+          + metrics.markdown_table(list(lm.items()), columns)
+          + "\n\nLM final held-out loss at every lr\n\n"
+          + lr_table(list(lm.items()), lambda r: r[1]["eval_loss_by_lr"],
+                     {"method": lambda r: r[0]}) + text)
 
 
 def by_method(found: dict) -> dict:

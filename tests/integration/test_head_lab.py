@@ -11,6 +11,7 @@ import scipy.stats
 from experiments import head_lab
 import helpers
 from lmhead_jax.data.tokens import write_token_dir
+from lmhead_jax.reporting import stats
 from lmhead_jax.tools import plan
 from lmhead_jax.runs import experiment, grid
 
@@ -77,10 +78,16 @@ def test_spamlang_summary_from_runs(tmp_path):
   out = head_lab.summarize_spamlang(tmp_path, entries)["m"]
   largest = out["largest_ratio"]
   assert largest["values"] == [64.0, 32.0, 0.0]
-  assert largest["mean"] == pytest.approx(32.0) and largest["ci95"] == pytest.approx(t_ci([64, 32, 0]))
+  assert largest["mean"] == pytest.approx(32.0)
+  assert largest["ci95"] == pytest.approx(t_ci([64, 32, 0]))
   at64 = out["by_ratio"]["64"]  # lr 0.03 has the higher mean accuracy (0.565 vs 0.267)
   assert at64["lr"] == 0.03 and at64["accuracy"]["values"] == [0.995, 0.3, 0.4]
   assert out["by_ratio"]["32"]["lr"] == 0.01
+  grid = at64["accuracy_by_lr"]  # every lr, ascending, its seeds in order
+  assert list(grid) == ["0.01", "0.03"]
+  assert grid["0.01"]["values"] == [0.5, 0.2, 0.1]
+  assert grid["0.01"]["mean"] == pytest.approx(np.mean([0.5, 0.2, 0.1]))
+  assert grid["0.03"]["ci95"] == pytest.approx(t_ci([0.995, 0.3, 0.4]))
   # identical values over the seeds: a CI of exactly 0
   assert at64["realized_cosine"] == {"values": pytest.approx([0.2] * 3), "sd": 0.0, "ci95": 0.0,
                                      "mean": pytest.approx(0.2), "n": 3}
@@ -122,8 +129,21 @@ def test_lm_summary_from_runs(tmp_path):
   assert paired["values"] == pytest.approx([-1.0, 0.1]) and paired["seeds"] == [0, 1]
   assert paired["ci95"] == pytest.approx(t_ci([-1.0, 0.1]))
   assert base["eval_loss_minus_baseline"]["values"] == [0.0, 0.0]
+  assert list(mos["eval_loss_by_lr"]) == ["0.1", "0.2"]  # the losing lr too
+  assert mos["eval_loss_by_lr"]["0.1"]["values"] == [3.0, 3.2]
+  assert base["eval_loss_by_lr"]["0.2"]["mean"] == pytest.approx(4.45)
   assert base["realized_cosine"]["mean"] == pytest.approx(0.2)
   assert base["destroyed_ratio"]["n"] == 0  # not logged: no number rather than a made-up one
+
+
+def test_lr_table_has_a_column_per_lr_of_any_row():
+  """Rows with different grids: one column per lr in numeric order, blank where a row lacks it."""
+  rows = [("a", {"0.1": stats.summary([1.0, 3.0]), "0.01": stats.summary([2.0, 2.0])}),
+          ("b", {"0.03": stats.summary([5.0, None])})]
+  table = head_lab.lr_table(rows, lambda r: r[1], {"method": lambda r: r[0]}).splitlines()
+  assert table[0] == "| method | lr 0.01 | lr 0.03 | lr 0.1 |"
+  assert table[2] == f"| a | 2 ± 0 |  | 2 ± {t_ci([1.0, 3.0]):.2g} |"
+  assert table[3] == "| b |  | 5 (1/2 seeds) |  |"
 
 
 def test_a_diverged_seed_makes_its_lr_lose():
