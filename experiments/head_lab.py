@@ -13,8 +13,8 @@ the bottleneck"), run with the same seeds, data and budget on two tasks:
 
 DIR/summary.json has, per method and task, the numbers as mean ± 95% CI (Student t) over seeds with
 the per-seed values; DIR/results.md the tables, with every lr's value so that a best at an edge of
-its grid shows; DIR/*.png the figures. destroyed_ratio,
-visible_cosine and realized_cosine are averaged over each run's logged steps, then over seeds.
+its grid shows; DIR/*.png the figures. destroyed_ratio, visible_cosine and realized_cosine are
+averaged over each run's logged steps, then over seeds.
 The top-level config is the `lm` task; the `spamlang` key holds the SpamLang task's config.
 
 Choices (the paper's forms are not public): ortho weight 0.01, alignment weight 0.1, MoS with
