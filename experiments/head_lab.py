@@ -23,7 +23,7 @@ K = 2 mixtures, not tuned.
 Presets:
 - `smoke` (seconds per run): baseline and whitened, 2 seeds, one SpamLang point, a tiny LM (its
   stdlib corpus takes minutes to build once, unless `data.path` names token directories).
-- `cpu` (≈ 4 h on 2 cores, seed by seed): SpamLang V=512, 1 layer, 1 head, d_ff=4·D, batch 32,
+- `cpu` (≈ 3 h on 2 cores, seed by seed): SpamLang V=512, 1 layer, 1 head, d_ff=4·D, batch 32,
   seq 32, 500 steps (coverage 31), AdamW lr ∈ {3e-3, 1e-2, 3e-2, 1e-1}, 10 warmup steps,
   D ∈ {16, 8} (V/D 32, 64); LM: the rank sweep's `cpu` trunk (D=128, stdlib corpus, BPE 4096)
   with the full-width factorized head r=128, 100 steps of 16×128 tokens (205k tokens), AdamW
