@@ -21,6 +21,9 @@ Presets:
   max(1500, 6·V/64) steps (every symbol in ≥ 6 sequences); AdamW lr ∈ {1e-3, 1e-2} and
   SGD-momentum lr ∈ {0.1, 1}, 3 seeds, V ascending. The report keeps, per V and optimizer, the
   lr with the best mean held-out accuracy: mean ± 95% CI, and the V/D where learning fails.
+- `coverage_cpu` (≈ 35 min on 2 cores): `vocab_cpu` at V = 16,384 (V/D = 1024, where it
+  fails) with 4× the steps, so every symbol is in ≥ 24 sequences, each optimizer at its best
+  `vocab_cpu` lr there (AdamW 1e-2, SGD 0.1), 3 seeds: is the failure data or V/D?
 - `paper`: a Llama-3-style trunk of D=768, 12 layers, 12 heads, SwiGLU d_ff=2816 (106.2M
   parameters besides the embedding and head), sequences of 64, batch 256, 20,000 steps, bf16,
   500 warmup steps, cosine decay to 10%, clipping at 1.0; V ∈ {256, …, 262144} (V/D from 0.33
@@ -66,7 +69,7 @@ def get_config(preset: str = "smoke"):
     if preset == "demo":  # the cpu preset's pair that learns (V/D=64) and fails (V/D=512)
       cfg.sweep = ({"model.d_model": (64, 8), "optimizer.name": ("sgd",),
                     "optimizer.learning_rate": (0.1,), "seed": (0,)},)
-  elif preset == "vocab_cpu":  # the paper's axis: V grows at a fixed D
+  elif preset in ("vocab_cpu", "coverage_cpu"):  # the paper's axis: V grows at a fixed D
     cfg.model.update(d_model=16, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=None)
     cfg.data.seq_len = 8
     cfg.head.chunk_size = 32
@@ -74,6 +77,9 @@ def get_config(preset: str = "smoke"):
                      eval_batches=4)
     cfg.checkpoint.update(every=0)
     cfg.sweep = vocab_grids(cfg.train.batch_size)
+    if preset == "coverage_cpu":
+      cfg.sweep = vocab_grids(cfg.train.batch_size, (16384,), 4 * COVERAGE,
+                              {"adamw": (1e-2,), "sgd": (0.1,)})
   elif preset == "paper":
     cfg.model.update(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2816,
                      dtype="bfloat16")
@@ -90,19 +96,20 @@ def get_config(preset: str = "smoke"):
                  v | {"optimizer.name": ("sgd",), "optimizer.learning_rate": (0.03, 0.1, 0.3)})
   else:
     raise ValueError(f"unknown preset {preset!r} for experiments/spamlang.py "
-                     "(known: smoke, demo, cpu, vocab_cpu, paper)")
+                     "(known: smoke, demo, cpu, vocab_cpu, coverage_cpu, paper)")
   return cfg
 
 
-def vocab_grids(batch_size: int) -> tuple:
-  """`vocab_cpu`'s runs, V ascending: per V, each optimizer's lr grid × SEEDS, for
-  max(1500, COVERAGE·V / batch) steps (every symbol in ≥ COVERAGE sequences)."""
+def vocab_grids(batch_size: int, vocab_axis=VOCAB_AXIS, coverage=COVERAGE,
+                lrs_by_optimizer=VOCAB_LRS) -> tuple:
+  """Runs over V, ascending: per V, each optimizer's lr grid × SEEDS, for
+  max(1500, coverage·V / batch) steps (every symbol in ≥ coverage sequences)."""
   grids = []
-  for v in VOCAB_AXIS:
+  for v in vocab_axis:
     base = {"model.vocab_size": (v,), "seed": SEEDS,
-            "train.steps": (max(1500, math.ceil(COVERAGE * v / batch_size)),)}
+            "train.steps": (max(1500, math.ceil(coverage * v / batch_size)),)}
     grids += [base | {"optimizer.name": (name,), "optimizer.learning_rate": lrs}
-              for name, lrs in VOCAB_LRS.items()]
+              for name, lrs in lrs_by_optimizer.items()]
   return tuple(grids)
 
 

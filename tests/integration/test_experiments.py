@@ -17,7 +17,8 @@ from lmhead_jax.tools import costs
 from lmhead_jax.runs import experiment, grid
 
 ROOT = str(helpers.ROOT)
-PRESETS = [(spamlang, p) for p in ("smoke", "demo", "cpu", "vocab_cpu", "paper")] + [
+PRESETS = [(spamlang, p) for p in ("smoke", "demo", "cpu", "vocab_cpu", "coverage_cpu",
+                                   "paper")] + [
     (rank_sweep, p) for p in ("cpu", "paper")]
 
 
@@ -86,6 +87,19 @@ def test_spamlang_vocab_cpu_grid_fixes_d_and_coverage():
     assert arms == {(o, lr, s) for o, lrs in spamlang.VOCAB_LRS.items() for lr in lrs
                     for s in (0, 1, 2)}
   assert min(e["coverage"] for e in entries) >= spamlang.COVERAGE
+
+
+def test_spamlang_coverage_cpu_is_vocab_cpu_at_16384_with_4x_the_steps():
+  vocab = {(e["optimizer"], e["lr"], e["seed"]): e for e in map(
+      spamlang.describe, runs(spamlang.get_config("vocab_cpu"))) if e["V"] == 16384}
+  entries = [spamlang.describe(c) for c in runs(spamlang.get_config("coverage_cpu"))]
+  assert {(e["optimizer"], e["lr"], e["seed"]) for e in entries} == {
+      (o, lr, s) for o, lr in (("adamw", 1e-2), ("sgd", 0.1)) for s in (0, 1, 2)}
+  for e in entries:
+    same = vocab[(e["optimizer"], e["lr"], e["seed"])]
+    assert e["coverage"] == 4 * same["coverage"] == 24
+    assert {k: v for k, v in e.items() if k != "coverage"} == {
+        k: v for k, v in same.items() if k != "coverage"}
 
 
 def vocab_entries(acc: dict) -> list[dict]:
