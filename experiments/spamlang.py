@@ -274,7 +274,8 @@ def vocab_report(workdir, entries: list[dict], fmt: str = "png") -> str:
   for name, per_v in found.items():
     learned = [x["V/D"] for x in per_v.values() if x["learned"]]
     failed = [x["V/D"] for x in per_v.values() if not x["learned"]]
-    lines.append(f"- {name}: learns up to V/D = {max(learned, default=0):g}; first failure at "
+    up_to = f"learns up to V/D = {max(learned):g}" if learned else "learns at no V/D"
+    lines.append(f"- {name}: {up_to}; first failure at "
                  f"V/D = {f'{min(failed):g}' if failed else 'none'}")
   return ("\n".join(lines) + "\n\n" + metrics.markdown_table(rows, {
       "optimizer": lambda r: r[0], "V": lambda r: r[1], "V/D": lambda r: r[2]["V/D"],

@@ -124,7 +124,8 @@ def test_spamlang_vocab_report_keeps_the_best_lr_per_v(tmp_path):
   assert found[4096]["lr"] == 0.001 and not found[4096]["learned"]  # 0.25 > (0.2 + 0.1 + 0) / 3
   assert found[4096]["accuracy"]["values"] == [0.3, 0.2, 0.25]
   text = spamlang.vocab_report(tmp_path, entries)
-  assert text.startswith("- adamw: learns up to V/D = 16; first failure at V/D = 256\n")
+  assert text.startswith("- adamw: learns up to V/D = 16; first failure at V/D = 256\n"
+                         "- sgd: learns at no V/D; first failure at V/D = 16\n")  # mean 0.9
   assert (tmp_path / "accuracy_vs_vocab.png").read_bytes()[:4] == b"\x89PNG"
   rows = {tuple(line.split(" | ")[:2]): line.split(" | ") for line in text.splitlines()[5:]}
   sgd, adamw = np.array([1.0, 0.9, 0.8]), np.array([1.0, 0.99, 0.995])
