@@ -201,7 +201,8 @@ def tiny_measurement_config(cfg=None):
 
 
 # Every preset of every experiment module.
-PRESETS = {spamlang: ("smoke", "demo", "cpu", "vocab_cpu", "paper"), rank_sweep: ("cpu", "paper"),
+PRESETS = {spamlang: ("smoke", "demo", "cpu", "vocab_cpu", "coverage_cpu", "paper"),
+           rank_sweep: ("cpu", "paper"),
            measure_pretrained: ("cpu", "pretrained"), gradient_spectrum: ("cpu", "pretrained"),
            update_direction: ("cpu", "vocab_cpu", "pretrained"),
            head_lab: ("smoke", "cpu", "paper"), bottleneck_ablation: ("cpu", "paper")}
