@@ -31,7 +31,7 @@ Presets:
   steps on 4 batches, bottleneck metrics every 20; realized_cosine on the metric steps that are
   multiples of 10 (all of the LM's) in both tasks. 5 seeds, 6 methods: 240 SpamLang runs (≈ 20 s
   each on quiet cores, compile-bound) and 120 LM runs (≈ 1 min each). Four lrs per task, not
-  three, so that each method's best lies inside its grid (with three, every best sat at an edge).
+  three, so that each method's best lies inside its grid (with three, all but one sat at an edge).
 - `paper`: the rank sweep's `paper` trunk (2B) at r ∈ {4096, 256} (the mos head has no rank: one
   run), one seed, dense loss (head.chunk_size=None: feedback alignment, the alignment loss and mos
   need G), for TPU; not run here.

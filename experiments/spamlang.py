@@ -76,10 +76,9 @@ def get_config(preset: str = "smoke"):
     cfg.train.update(batch_size=64, log_every=50, bottleneck_every=100, eval_every=0,
                      eval_batches=4)
     cfg.checkpoint.update(every=0)
-    cfg.sweep = vocab_grids(cfg.train.batch_size)
-    if preset == "coverage_cpu":
-      cfg.sweep = vocab_grids(cfg.train.batch_size, (16384,), 4 * COVERAGE,
-                              {"adamw": (1e-2,), "sgd": (0.1,)})
+    cfg.sweep = (vocab_grids(cfg.train.batch_size) if preset == "vocab_cpu" else
+                 vocab_grids(cfg.train.batch_size, (16384,), 4 * COVERAGE,
+                             {"adamw": (1e-2,), "sgd": (0.1,)}))
   elif preset == "paper":
     cfg.model.update(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2816,
                      dtype="bfloat16")

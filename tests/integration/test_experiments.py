@@ -17,9 +17,7 @@ from lmhead_jax.tools import costs
 from lmhead_jax.runs import experiment, grid
 
 ROOT = str(helpers.ROOT)
-PRESETS = [(spamlang, p) for p in ("smoke", "demo", "cpu", "vocab_cpu", "coverage_cpu",
-                                   "paper")] + [
-    (rank_sweep, p) for p in ("cpu", "paper")]
+PRESETS = [(m, p) for m in (spamlang, rank_sweep) for p in helpers.PRESETS[m]]
 
 
 def runs(cfg):

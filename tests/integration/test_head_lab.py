@@ -83,11 +83,11 @@ def test_spamlang_summary_from_runs(tmp_path):
   at64 = out["by_ratio"]["64"]  # lr 0.03 has the higher mean accuracy (0.565 vs 0.267)
   assert at64["lr"] == 0.03 and at64["accuracy"]["values"] == [0.995, 0.3, 0.4]
   assert out["by_ratio"]["32"]["lr"] == 0.01
-  grid = at64["accuracy_by_lr"]  # every lr, ascending, its seeds in order
-  assert list(grid) == ["0.01", "0.03"]
-  assert grid["0.01"]["values"] == [0.5, 0.2, 0.1]
-  assert grid["0.01"]["mean"] == pytest.approx(np.mean([0.5, 0.2, 0.1]))
-  assert grid["0.03"]["ci95"] == pytest.approx(t_ci([0.995, 0.3, 0.4]))
+  by_lr = at64["accuracy_by_lr"]  # every lr, ascending, its seeds in order
+  assert list(by_lr) == ["0.01", "0.03"]
+  assert by_lr["0.01"]["values"] == [0.5, 0.2, 0.1]
+  assert by_lr["0.01"]["mean"] == pytest.approx(np.mean([0.5, 0.2, 0.1]))
+  assert by_lr["0.03"]["ci95"] == pytest.approx(t_ci([0.995, 0.3, 0.4]))
   # identical values over the seeds: a CI of exactly 0
   assert at64["realized_cosine"] == {"values": pytest.approx([0.2] * 3), "sd": 0.0, "ci95": 0.0,
                                      "mean": pytest.approx(0.2), "n": 3}
